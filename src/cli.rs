@@ -1,0 +1,244 @@
+//! The `recluster` command line: options, signals, logging, exit codes.
+//!
+//! A thin layer over [`crate::Cluster`]: it parses options (each also readable from a
+//! `RECLUSTER_*` environment variable), maps the master's signals to handle calls, and
+//! turns errors into one line on stderr and an exit code: 2 for bad usage, 1 when the
+//! cluster cannot run.
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::Parser;
+use nix::sys::signal::Signal;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::config::{self, Balance, ReadyWhen};
+use crate::{Cluster, WorkerCommand};
+
+/// Command-line options of `recluster`.
+#[derive(Debug, Parser)]
+#[command(
+    name = "recluster",
+    version,
+    about = "Run N workers behind shared listening sockets; reload them with zero downtime.",
+    after_help = "Signals: SIGUSR2 or SIGHUP reload; SIGTERM or SIGINT terminate gracefully; a second SIGINT kills at once."
+)]
+pub struct Options {
+    /// Number of worker processes [default: number of cores]
+    #[arg(long, short = 'w', env = "RECLUSTER_WORKERS", value_parser = parse_workers)]
+    pub workers: Option<usize>,
+
+    /// Address to listen on, host:port or [v6]:port; repeatable [default: 127.0.0.1:8080]
+    #[arg(long, short = 'l', env = "RECLUSTER_LISTEN", value_delimiter = ',', value_parser = parse_addr)]
+    pub listen: Vec<SocketAddr>,
+
+    /// How connections reach workers: rr, sticky or shared
+    #[arg(long, short = 'b', env = "RECLUSTER_BALANCE", default_value = "rr", value_parser = Balance::from_str)]
+    pub balance: Balance,
+
+    /// Time a retiring worker gets before SIGKILL [default: 1s; 1h when RECLUSTER_ENV or NODE_ENV is production]
+    #[arg(long, env = "RECLUSTER_TIMEOUT", value_parser = config::parse_duration)]
+    pub timeout: Option<Duration>,
+
+    /// First delay before respawning a worker that died
+    #[arg(long, env = "RECLUSTER_RESPAWN", default_value = "1s", value_parser = config::parse_duration)]
+    pub respawn: Duration,
+
+    /// Maximum the respawn delay doubles up to; 0 disables doubling
+    #[arg(long, env = "RECLUSTER_BACKOFF", default_value = "0", value_parser = config::parse_duration)]
+    pub backoff: Duration,
+
+    /// When a new worker counts as ready: started, listening or ready
+    #[arg(long, env = "RECLUSTER_READY_WHEN", default_value = "listening", value_parser = ReadyWhen::from_str)]
+    pub ready_when: ReadyWhen,
+
+    /// Time a new worker has to become ready before it is stopped and retried; 0: no limit
+    #[arg(long, env = "RECLUSTER_READY_TIMEOUT", default_value = "60s", value_parser = config::parse_duration)]
+    pub ready_timeout: Duration,
+
+    /// Signal that asks a worker to stop (TERM, SIGINT, 15, …)
+    #[arg(long, env = "RECLUSTER_STOP_SIGNAL", default_value = "TERM", value_parser = parse_signal)]
+    pub stop_signal: Signal,
+
+    /// Listen backlog of the sockets the master binds
+    #[arg(long, env = "RECLUSTER_BACKLOG", default_value_t = config::DEFAULT_BACKLOG, value_parser = clap::value_parser!(i32).range(1..))]
+    pub backlog: i32,
+
+    /// Log level: error, warn, info, debug or trace (RUST_LOG, when set, wins)
+    #[arg(long, env = "RECLUSTER_LOG_LEVEL", default_value = "info")]
+    pub log_level: tracing::Level,
+
+    /// The worker command and its arguments, after `--`
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    pub command: Vec<OsString>,
+}
+
+fn parse_workers(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("expected at least 1 worker".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("expected a number of workers, got `{s}`")),
+    }
+}
+
+fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    if let Ok(a) = s.parse() {
+        return Ok(a);
+    }
+    if let Some(port) = s.strip_prefix(':').and_then(|p| p.parse::<u16>().ok()) {
+        return Ok(SocketAddr::from(([0, 0, 0, 0], port)));
+    }
+    s.to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| format!("expected host:port or [v6]:port, got `{s}`"))
+}
+
+fn parse_signal(s: &str) -> Result<Signal, String> {
+    let err = || format!("expected a signal name like TERM, INT, QUIT or a number, got `{s}`");
+    if let Ok(n) = s.parse::<i32>() {
+        return Signal::try_from(n).map_err(|_| err());
+    }
+    let upper = s.to_ascii_uppercase();
+    let name = if upper.starts_with("SIG") {
+        upper
+    } else {
+        format!("SIG{upper}")
+    };
+    Signal::from_str(&name).map_err(|_| err())
+}
+
+/// Runs the command line and returns the process exit code.
+pub fn main() -> i32 {
+    let opts = match Options::try_parse() {
+        Ok(o) => o,
+        Err(e) => {
+            let code = e.exit_code();
+            let _ = e.print();
+            return code;
+        }
+    };
+    init_logging(opts.log_level);
+    let mut command = opts.command.iter();
+    let program = command.next().cloned().unwrap_or_default();
+    let mut builder = Cluster::builder(WorkerCommand::new(program).args(command.cloned()))
+        .workers(opts.workers.unwrap_or_else(config::default_workers))
+        .balance(opts.balance)
+        .ready_when(opts.ready_when)
+        .timeout(opts.timeout.unwrap_or_else(config::default_timeout))
+        .respawn(opts.respawn)
+        .backoff(opts.backoff)
+        .ready_timeout(opts.ready_timeout)
+        .stop_signal(opts.stop_signal)
+        .backlog(opts.backlog);
+    for addr in &opts.listen {
+        builder = builder.listen(*addr);
+    }
+    let cluster = match builder.build() {
+        Ok(c) => c,
+        Err(crate::Error::Config(msg)) => {
+            eprintln!("recluster: {msg}");
+            return 2;
+        }
+        Err(e) => {
+            eprintln!("recluster: {e}");
+            return 1;
+        }
+    };
+    // One thread: the master forks from it, and PR_SET_PDEATHSIG is tied to the forking
+    // thread, which must live as long as the master does.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("recluster: cannot start the runtime: {e}");
+            return 1;
+        }
+    };
+    match runtime.block_on(run(cluster)) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("recluster: {e}");
+            1
+        }
+    }
+}
+
+async fn run(cluster: Cluster) -> Result<(), crate::Error> {
+    let handle = cluster.handle();
+    let io = |source| crate::Error::Io {
+        context: "cannot install signal handlers",
+        source,
+    };
+    let mut usr2 = signal(SignalKind::user_defined2()).map_err(io)?;
+    let mut hup = signal(SignalKind::hangup()).map_err(io)?;
+    let mut term = signal(SignalKind::terminate()).map_err(io)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(io)?;
+    tokio::spawn(async move {
+        let mut interrupted = false;
+        loop {
+            tokio::select! {
+                _ = usr2.recv() => handle.reload(),
+                _ = hup.recv() => handle.reload(),
+                _ = term.recv() => handle.terminate(),
+                _ = int.recv() => {
+                    if interrupted {
+                        handle.kill();
+                    } else {
+                        interrupted = true;
+                        handle.terminate();
+                    }
+                }
+            }
+        }
+    });
+    cluster.run().await
+}
+
+fn init_logging(level: tracing::Level) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level.as_str()));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signals_parse_by_name_and_number() {
+        assert_eq!(parse_signal("TERM"), Ok(Signal::SIGTERM));
+        assert_eq!(parse_signal("sigquit"), Ok(Signal::SIGQUIT));
+        assert_eq!(parse_signal("2"), Ok(Signal::SIGINT));
+        assert!(parse_signal("BOGUS").is_err());
+    }
+
+    #[test]
+    fn addresses_parse_v4_v6_and_port_only() {
+        assert_eq!(parse_addr("127.0.0.1:80").unwrap().port(), 80);
+        assert!(parse_addr("[::1]:8080").unwrap().is_ipv6());
+        assert_eq!(parse_addr(":9000").unwrap().port(), 9000);
+        assert!(parse_addr("nope").is_err());
+    }
+
+    #[test]
+    fn options_need_a_command_and_reject_bad_values() {
+        assert!(Options::try_parse_from(["recluster"]).is_err());
+        let bad = Options::try_parse_from(["recluster", "--workers", "abc", "--", "x"]).unwrap_err();
+        assert_eq!(bad.exit_code(), 2);
+        assert!(bad.to_string().contains("--workers"));
+        let ok = Options::try_parse_from(["recluster", "--", "srv", "-x"]).unwrap();
+        assert_eq!(ok.command, vec![OsString::from("srv"), OsString::from("-x")]);
+        assert_eq!(ok.balance, Balance::RoundRobin);
+    }
+}

@@ -1,0 +1,201 @@
+//! The settings of a cluster, their defaults, and the values they take.
+//!
+//! These are recluster's options (DESIGN §4) with the same defaults: the CLI parses
+//! into them and [`crate::ClusterBuilder`] carries them, so the two never disagree.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// How accepted connections reach workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Balance {
+    /// The master accepts and hands each connection to the next ready worker.
+    #[default]
+    RoundRobin,
+    /// The master accepts and picks the worker from a hash of the client IP.
+    Sticky,
+    /// Every worker accepts on the inherited listening socket itself (systemd style).
+    Shared,
+}
+
+impl Balance {
+    /// The name used on the command line and in `RECLUSTER_BALANCE`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Balance::RoundRobin => "rr",
+            Balance::Sticky => "sticky",
+            Balance::Shared => "shared",
+        }
+    }
+}
+
+impl fmt::Display for Balance {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Balance {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "rr" | "round-robin" => Ok(Balance::RoundRobin),
+            "sticky" => Ok(Balance::Sticky),
+            "shared" => Ok(Balance::Shared),
+            _ => Err(format!("expected rr, sticky or shared, got `{s}`")),
+        }
+    }
+}
+
+/// When a new worker counts as ready to take connections (recluster's `readyWhen`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum ReadyWhen {
+    /// As soon as the process has been spawned.
+    Started,
+    /// When the worker listens (its library says so, or /proc shows it in `shared`).
+    #[default]
+    Listening,
+    /// When the worker says `ready` explicitly (worker channel or `READY=1` sd_notify).
+    Ready,
+}
+
+impl ReadyWhen {
+    /// The name used on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReadyWhen::Started => "started",
+            ReadyWhen::Listening => "listening",
+            ReadyWhen::Ready => "ready",
+        }
+    }
+}
+
+impl fmt::Display for ReadyWhen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for ReadyWhen {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "started" => Ok(ReadyWhen::Started),
+            "listening" => Ok(ReadyWhen::Listening),
+            "ready" => Ok(ReadyWhen::Ready),
+            _ => Err(format!("expected started, listening or ready, got `{s}`")),
+        }
+    }
+}
+
+/// The timing rules of the supervisor core: everything it needs besides events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timing {
+    /// How long a retiring worker has between the stop signal and SIGKILL.
+    pub timeout: Duration,
+    /// The first delay before a dead worker's slot is respawned.
+    pub respawn: Duration,
+    /// The most the respawn delay doubles up to, and the uptime that resets it; zero disables doubling.
+    pub backoff: Duration,
+    /// How long a new worker may take to become ready before it is stopped and retried.
+    pub ready_timeout: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing {
+            timeout: default_timeout(),
+            respawn: Duration::from_secs(1),
+            backoff: Duration::ZERO,
+            ready_timeout: DEFAULT_READY_TIMEOUT,
+        }
+    }
+}
+
+/// Default `--ready-timeout`: long enough for slow starters, short enough that a stuck reload shows.
+pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Default listen backlog, as nginx and Node use.
+pub const DEFAULT_BACKLOG: i32 = 511;
+
+/// True when `RECLUSTER_ENV` or `NODE_ENV` says `production` (recluster's rule).
+pub fn is_production() -> bool {
+    ["RECLUSTER_ENV", "NODE_ENV"]
+        .iter()
+        .any(|k| std::env::var(k).map(|v| v == "production").unwrap_or(false))
+}
+
+/// recluster's default kill timeout: 1 s in development, 1 h in production.
+pub fn default_timeout() -> Duration {
+    if is_production() {
+        Duration::from_secs(3600)
+    } else {
+        Duration::from_secs(1)
+    }
+}
+
+/// Default worker count: the number of cores this process may use.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+/// Parses a duration: `250ms`, `2s`, `1.5` (seconds, as recluster), `5m`, `1h`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("expected a duration like 500ms, 2s, 1.5 or 1h, got `{s}`"))?;
+    let scale = match unit.trim() {
+        "" | "s" | "sec" | "secs" => 1.0,
+        "ms" => 0.001,
+        "us" => 0.000_001,
+        "m" | "min" => 60.0,
+        "h" => 3600.0,
+        other => {
+            return Err(format!(
+                "unknown unit `{other}` in `{s}`: use ms, s, m or h (a bare number is seconds)"
+            ))
+        }
+    };
+    let secs = value * scale;
+    if !secs.is_finite() || !(0.0..=1e9).contains(&secs) {
+        return Err(format!("duration `{s}` is out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_and_without_units() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("5x").unwrap_err().contains("unknown unit"));
+        assert!(parse_duration("abc").is_err());
+        assert!(parse_duration("-1").is_err());
+    }
+
+    #[test]
+    fn modes_round_trip_their_names() {
+        for b in [Balance::RoundRobin, Balance::Sticky, Balance::Shared] {
+            assert_eq!(b.as_str().parse::<Balance>(), Ok(b));
+        }
+        for r in [ReadyWhen::Started, ReadyWhen::Listening, ReadyWhen::Ready] {
+            assert_eq!(r.as_str().parse::<ReadyWhen>(), Ok(r));
+        }
+        assert!("bogus".parse::<Balance>().is_err());
+    }
+}

@@ -1,0 +1,56 @@
+//! Supervise a cluster of worker processes behind shared listening sockets.
+//!
+//! recluster runs N copies of a server command as worker processes, keeps the
+//! listening sockets in the master for its whole life, reloads the workers with zero
+//! downtime, respawns the ones that die (with per-slot exponential backoff), and
+//! hands incoming connections to them. It is the Rust successor of the Node.js
+//! packages `recluster` and `sticky-listen`, for workers in any language.
+//!
+//! The crate is a library first; the `recluster` binary is a thin layer over it.
+//!
+//! ```no_run
+//! use recluster::{Balance, Cluster, WorkerCommand};
+//!
+//! # async fn demo() -> Result<(), recluster::Error> {
+//! let cluster = Cluster::builder(WorkerCommand::new("./server").arg("--quiet"))
+//!     .workers(4)
+//!     .listen("127.0.0.1:8080".parse().unwrap())
+//!     .balance(Balance::Shared)
+//!     .build()?;
+//! let handle = cluster.handle();
+//! let mut events = handle.events();
+//! tokio::spawn(async move {
+//!     while let Ok(event) = events.recv().await {
+//!         println!("{event:?}");
+//!     }
+//! });
+//! // Elsewhere: handle.reload(), handle.terminate(), handle.active_workers().
+//! cluster.run().await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Layout
+//! * [`supervisor`]: the pure state machine — slots, generations, reload, respawn.
+//! * `driver`: the tokio layer that carries out its actions: processes, timers, readiness.
+//! * [`Cluster`], [`ClusterBuilder`], [`ClusterHandle`]: the public API.
+//! * [`worker`]: the library a Rust worker uses to receive its connections.
+//! * [`cli`]: the command line.
+
+#![warn(missing_docs)]
+
+pub mod cli;
+mod cluster;
+pub mod config;
+mod driver;
+mod listen;
+mod notify;
+mod probe;
+mod reap;
+mod spawn;
+pub mod supervisor;
+pub mod worker;
+
+pub use cluster::{Cluster, ClusterBuilder, ClusterHandle, Error, WorkerCommand};
+pub use config::{Balance, ReadyWhen, Timing};
+pub use supervisor::{Event, ExitStatus, WorkerId, WorkerInfo, WorkerState};

@@ -1,0 +1,641 @@
+//! The pure supervisor core: slots, generations, reload, respawn, timeouts.
+//!
+//! This is the whole lifecycle policy of a cluster (DESIGN §5) as a state machine with
+//! no I/O. The tokio layer ([`crate::driver`]) feeds it [`Input`]s — a worker was
+//! spawned, became ready, exited; a reload or terminate was asked for — together with
+//! the current time, and carries out the [`Action`]s it returns: spawn, stop, kill,
+//! route. Timers are deadlines kept here; the driver sleeps until
+//! [`Supervisor::next_deadline`] and then hands in [`Input::Tick`]. Because time only
+//! enters as an argument, the rules are unit-tested on tokio's paused clock.
+//!
+//! The rules, in one place:
+//! * A slot holds at most one *active* (ready) worker and one *pending* replacement;
+//!   any number of *retiring* workers may still be draining.
+//! * **Reload** bumps the generation and starts a pending worker in every slot. When a
+//!   slot's pending worker becomes ready it turns active and the slot's previous active
+//!   worker retires. An old worker is never retired before its replacement is ready.
+//!   A reload during a reload supersedes the older pending workers (they retire at once;
+//!   they never served).
+//! * **Respawn**: when a slot loses its active worker, or its pending worker dies or is
+//!   not ready within `ready_timeout`, a new worker of the current generation is
+//!   started after the slot's delay. The delay starts at `respawn` and doubles per quick
+//!   successive failure up to `backoff`; a worker that stayed up for `backoff` resets
+//!   it. `backoff` zero disables doubling. Backoff is per slot.
+//! * **Retire**: a retiring worker gets the stop action at once and is killed after
+//!   `timeout`.
+//! * **Terminate**: every worker retires, no respawn happens any more, and
+//!   [`Action::Exit`] is returned once the last worker has exited.
+//!
+//! Readiness is counted per slot and generation: a `Ready` from a worker that is not
+//! its slot's pending worker (superseded, retired, unknown) is ignored. This is where
+//! recluster, which counts ready events globally, can retire workers early.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::config::Timing;
+
+/// Identifies one worker process for the life of a cluster (never reused, unlike slots and pids).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct WorkerId(pub u64);
+
+impl fmt::Display for WorkerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "w{}", self.0)
+    }
+}
+
+/// Where a worker is in its life: `starting → ready → retiring`, or `starting → retiring`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WorkerState {
+    /// Spawned (or being spawned), not ready yet; receives no connections.
+    Starting,
+    /// Ready and active in its slot: the only state that receives connections.
+    Ready,
+    /// Told to stop; draining until it exits or is killed after the timeout.
+    Retiring,
+}
+
+/// What is known about one live worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerInfo {
+    /// Its identity.
+    pub id: WorkerId,
+    /// Its slot, which is its `WORKER_ID`.
+    pub slot: usize,
+    /// The generation it was started for.
+    pub generation: u64,
+    /// Its process id, once spawned.
+    pub pid: Option<u32>,
+    /// Its state.
+    pub state: WorkerState,
+}
+
+/// How a worker process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ExitStatus {
+    /// It exited with this code.
+    Code(i32),
+    /// It was killed by this signal number.
+    Signal(i32),
+}
+
+impl fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExitStatus::Code(c) => write!(f, "code={c}"),
+            ExitStatus::Signal(s) => write!(f, "signal={s}"),
+        }
+    }
+}
+
+/// Something that happened, as the supervisor core is told it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    /// Nothing happened but time passed: fire due timers.
+    Tick,
+    /// Replace every worker with one of a new generation.
+    Reload,
+    /// Stop every worker gracefully and finish.
+    Terminate,
+    /// Kill every worker at once and finish (a second SIGINT).
+    KillAll,
+    /// The process for a [`Action::Spawn`] exists with this pid.
+    Spawned {
+        /// The worker the spawn was for.
+        id: WorkerId,
+        /// Its process id.
+        pid: u32,
+    },
+    /// The process for a [`Action::Spawn`] could not be started.
+    SpawnFailed {
+        /// The worker the spawn was for.
+        id: WorkerId,
+        /// What went wrong, for the report.
+        error: String,
+    },
+    /// The worker is ready by the configured readiness rule.
+    Ready {
+        /// The worker.
+        id: WorkerId,
+    },
+    /// The worker asked to be replaced (recluster's `disconnect` message).
+    ReplaceRequested {
+        /// The worker.
+        id: WorkerId,
+    },
+    /// The worker process was reaped.
+    Exited {
+        /// The worker.
+        id: WorkerId,
+        /// How it ended.
+        status: ExitStatus,
+    },
+}
+
+/// What the supervisor core asks the I/O layer to do, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Start a process for this worker, then report [`Input::Spawned`] or [`Input::SpawnFailed`].
+    Spawn {
+        /// The new worker.
+        id: WorkerId,
+        /// Its slot (`WORKER_ID`).
+        slot: usize,
+        /// Its generation (`RECLUSTER_GENERATION`).
+        generation: u64,
+    },
+    /// Tell the worker to stop: stop message and stop signal.
+    Stop {
+        /// The worker.
+        id: WorkerId,
+    },
+    /// Kill the worker (SIGKILL).
+    Kill {
+        /// The worker.
+        id: WorkerId,
+    },
+    /// The slot's active worker changed: route its connections to `worker`, or nowhere.
+    Route {
+        /// The slot.
+        slot: usize,
+        /// Its new active worker, if any.
+        worker: Option<WorkerId>,
+    },
+    /// Report a lifecycle event (logs and the event stream).
+    Report(Event),
+    /// Terminating is complete: every worker has exited.
+    Exit,
+}
+
+/// A lifecycle event of the cluster, as logged and as sent on the event stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A worker process was started.
+    Spawned(WorkerInfo),
+    /// A worker process could not be started.
+    SpawnFailed {
+        /// Its slot.
+        slot: usize,
+        /// Its generation.
+        generation: u64,
+        /// Why.
+        error: String,
+    },
+    /// A worker became ready and active in its slot.
+    Ready(WorkerInfo),
+    /// A worker was told to stop.
+    Retiring(WorkerInfo),
+    /// A worker process exited.
+    Exited {
+        /// The worker, as it was.
+        worker: WorkerInfo,
+        /// How it ended.
+        status: ExitStatus,
+    },
+    /// A slot will get a new worker after this delay.
+    RespawnScheduled {
+        /// The slot.
+        slot: usize,
+        /// The delay.
+        delay: Duration,
+    },
+    /// A starting worker did not become ready within the ready timeout; it is stopped.
+    NotReadyInTime(WorkerInfo),
+    /// A retiring worker was still alive after the timeout and was killed.
+    KilledAfterTimeout(WorkerInfo),
+    /// A worker asked to be replaced; its replacement is starting.
+    ReplaceStarted(WorkerInfo),
+    /// A reload started this generation.
+    ReloadStarted {
+        /// The new generation.
+        generation: u64,
+    },
+    /// Every slot is served by a worker of this generation.
+    ReloadFinished {
+        /// The generation.
+        generation: u64,
+    },
+    /// Every slot has had a ready worker for the first time.
+    ClusterReady {
+        /// The generation.
+        generation: u64,
+    },
+    /// Terminate started.
+    Terminating,
+}
+
+#[derive(Debug)]
+struct Worker {
+    info: WorkerInfo,
+    started_at: Instant,
+    /// While starting: the ready deadline. While retiring: the kill deadline.
+    deadline: Option<Instant>,
+}
+
+#[derive(Debug)]
+struct Slot {
+    active: Option<WorkerId>,
+    pending: Option<WorkerId>,
+    respawn_at: Option<Instant>,
+    /// The delay the next respawn of this slot will wait.
+    delay: Duration,
+}
+
+/// The cluster's lifecycle state machine; see the module docs for its rules.
+#[derive(Debug)]
+pub struct Supervisor {
+    timing: Timing,
+    slots: Vec<Slot>,
+    workers: BTreeMap<WorkerId, Worker>,
+    generation: u64,
+    next_id: u64,
+    terminating: bool,
+    reloading: Option<u64>,
+    cluster_ready: bool,
+    exited: bool,
+}
+
+impl Supervisor {
+    /// A supervisor for `slots` slots; nothing runs until [`Supervisor::start`].
+    pub fn new(slots: usize, timing: Timing) -> Supervisor {
+        Supervisor {
+            timing,
+            slots: (0..slots)
+                .map(|_| Slot {
+                    active: None,
+                    pending: None,
+                    respawn_at: None,
+                    delay: timing.respawn,
+                })
+                .collect(),
+            workers: BTreeMap::new(),
+            generation: 1,
+            next_id: 0,
+            terminating: false,
+            reloading: None,
+            cluster_ready: false,
+            exited: false,
+        }
+    }
+
+    /// Starts the first generation: a worker in every slot.
+    pub fn start(&mut self, now: Instant) -> Vec<Action> {
+        let mut out = Vec::new();
+        for slot in 0..self.slots.len() {
+            self.spawn(slot, now, &mut out);
+        }
+        if self.slots.is_empty() {
+            self.cluster_ready = true;
+        }
+        out
+    }
+
+    /// Applies one input at time `now`, fires every timer due by then, and returns the actions.
+    pub fn handle(&mut self, input: Input, now: Instant) -> Vec<Action> {
+        let mut out = Vec::new();
+        match input {
+            Input::Tick => {}
+            Input::Reload => self.reload(now, &mut out),
+            Input::Terminate => self.terminate(now, &mut out),
+            Input::KillAll => {
+                self.terminate(now, &mut out);
+                for w in self.workers.values_mut() {
+                    w.deadline = None;
+                    out.push(Action::Kill { id: w.info.id });
+                }
+            }
+            Input::Spawned { id, pid } => {
+                if let Some(w) = self.workers.get_mut(&id) {
+                    w.info.pid = Some(pid);
+                    out.push(Action::Report(Event::Spawned(w.info)));
+                }
+            }
+            Input::SpawnFailed { id, error } => {
+                if let Some(w) = self.workers.get(&id) {
+                    out.push(Action::Report(Event::SpawnFailed {
+                        slot: w.info.slot,
+                        generation: w.info.generation,
+                        error,
+                    }));
+                }
+                self.gone(id, None, now, &mut out);
+            }
+            Input::Ready { id } => self.ready(id, now, &mut out),
+            Input::ReplaceRequested { id } => self.replace(id, now, &mut out),
+            Input::Exited { id, status } => self.gone(id, Some(status), now, &mut out),
+        }
+        self.fire_timers(now, &mut out);
+        self.check_exit(&mut out);
+        out
+    }
+
+    /// The earliest time at which [`Input::Tick`] has something to do.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let slots = self.slots.iter().filter_map(|s| s.respawn_at);
+        let workers = self.workers.values().filter_map(|w| w.deadline);
+        slots.chain(workers).min()
+    }
+
+    /// The current generation (1 for the first, +1 per reload).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Whether terminate has started.
+    pub fn is_terminating(&self) -> bool {
+        self.terminating
+    }
+
+    /// Whether every slot has had a ready worker at least once.
+    pub fn is_cluster_ready(&self) -> bool {
+        self.cluster_ready
+    }
+
+    /// One entry per slot: its active worker, or `None` (recluster's `activeWorkers()`).
+    pub fn active_workers(&self) -> Vec<Option<WorkerInfo>> {
+        self.slots
+            .iter()
+            .map(|s| s.active.and_then(|id| self.info(id)))
+            .collect()
+    }
+
+    /// Every live worker: starting, ready and retiring.
+    pub fn workers(&self) -> Vec<WorkerInfo> {
+        self.workers.values().map(|w| w.info).collect()
+    }
+
+    /// The current record of one live worker.
+    pub fn info(&self, id: WorkerId) -> Option<WorkerInfo> {
+        self.workers.get(&id).map(|w| w.info)
+    }
+
+    fn spawn(&mut self, slot: usize, now: Instant, out: &mut Vec<Action>) {
+        let id = WorkerId(self.next_id);
+        self.next_id += 1;
+        let info = WorkerInfo {
+            id,
+            slot,
+            generation: self.generation,
+            pid: None,
+            state: WorkerState::Starting,
+        };
+        self.workers.insert(
+            id,
+            Worker {
+                info,
+                started_at: now,
+                // Zero means no ready deadline, as systemd's TimeoutStartSec=0.
+                deadline: (!self.timing.ready_timeout.is_zero())
+                    .then(|| now + self.timing.ready_timeout),
+            },
+        );
+        let s = &mut self.slots[slot];
+        s.pending = Some(id);
+        s.respawn_at = None;
+        out.push(Action::Spawn {
+            id,
+            slot,
+            generation: self.generation,
+        });
+    }
+
+    fn retire(&mut self, id: WorkerId, now: Instant, out: &mut Vec<Action>) {
+        let timeout = self.timing.timeout;
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
+        let kill_at = now + timeout;
+        if w.info.state == WorkerState::Retiring {
+            // Already told to stop; a terminate may only bring the kill closer.
+            w.deadline = w.deadline.map(|d| d.min(kill_at));
+            return;
+        }
+        w.info.state = WorkerState::Retiring;
+        w.deadline = Some(kill_at);
+        out.push(Action::Report(Event::Retiring(w.info)));
+        out.push(Action::Stop { id });
+    }
+
+    fn reload(&mut self, now: Instant, out: &mut Vec<Action>) {
+        if self.terminating {
+            return;
+        }
+        self.generation += 1;
+        self.reloading = Some(self.generation);
+        out.push(Action::Report(Event::ReloadStarted {
+            generation: self.generation,
+        }));
+        for slot in 0..self.slots.len() {
+            if let Some(old) = self.slots[slot].pending.take() {
+                self.retire(old, now, out);
+            }
+            self.spawn(slot, now, out);
+        }
+        self.check_reload_finished(out);
+    }
+
+    fn terminate(&mut self, now: Instant, out: &mut Vec<Action>) {
+        if !self.terminating {
+            self.terminating = true;
+            self.reloading = None;
+            out.push(Action::Report(Event::Terminating));
+        }
+        for slot in 0..self.slots.len() {
+            let s = &mut self.slots[slot];
+            s.respawn_at = None;
+            s.pending = None;
+            if s.active.take().is_some() {
+                out.push(Action::Route { slot, worker: None });
+            }
+        }
+        let ids: Vec<WorkerId> = self.workers.keys().copied().collect();
+        for id in ids {
+            self.retire(id, now, out);
+        }
+    }
+
+    fn ready(&mut self, id: WorkerId, now: Instant, out: &mut Vec<Action>) {
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
+        let slot = w.info.slot;
+        if w.info.state != WorkerState::Starting || self.slots[slot].pending != Some(id) {
+            return; // superseded, retired or already ready: readiness counts per slot and generation
+        }
+        w.info.state = WorkerState::Ready;
+        w.deadline = None;
+        let info = w.info;
+        let s = &mut self.slots[slot];
+        s.pending = None;
+        let old = s.active.replace(id);
+        out.push(Action::Route {
+            slot,
+            worker: Some(id),
+        });
+        out.push(Action::Report(Event::Ready(info)));
+        if let Some(old) = old {
+            self.retire(old, now, out);
+        }
+        if !self.cluster_ready && self.slots.iter().all(|s| s.active.is_some()) {
+            self.cluster_ready = true;
+            out.push(Action::Report(Event::ClusterReady {
+                generation: self.generation,
+            }));
+        }
+        self.check_reload_finished(out);
+    }
+
+    fn check_reload_finished(&mut self, out: &mut Vec<Action>) {
+        let Some(generation) = self.reloading else {
+            return;
+        };
+        let done = self.slots.iter().all(|s| {
+            s.active
+                .and_then(|id| self.workers.get(&id))
+                .is_some_and(|w| w.info.generation >= generation)
+        });
+        if done {
+            self.reloading = None;
+            out.push(Action::Report(Event::ReloadFinished { generation }));
+        }
+    }
+
+    fn replace(&mut self, id: WorkerId, now: Instant, out: &mut Vec<Action>) {
+        let Some(w) = self.workers.get(&id) else {
+            return;
+        };
+        let slot = w.info.slot;
+        let info = w.info;
+        if self.terminating
+            || self.slots[slot].active != Some(id)
+            || self.slots[slot].pending.is_some()
+        {
+            return; // not active, or a replacement is already on its way
+        }
+        out.push(Action::Report(Event::ReplaceStarted(info)));
+        self.spawn(slot, now, out);
+    }
+
+    /// A worker is gone: exited (`status`), or never started (`None`).
+    fn gone(
+        &mut self,
+        id: WorkerId,
+        status: Option<ExitStatus>,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
+        let Some(w) = self.workers.remove(&id) else {
+            return;
+        };
+        let slot = w.info.slot;
+        if let Some(status) = status {
+            out.push(Action::Report(Event::Exited {
+                worker: w.info,
+                status,
+            }));
+        }
+        if self.terminating {
+            return;
+        }
+        let s = &mut self.slots[slot];
+        let uptime = now.saturating_duration_since(w.started_at);
+        if s.active == Some(id) {
+            s.active = None;
+            out.push(Action::Route { slot, worker: None });
+            if s.pending.is_none() {
+                self.schedule_respawn(slot, uptime, now, out);
+            }
+        } else if s.pending == Some(id) {
+            // Died before ready: the old worker (if any) keeps serving.
+            s.pending = None;
+            self.schedule_respawn(slot, Duration::ZERO, now, out);
+        }
+    }
+
+    fn schedule_respawn(
+        &mut self,
+        slot: usize,
+        uptime: Duration,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
+        let Timing {
+            respawn, backoff, ..
+        } = self.timing;
+        let s = &mut self.slots[slot];
+        if backoff.is_zero() || uptime >= backoff {
+            s.delay = respawn;
+        }
+        let delay = s.delay;
+        if !backoff.is_zero() {
+            s.delay = (delay * 2).min(backoff).max(respawn);
+        }
+        s.respawn_at = Some(now + delay);
+        out.push(Action::Report(Event::RespawnScheduled { slot, delay }));
+    }
+
+    fn fire_timers(&mut self, now: Instant, out: &mut Vec<Action>) {
+        // Repeat: a zero respawn delay or a zero timeout makes new deadlines due at once.
+        loop {
+            let mut fired = false;
+            for slot in 0..self.slots.len() {
+                let s = &self.slots[slot];
+                if s.respawn_at.is_some_and(|t| t <= now) {
+                    fired = true;
+                    self.slots[slot].respawn_at = None;
+                    if !self.terminating && self.slots[slot].pending.is_none() {
+                        self.spawn(slot, now, out);
+                    }
+                }
+            }
+            let due: Vec<WorkerId> = self
+                .workers
+                .values()
+                .filter(|w| w.deadline.is_some_and(|t| t <= now))
+                .map(|w| w.info.id)
+                .collect();
+            for id in due {
+                fired = true;
+                let w = self.workers.get_mut(&id).expect("due worker is live");
+                w.deadline = None;
+                let info = w.info;
+                match info.state {
+                    WorkerState::Starting => {
+                        out.push(Action::Report(Event::NotReadyInTime(info)));
+                        let slot = info.slot;
+                        let was_pending = self.slots[slot].pending == Some(id);
+                        if was_pending {
+                            self.slots[slot].pending = None;
+                        }
+                        self.retire(id, now, out);
+                        if was_pending && !self.terminating {
+                            self.schedule_respawn(slot, Duration::ZERO, now, out);
+                        }
+                    }
+                    WorkerState::Retiring => {
+                        out.push(Action::Report(Event::KilledAfterTimeout(info)));
+                        out.push(Action::Kill { id });
+                    }
+                    WorkerState::Ready => {}
+                }
+            }
+            if !fired {
+                break;
+            }
+        }
+    }
+
+    fn check_exit(&mut self, out: &mut Vec<Action>) {
+        if self.terminating && self.workers.is_empty() && !self.exited {
+            self.exited = true;
+            out.push(Action::Exit);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,470 @@
+//! The supervisor's rules on tokio's paused clock.
+
+use super::*;
+use tokio::time::advance;
+
+const MS: Duration = Duration::from_millis(1);
+
+fn timing() -> Timing {
+    Timing {
+        timeout: 1000 * MS,
+        respawn: 100 * MS,
+        backoff: 1000 * MS,
+        ready_timeout: 5000 * MS,
+    }
+}
+
+/// A supervisor whose spawns always succeed, with pids handed out in order.
+struct Sim {
+    sup: Supervisor,
+    next_pid: u32,
+}
+
+impl Sim {
+    fn start(slots: usize, timing: Timing) -> (Sim, Vec<Action>) {
+        let mut sim = Sim {
+            sup: Supervisor::new(slots, timing),
+            next_pid: 1000,
+        };
+        let first = sim.sup.start(Instant::now());
+        let out = sim.answer_spawns(first);
+        (sim, out)
+    }
+
+    fn answer_spawns(&mut self, actions: Vec<Action>) -> Vec<Action> {
+        let mut out = Vec::new();
+        for a in actions {
+            let spawn = match a {
+                Action::Spawn { id, .. } => Some(id),
+                _ => None,
+            };
+            out.push(a);
+            if let Some(id) = spawn {
+                self.next_pid += 1;
+                let more = self.sup.handle(
+                    Input::Spawned {
+                        id,
+                        pid: self.next_pid,
+                    },
+                    Instant::now(),
+                );
+                out.extend(self.answer_spawns(more));
+            }
+        }
+        out
+    }
+
+    fn feed(&mut self, input: Input) -> Vec<Action> {
+        let out = self.sup.handle(input, Instant::now());
+        self.answer_spawns(out)
+    }
+
+    async fn wait(&mut self, d: Duration) -> Vec<Action> {
+        advance(d).await;
+        self.feed(Input::Tick)
+    }
+
+    fn ready_all(&mut self, ids: &[WorkerId]) -> Vec<Action> {
+        ids.iter()
+            .flat_map(|&id| self.feed(Input::Ready { id }))
+            .collect()
+    }
+
+    fn exit(&mut self, id: WorkerId) -> Vec<Action> {
+        self.feed(Input::Exited {
+            id,
+            status: ExitStatus::Code(1),
+        })
+    }
+
+    fn active(&self, slot: usize) -> Option<WorkerId> {
+        self.sup.active_workers()[slot].map(|w| w.id)
+    }
+}
+
+fn spawned(actions: &[Action]) -> Vec<(WorkerId, usize, u64)> {
+    actions
+        .iter()
+        .filter_map(|a| match *a {
+            Action::Spawn {
+                id,
+                slot,
+                generation,
+            } => Some((id, slot, generation)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn ids(actions: &[Action]) -> Vec<WorkerId> {
+    spawned(actions).into_iter().map(|(id, _, _)| id).collect()
+}
+
+fn stopped(actions: &[Action]) -> Vec<WorkerId> {
+    actions
+        .iter()
+        .filter_map(|a| match *a {
+            Action::Stop { id } => Some(id),
+            _ => None,
+        })
+        .collect()
+}
+
+fn killed(actions: &[Action]) -> Vec<WorkerId> {
+    actions
+        .iter()
+        .filter_map(|a| match *a {
+            Action::Kill { id } => Some(id),
+            _ => None,
+        })
+        .collect()
+}
+
+fn respawn_delays(actions: &[Action]) -> Vec<Duration> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Report(Event::RespawnScheduled { delay, .. }) => Some(*delay),
+            _ => None,
+        })
+        .collect()
+}
+
+fn has(actions: &[Action], event: &Event) -> bool {
+    actions.iter().any(|a| a == &Action::Report(event.clone()))
+}
+
+#[tokio::test(start_paused = true)]
+async fn start_spawns_a_worker_per_slot_and_reports_cluster_ready_once_all_are_ready() {
+    let (mut sim, out) = Sim::start(3, timing());
+    let first = spawned(&out);
+    assert_eq!(
+        first.iter().map(|s| (s.1, s.2)).collect::<Vec<_>>(),
+        vec![(0, 1), (1, 1), (2, 1)]
+    );
+    assert_eq!(sim.sup.workers().len(), 3);
+    assert!(sim.sup.workers().iter().all(|w| w.pid.is_some()));
+    let out = sim.ready_all(&ids(&out)[..2]);
+    assert!(!has(&out, &Event::ClusterReady { generation: 1 }));
+    assert_eq!(sim.sup.active_workers().iter().flatten().count(), 2);
+    let out = sim.feed(Input::Ready { id: first[2].0 });
+    assert!(has(&out, &Event::ClusterReady { generation: 1 }));
+    assert!(out.contains(&Action::Route {
+        slot: 2,
+        worker: Some(first[2].0)
+    }));
+}
+
+#[tokio::test(start_paused = true)]
+async fn reload_retires_each_old_worker_only_after_its_replacement_is_ready() {
+    let (mut sim, out) = Sim::start(2, timing());
+    let old = ids(&out);
+    sim.ready_all(&old);
+
+    let out = sim.feed(Input::Reload);
+    assert!(has(&out, &Event::ReloadStarted { generation: 2 }));
+    let new = spawned(&out);
+    assert_eq!(
+        new.iter().map(|s| (s.1, s.2)).collect::<Vec<_>>(),
+        vec![(0, 2), (1, 2)]
+    );
+    assert!(stopped(&out).is_empty(), "nothing retires before a replacement is ready");
+
+    // Time passes: still nothing retires while the replacements start.
+    let out = sim.wait(2000 * MS).await;
+    assert!(stopped(&out).is_empty());
+    assert_eq!(sim.active(0), Some(old[0]));
+
+    let out = sim.feed(Input::Ready { id: new[0].0 });
+    assert_eq!(stopped(&out), vec![old[0]]);
+    let route = out
+        .iter()
+        .position(|a| matches!(a, Action::Route { slot: 0, .. }))
+        .unwrap();
+    let stop = out
+        .iter()
+        .position(|a| matches!(a, Action::Stop { .. }))
+        .unwrap();
+    assert!(route < stop, "traffic moves before the old worker is stopped");
+    assert_eq!(sim.active(0), Some(new[0].0));
+    assert_eq!(sim.active(1), Some(old[1]), "slot 1 keeps its old worker");
+    assert!(!has(&out, &Event::ReloadFinished { generation: 2 }));
+
+    let out = sim.feed(Input::Ready { id: new[1].0 });
+    assert_eq!(stopped(&out), vec![old[1]]);
+    assert!(has(&out, &Event::ReloadFinished { generation: 2 }));
+    // The retiring ones are still listed among the live workers until they exit.
+    assert_eq!(sim.sup.workers().len(), 4);
+    sim.exit(old[0]);
+    sim.exit(old[1]);
+    assert_eq!(sim.sup.workers().len(), 2);
+    assert!(sim.sup.next_deadline().is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_replacement_dying_before_ready_is_respawned_with_backoff_while_the_old_one_serves() {
+    let (mut sim, out) = Sim::start(1, timing());
+    let old = ids(&out)[0];
+    sim.ready_all(&[old]);
+    let mut pending = ids(&sim.feed(Input::Reload))[0];
+
+    let mut seen = Vec::new();
+    for _ in 0..6 {
+        let out = sim.exit(pending);
+        assert!(stopped(&out).is_empty() && killed(&out).is_empty());
+        assert_eq!(sim.active(0), Some(old), "the old worker keeps serving");
+        let delay = respawn_delays(&out)[0];
+        seen.push(delay.as_millis());
+        // Not respawned a moment before the delay...
+        let early = sim.wait(delay - MS).await;
+        assert!(spawned(&early).is_empty());
+        // ...but exactly at it, in the same slot and the new generation.
+        let out = sim.wait(MS).await;
+        let s = spawned(&out);
+        assert_eq!(s.len(), 1);
+        assert_eq!((s[0].1, s[0].2), (0, 2));
+        pending = s[0].0;
+    }
+    assert_eq!(seen, vec![100, 200, 400, 800, 1000, 1000]);
+    let out = sim.feed(Input::Ready { id: pending });
+    assert_eq!(stopped(&out), vec![old]);
+    assert!(has(&out, &Event::ReloadFinished { generation: 2 }));
+}
+
+#[tokio::test(start_paused = true)]
+async fn backoff_doubles_per_quick_death_up_to_the_maximum_and_resets_after_a_long_life() {
+    let (mut sim, out) = Sim::start(2, timing());
+    let first = ids(&out);
+    sim.ready_all(&first);
+    let mut current = first[0];
+    let mut delays = Vec::new();
+    for _ in 0..6 {
+        let out = sim.exit(current);
+        assert_eq!(sim.active(0), None);
+        assert!(out.contains(&Action::Route {
+            slot: 0,
+            worker: None
+        }));
+        let d = respawn_delays(&out)[0];
+        delays.push(d.as_millis());
+        let out = sim.wait(d).await;
+        current = ids(&out)[0];
+        sim.feed(Input::Ready { id: current });
+    }
+    assert_eq!(delays, vec![100, 200, 400, 800, 1000, 1000]);
+    // Slot 1's backoff is its own.
+    let out = sim.exit(first[1]);
+    assert_eq!(respawn_delays(&out), vec![100 * MS]);
+    // A worker that stayed up for the backoff period resets slot 0's delay.
+    sim.wait(1000 * MS).await;
+    let out = sim.exit(current);
+    assert_eq!(respawn_delays(&out), vec![100 * MS]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn zero_backoff_disables_doubling_and_zero_respawn_means_at_once() {
+    let t = Timing {
+        respawn: Duration::ZERO,
+        backoff: Duration::ZERO,
+        ..timing()
+    };
+    let (mut sim, out) = Sim::start(1, t);
+    let mut w = ids(&out)[0];
+    for _ in 0..3 {
+        sim.feed(Input::Ready { id: w });
+        let out = sim.exit(w);
+        assert_eq!(respawn_delays(&out), vec![Duration::ZERO]);
+        let s = ids(&out);
+        assert_eq!(s.len(), 1, "respawned in the same step");
+        w = s[0];
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retiring_worker_is_killed_exactly_after_the_timeout() {
+    let (mut sim, out) = Sim::start(1, timing());
+    let old = ids(&out)[0];
+    sim.ready_all(&[old]);
+    let new = ids(&sim.feed(Input::Reload))[0];
+    let out = sim.feed(Input::Ready { id: new });
+    assert_eq!(stopped(&out), vec![old]);
+    assert!(killed(&sim.wait(999 * MS).await).is_empty());
+    assert_eq!(sim.sup.next_deadline(), Some(Instant::now() + MS));
+    let out = sim.wait(MS).await;
+    assert_eq!(killed(&out), vec![old]);
+    assert!(matches!(
+        out[0],
+        Action::Report(Event::KilledAfterTimeout(WorkerInfo { generation: 1, .. }))
+    ));
+    // Killed once only.
+    assert!(killed(&sim.wait(5000 * MS).await).is_empty());
+    sim.feed(Input::Exited {
+        id: old,
+        status: ExitStatus::Signal(9),
+    });
+    assert_eq!(sim.sup.workers().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reload_during_a_reload_supersedes_the_pending_generation() {
+    let (mut sim, out) = Sim::start(2, timing());
+    let g1 = ids(&out);
+    sim.ready_all(&g1);
+    let g2 = ids(&sim.feed(Input::Reload));
+    // Slot 0's gen-2 worker gets ready before the second reload; slot 1's does not.
+    sim.feed(Input::Ready { id: g2[0] });
+    assert_eq!(sim.active(0), Some(g2[0]));
+    let out = sim.feed(Input::Reload);
+    assert!(has(&out, &Event::ReloadStarted { generation: 3 }));
+    let g3 = spawned(&out);
+    assert!(g3.iter().all(|s| s.2 == 3));
+    assert_eq!(stopped(&out), vec![g2[1]], "the pending gen-2 worker retires");
+    assert_eq!(sim.active(1), Some(g1[1]), "slot 1 still served by gen 1");
+
+    // A late ready from the superseded worker changes nothing.
+    let out = sim.feed(Input::Ready { id: g2[1] });
+    assert!(out.is_empty());
+    assert_eq!(sim.active(1), Some(g1[1]));
+
+    let out = sim.ready_all(&[g3[0].0, g3[1].0]);
+    assert_eq!(stopped(&out), vec![g2[0], g1[1]]);
+    assert!(has(&out, &Event::ReloadFinished { generation: 3 }));
+    assert!(!has(&out, &Event::ReloadFinished { generation: 2 }));
+}
+
+#[tokio::test(start_paused = true)]
+async fn terminate_during_a_reload_stops_everyone_and_exits_after_the_last_exit() {
+    let (mut sim, out) = Sim::start(2, timing());
+    let g1 = ids(&out);
+    sim.ready_all(&g1);
+    let g2 = ids(&sim.feed(Input::Reload));
+    // A slot-0 crash with its respawn timer pending.
+    sim.feed(Input::Ready { id: g2[0] });
+    let crash = sim.exit(g2[0]);
+    assert_eq!(respawn_delays(&crash).len(), 1);
+
+    let out = sim.feed(Input::Terminate);
+    assert!(has(&out, &Event::Terminating));
+    let mut s = stopped(&out);
+    s.sort();
+    let mut expect = vec![g1[1], g2[1]];
+    expect.sort();
+    assert_eq!(s, expect, "g1[0] was retiring already; the rest are told to stop");
+    assert!(sim.sup.active_workers().iter().all(Option::is_none));
+    // No respawn, no new reload while terminating.
+    assert!(spawned(&sim.wait(10_000 * MS).await).is_empty());
+    assert!(sim.feed(Input::Reload).is_empty());
+    // The kill came at the timeout; exit only after the last one is reaped.
+    let mut live = sim.sup.workers();
+    let last = live.pop().unwrap();
+    for w in live {
+        assert!(!sim.exit(w.id).contains(&Action::Exit));
+    }
+    assert!(sim.exit(last.id).contains(&Action::Exit));
+    assert!(sim.feed(Input::Tick).is_empty(), "Exit is said once");
+}
+
+#[tokio::test(start_paused = true)]
+async fn terminate_kills_at_the_timeout_and_kill_all_kills_at_once() {
+    let (mut sim, out) = Sim::start(2, timing());
+    let g1 = ids(&out);
+    sim.ready_all(&g1);
+    let out = sim.feed(Input::Terminate);
+    assert_eq!(stopped(&out).len(), 2);
+    assert!(killed(&sim.wait(999 * MS).await).is_empty());
+    assert_eq!(killed(&sim.wait(MS).await).len(), 2);
+
+    let (mut sim, out) = Sim::start(2, timing());
+    sim.ready_all(&ids(&out));
+    let out = sim.feed(Input::KillAll);
+    assert_eq!(killed(&out).len(), 2);
+    assert!(sim.sup.next_deadline().is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_worker_not_ready_in_time_is_stopped_and_retried_while_the_old_one_serves() {
+    let (mut sim, out) = Sim::start(1, timing());
+    let old = ids(&out)[0];
+    sim.ready_all(&[old]);
+    let new = ids(&sim.feed(Input::Reload))[0];
+    assert!(stopped(&sim.wait(4999 * MS).await).is_empty());
+    let out = sim.wait(MS).await;
+    assert!(matches!(
+        out[0],
+        Action::Report(Event::NotReadyInTime(WorkerInfo { generation: 2, .. }))
+    ));
+    assert_eq!(stopped(&out), vec![new]);
+    assert_eq!(respawn_delays(&out), vec![100 * MS]);
+    assert_eq!(sim.active(0), Some(old));
+    let out = sim.wait(100 * MS).await;
+    let retry = spawned(&out);
+    assert_eq!((retry[0].1, retry[0].2), (0, 2));
+    // The second failure waits longer: timed-out starts count as quick deaths.
+    let out = sim.wait(5000 * MS).await;
+    assert_eq!(respawn_delays(&out), vec![200 * MS]);
+    // And the stopped one is killed after the timeout if it lingers.
+    assert!(killed(&out).contains(&new));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_active_worker_dying_during_a_reload_is_covered_by_its_pending_replacement() {
+    let (mut sim, out) = Sim::start(1, timing());
+    let old = ids(&out)[0];
+    sim.ready_all(&[old]);
+    let new = ids(&sim.feed(Input::Reload))[0];
+    let out = sim.exit(old);
+    assert!(respawn_delays(&out).is_empty(), "the pending worker will take over");
+    assert_eq!(sim.active(0), None);
+    let out = sim.feed(Input::Ready { id: new });
+    assert!(out.contains(&Action::Route {
+        slot: 0,
+        worker: Some(new)
+    }));
+    assert!(has(&out, &Event::ReloadFinished { generation: 2 }));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_worker_asking_to_be_replaced_retires_once_its_replacement_is_ready() {
+    let (mut sim, out) = Sim::start(2, timing());
+    let g1 = ids(&out);
+    sim.ready_all(&g1);
+    let out = sim.feed(Input::ReplaceRequested { id: g1[1] });
+    let s = spawned(&out);
+    assert_eq!((s.len(), s[0].1, s[0].2), (1, 1, 1));
+    assert!(stopped(&out).is_empty());
+    // Asking twice starts no second replacement.
+    assert!(spawned(&sim.feed(Input::ReplaceRequested { id: g1[1] })).is_empty());
+    let out = sim.feed(Input::Ready { id: s[0].0 });
+    assert_eq!(stopped(&out), vec![g1[1]]);
+    assert_eq!(sim.active(1), Some(s[0].0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_spawn_is_retried_with_backoff() {
+    let mut sup = Supervisor::new(1, timing());
+    let out = sup.start(Instant::now());
+    let id = ids(&out)[0];
+    let out = sup.handle(
+        Input::SpawnFailed {
+            id,
+            error: "EMFILE".into(),
+        },
+        Instant::now(),
+    );
+    assert!(matches!(out[0], Action::Report(Event::SpawnFailed { slot: 0, .. })));
+    assert_eq!(respawn_delays(&out), vec![100 * MS]);
+    assert!(sup.workers().is_empty());
+    advance(100 * MS).await;
+    assert_eq!(spawned(&sup.handle(Input::Tick, Instant::now())).len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn zero_ready_timeout_means_no_deadline() {
+    let t = Timing {
+        ready_timeout: Duration::ZERO,
+        ..timing()
+    };
+    let (mut sim, _) = Sim::start(1, t);
+    assert!(sim.sup.next_deadline().is_none());
+    assert!(sim.wait(100_000 * MS).await.is_empty());
+}
