@@ -284,7 +284,8 @@ async fn run(
     let mut registrations = Vec::new();
     if !config.no_listen && !config.no_epoll {
         for &fd in &config.listen_fds {
-            match AsyncFd::with_interest(Borrowed(fd), Interest::READABLE) {
+            // SAFETY: fds 3.. stay open, unchanged, for the whole life of the process.
+            match unsafe { AsyncFd::register_with_interest(Borrowed(fd), Interest::READABLE) } {
                 Ok(r) => registrations.push(r),
                 Err(e) => fail(&format!("epoll registration of fd {fd}: {e}")),
             }

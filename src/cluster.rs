@@ -17,6 +17,7 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use tokio::sync::{broadcast, mpsc, watch};
 
+use crate::balance::BalanceStats;
 use crate::config::{self, Balance, ReadyWhen, Timing};
 use crate::supervisor::{Event, WorkerInfo};
 
@@ -189,12 +190,6 @@ impl ClusterBuilder {
                 "--workers must be at least 1".to_string(),
             ));
         }
-        if self.balance != Balance::Shared {
-            return Err(Error::Config(format!(
-                "--balance {} is not implemented yet; use --balance shared",
-                self.balance
-            )));
-        }
         let path_var = std::env::var_os("PATH");
         let program = crate::spawn::resolve_program(&self.command.program, path_var.as_ref())
             .map_err(Error::Command)?;
@@ -212,6 +207,7 @@ impl ClusterBuilder {
         let (events, _) = broadcast::channel(1024);
         let (commands, command_rx) = mpsc::unbounded_channel();
         let (state_tx, state) = watch::channel(Arc::new(Snapshot::default()));
+        let stats = Arc::new(BalanceStats::default());
         Ok(Cluster {
             setup: Setup {
                 program,
@@ -225,11 +221,13 @@ impl ClusterBuilder {
                 events: events.clone(),
                 commands: command_rx,
                 state: state_tx,
+                stats: stats.clone(),
             },
             handle: ClusterHandle {
                 commands,
                 events,
                 state,
+                stats,
             },
         })
     }
@@ -248,6 +246,7 @@ pub(crate) struct Setup {
     pub events: broadcast::Sender<Event>,
     pub commands: mpsc::UnboundedReceiver<Command>,
     pub state: watch::Sender<Arc<Snapshot>>,
+    pub stats: Arc<BalanceStats>,
 }
 
 /// A request from a handle to the running cluster.
@@ -316,6 +315,7 @@ pub struct ClusterHandle {
     commands: mpsc::UnboundedSender<Command>,
     events: broadcast::Sender<Event>,
     state: watch::Receiver<Arc<Snapshot>>,
+    stats: Arc<BalanceStats>,
 }
 
 impl ClusterHandle {
@@ -352,5 +352,44 @@ impl ClusterHandle {
     /// A stream of lifecycle events from now on (a receiver that lags loses the oldest).
     pub fn events(&self) -> broadcast::Receiver<Event> {
         self.events.subscribe()
+    }
+
+    /// The balancer's counters so far (all zero in `shared`, where workers accept).
+    pub fn balance_counts(&self) -> BalanceCounts {
+        BalanceCounts::from(&*self.stats)
+    }
+}
+
+/// A snapshot of the balancer's counters: where every accepted connection went.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BalanceCounts {
+    /// Connections accepted by the master.
+    pub accepted: u64,
+    /// Connections handed to a worker.
+    pub handed: u64,
+    /// Connections closed because no worker was ready for a long time.
+    pub closed: u64,
+    /// Sends that found a worker's queue full (the worker was skipped or waited for).
+    pub full: u64,
+    /// `sticky` connections that went to their second choice.
+    pub fallbacks: u64,
+    /// Connections taken back from an exited worker and handed out again.
+    pub reclaimed: u64,
+    /// Accept errors, fd exhaustion included.
+    pub accept_errors: u64,
+}
+
+impl From<&BalanceStats> for BalanceCounts {
+    fn from(s: &BalanceStats) -> Self {
+        use std::sync::atomic::Ordering::Relaxed;
+        BalanceCounts {
+            accepted: s.accepted.load(Relaxed),
+            handed: s.handed.load(Relaxed),
+            closed: s.closed.load(Relaxed),
+            full: s.full.load(Relaxed),
+            fallbacks: s.fallbacks.load(Relaxed),
+            reclaimed: s.reclaimed.load(Relaxed),
+            accept_errors: s.accept_errors.load(Relaxed),
+        }
     }
 }

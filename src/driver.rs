@@ -15,13 +15,18 @@ use std::time::Duration;
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
 use tracing::{error, info, warn};
 
+use crate::balance::{Balancer, Update};
+use crate::channel::{self, WorkerLine};
 use crate::cluster::{Command, Error, Setup, Snapshot};
 use crate::config::{Balance, ReadyWhen};
+use crate::fdpass::FdBuf;
 use crate::notify::{NotifyMessage, NotifySocket};
 use crate::supervisor::{Action, Event, ExitStatus, Input, Supervisor, WorkerId, WorkerState};
+use crate::worker_channel::WorkerChannel;
 
 /// How often a starting worker is checked in /proc for listening (`shared` + `listening`).
 const PROBE_INTERVAL: Duration = Duration::from_millis(25);
@@ -39,11 +44,30 @@ const OWN_VARS: &[&str] = &[
     "RECLUSTER_BALANCE",
 ];
 
+/// Bad messages a worker may send before it is killed (and so replaced).
+const GARBAGE_LIMIT: u32 = 64;
+
 /// A live worker process as the driver knows it.
 struct Proc {
     pid: u32,
     /// Whether /proc should be polled for this worker's listening.
     probing: bool,
+    /// The master's end of its worker channel (`rr`/`sticky`).
+    channel: Option<Arc<WorkerChannel>>,
+    /// The task reading the worker's messages.
+    reader: Option<tokio::task::JoinHandle<()>>,
+    /// Bad messages received so far.
+    garbage: u32,
+}
+
+/// What a worker's reader task reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WorkerMsg {
+    Listening,
+    Ready,
+    Replace,
+    /// A message that is not protocol: too long, unknown, or carrying descriptors.
+    Garbage,
 }
 
 /// The driver's state besides the supervisor core.
@@ -57,6 +81,9 @@ struct Driver {
     listen_fds: Vec<RawFd>,
     procs: HashMap<WorkerId, Proc>,
     by_pid: HashMap<u32, WorkerId>,
+    /// Route updates to the balancer (`rr`/`sticky`).
+    balancer: Option<mpsc::UnboundedSender<Update>>,
+    messages: mpsc::UnboundedSender<(WorkerId, WorkerMsg)>,
     /// Set once any worker has become ready: from then on spawn errors are retried, not fatal.
     served: bool,
     fatal: Option<Error>,
@@ -73,7 +100,8 @@ pub(crate) async fn run(setup: Setup) -> Result<(), Error> {
             info!(addr = %addr, index, balance = %setup.balance, "listening");
         }
     }
-    let mut driver = Driver::new(setup, notify);
+    let (messages, mut message_rx) = mpsc::unbounded_channel();
+    let mut driver = Driver::new(setup, notify, messages)?;
     let first = driver.sup.start(Instant::now());
     driver.apply(first);
 
@@ -93,12 +121,19 @@ pub(crate) async fn run(setup: Setup) -> Result<(), Error> {
                 driver.feed(Input::Tick);
             }
             _ = probe.tick(), if probing => driver.probe(),
+            Some((id, msg)) = message_rx.recv() => driver.worker_message(id, msg),
         }
         driver.publish();
     }
     match driver.fatal.take() {
         Some(e) => Err(e),
         None => {
+            if driver.balancer.is_some() {
+                let c = crate::BalanceCounts::from(&*driver.setup.stats);
+                info!(accepted = c.accepted, handed = c.handed, closed = c.closed,
+                    reclaimed = c.reclaimed, full = c.full, fallbacks = c.fallbacks,
+                    accept_errors = c.accept_errors, "balancer totals");
+            }
             info!("terminated");
             Ok(())
         }
@@ -106,7 +141,11 @@ pub(crate) async fn run(setup: Setup) -> Result<(), Error> {
 }
 
 impl Driver {
-    fn new(setup: Setup, notify: NotifySocket) -> Driver {
+    fn new(
+        mut setup: Setup,
+        notify: NotifySocket,
+        messages: mpsc::UnboundedSender<(WorkerId, WorkerMsg)>,
+    ) -> Result<Driver, Error> {
         let program = CString::new(setup.program.as_os_str().as_bytes())
             .unwrap_or_else(|_| CString::from(c"/nonexistent-nul-in-path"));
         let argv = std::iter::once(setup.command.program.clone())
@@ -125,12 +164,25 @@ impl Driver {
         base_env.push(assignment("RECLUSTER_BALANCE", setup.balance.as_str()));
         base_env.push(assignment("NOTIFY_SOCKET", notify.path().as_os_str()));
         let listen_fds: Vec<RawFd> = setup.listeners.iter().map(|l| l.as_raw_fd()).collect();
+        let mut balancer = None;
         if setup.balance == Balance::Shared {
             base_env.push(assignment("LISTEN_FDS", &listen_fds.len().to_string()));
             let names: Vec<String> = (0..listen_fds.len()).map(|i| format!("listen{i}")).collect();
             base_env.push(assignment("LISTEN_FDNAMES", &names.join(":")));
+        } else {
+            base_env.push(assignment("RECLUSTER_FD", "3"));
+            base_env.push(assignment("RECLUSTER_PROTOCOL", &channel::VERSION.to_string()));
+            let (tx, rx) = mpsc::unbounded_channel();
+            let listeners = std::mem::take(&mut setup.listeners);
+            let b = Balancer::new(setup.balance, listeners, setup.workers, rx, setup.stats.clone())
+                .map_err(|source| Error::Io {
+                    context: "cannot set up the balancer",
+                    source,
+                })?;
+            tokio::spawn(b.run());
+            balancer = Some(tx);
         }
-        Driver {
+        Ok(Driver {
             sup: Supervisor::new(setup.workers, setup.timing),
             setup,
             notify,
@@ -140,10 +192,12 @@ impl Driver {
             listen_fds,
             procs: HashMap::new(),
             by_pid: HashMap::new(),
+            balancer,
+            messages,
             served: false,
             fatal: None,
             exit: false,
-        }
+        })
     }
 
     /// Feeds one input to the core and carries out what it returns.
@@ -162,17 +216,29 @@ impl Driver {
                     generation,
                 } => self.spawn(id, slot, generation),
                 Action::Stop { id } => {
-                    self.signal(id, self.setup.stop_signal);
                     if let Some(p) = self.procs.get_mut(&id) {
                         p.probing = false;
+                        if let Some(ch) = &p.channel {
+                            ch.stop();
+                        }
                     }
+                    self.signal(id, self.setup.stop_signal);
                     Vec::new()
                 }
                 Action::Kill { id } => {
                     self.signal(id, Signal::SIGKILL);
                     Vec::new()
                 }
-                Action::Route { .. } => Vec::new(), // connections go straight to workers in `shared`
+                Action::Route { slot, worker } => {
+                    // In `shared` there is no balancer: workers accept themselves.
+                    if let Some(tx) = &self.balancer {
+                        let channel = worker
+                            .and_then(|id| self.procs.get(&id))
+                            .and_then(|p| p.channel.clone());
+                        let _ = tx.send(Update::Route { slot, channel });
+                    }
+                    Vec::new()
+                }
                 Action::Report(event) => {
                     self.report(&event);
                     let _ = self.setup.events.send(event);
@@ -192,18 +258,52 @@ impl Driver {
         env.push(assignment("WORKER_ID", &slot.to_string()));
         env.push(assignment("RECLUSTER_GENERATION", &generation.to_string()));
         let shared = self.setup.balance == Balance::Shared;
+        let now = Instant::now();
+        let (channel, worker_end) = if shared {
+            (None, None)
+        } else {
+            match WorkerChannel::new() {
+                Ok((ch, end)) => (Some(Arc::new(ch)), Some(end)),
+                Err(e) => {
+                    return self.sup.handle(
+                        Input::SpawnFailed {
+                            id,
+                            error: format!("cannot create the worker channel: {e}"),
+                        },
+                        now,
+                    )
+                }
+            }
+        };
+        let channel_fd = worker_end.as_ref().map(|e| [e.as_raw_fd()]);
         let spec = crate::spawn::SpawnSpec {
             program: &self.program,
             args: &self.argv,
             env: &env,
-            fds: &self.listen_fds,
+            fds: match &channel_fd {
+                Some(fd) => fd,
+                None => &self.listen_fds,
+            },
             listen_pid: shared,
         };
-        let now = Instant::now();
-        match crate::spawn::spawn(&spec) {
+        let spawned = crate::spawn::spawn(&spec);
+        drop(worker_end); // the worker has its copy; the channel keeps one for reclaiming
+        match spawned {
             Ok(pid) => {
                 let probing = shared && self.setup.ready_when == ReadyWhen::Listening;
-                self.procs.insert(id, Proc { pid, probing });
+                let reader = channel
+                    .clone()
+                    .map(|ch| tokio::spawn(read_worker(id, ch, self.messages.clone())));
+                self.procs.insert(
+                    id,
+                    Proc {
+                        pid,
+                        probing,
+                        channel,
+                        reader,
+                        garbage: 0,
+                    },
+                );
                 self.by_pid.insert(pid, id);
                 let mut out = self.sup.handle(Input::Spawned { id, pid }, now);
                 if self.setup.ready_when == ReadyWhen::Started {
@@ -252,7 +352,22 @@ impl Driver {
             .filter_map(|(&id, p)| crate::reap::try_reap(p.pid).map(|s| (id, p.pid, s)))
             .collect();
         for (id, pid, status) in exited {
-            self.procs.remove(&id);
+            if let Some(p) = self.procs.remove(&id) {
+                if let Some(r) = p.reader {
+                    r.abort();
+                }
+                if let Some(ch) = p.channel {
+                    // Connections it never read go to another worker.
+                    let conns = ch.reclaim();
+                    if !conns.is_empty() {
+                        info!(slot = self.sup.info(id).map(|w| w.slot), pid, count = conns.len(),
+                            "reclaimed connections the worker never read");
+                        if let Some(tx) = &self.balancer {
+                            let _ = tx.send(Update::Reclaimed(conns));
+                        }
+                    }
+                }
+            }
             self.by_pid.remove(&pid);
             self.feed(Input::Exited { id, status });
         }
@@ -273,6 +388,34 @@ impl Driver {
         };
         if msg.ready && self.setup.ready_when != ReadyWhen::Started {
             self.feed(Input::Ready { id });
+        }
+    }
+
+    fn worker_message(&mut self, id: WorkerId, msg: WorkerMsg) {
+        let ready_when = self.setup.ready_when;
+        match msg {
+            WorkerMsg::Listening if ready_when == ReadyWhen::Listening => {
+                self.feed(Input::Ready { id })
+            }
+            WorkerMsg::Listening => {}
+            WorkerMsg::Ready if ready_when != ReadyWhen::Started => self.feed(Input::Ready { id }),
+            WorkerMsg::Ready => {}
+            WorkerMsg::Replace => self.feed(Input::ReplaceRequested { id }),
+            WorkerMsg::Garbage => {
+                let Some(p) = self.procs.get_mut(&id) else {
+                    return;
+                };
+                p.garbage += 1;
+                let (pid, n) = (p.pid, p.garbage);
+                let slot = self.sup.info(id).map(|w| w.slot);
+                if n.is_power_of_two() {
+                    warn!(slot, pid, count = n, "worker sent a message that is not protocol");
+                }
+                if n == GARBAGE_LIMIT {
+                    warn!(slot, pid, "worker keeps sending garbage on its channel: killing it");
+                    self.signal(id, Signal::SIGKILL);
+                }
+            }
         }
     }
 
@@ -391,6 +534,40 @@ impl Driver {
             workers: self.sup.workers(),
         };
         self.setup.state.send_replace(Arc::new(snapshot));
+    }
+}
+
+/// Reads one worker's channel and forwards its messages to the driver.
+async fn read_worker(
+    id: WorkerId,
+    ch: Arc<WorkerChannel>,
+    tx: mpsc::UnboundedSender<(WorkerId, WorkerMsg)>,
+) {
+    let mut buf = [0u8; channel::MAX_WORKER_MESSAGE];
+    let mut cbuf = FdBuf::new();
+    loop {
+        let (len, bad) = match ch.recv(&mut buf, &mut cbuf).await {
+            Ok(r) => r,
+            Err(_) => return,
+        };
+        if len == 0 && !bad {
+            return; // cannot happen while the channel keeps the worker's end; EOF all the same
+        }
+        if bad {
+            let _ = tx.send((id, WorkerMsg::Garbage));
+            continue;
+        }
+        for line in channel::lines(&buf[..len]) {
+            let msg = match channel::parse_worker_line(line) {
+                WorkerLine::Listening => WorkerMsg::Listening,
+                WorkerLine::Ready => WorkerMsg::Ready,
+                WorkerLine::Replace => WorkerMsg::Replace,
+                WorkerLine::Unknown(_) => WorkerMsg::Garbage,
+            };
+            if tx.send((id, msg)).is_err() {
+                return;
+            }
+        }
     }
 }
 

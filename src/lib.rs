@@ -39,10 +39,13 @@
 
 #![warn(missing_docs)]
 
+pub mod balance;
+pub mod channel;
 pub mod cli;
 mod cluster;
 pub mod config;
 mod driver;
+mod fdpass;
 mod listen;
 mod notify;
 mod probe;
@@ -50,7 +53,8 @@ mod reap;
 mod spawn;
 pub mod supervisor;
 pub mod worker;
+mod worker_channel;
 
-pub use cluster::{Cluster, ClusterBuilder, ClusterHandle, Error, WorkerCommand};
+pub use cluster::{BalanceCounts, Cluster, ClusterBuilder, ClusterHandle, Error, WorkerCommand};
 pub use config::{Balance, ReadyWhen, Timing};
 pub use supervisor::{Event, ExitStatus, WorkerId, WorkerInfo, WorkerState};

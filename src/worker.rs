@@ -1,3 +1,276 @@
-//! The worker side: what a Rust worker uses to receive its connections.
+//! The worker side: what a Rust worker uses to receive its connections, in every mode.
 //!
-//! (Filled in by the master-accept balancing work; empty until then.)
+//! One API whatever `--balance` says: [`Listener::from_env`] finds the worker channel
+//! (`RECLUSTER_FD`, modes `rr`/`sticky`) or the inherited listening sockets
+//! (`LISTEN_FDS`, mode `shared`), and [`Listener::accept`] yields connections with the
+//! client's address. After the master says `stop` (or closes the channel, or the stop
+//! signal arrives in `shared`), `accept` yields no more and the worker drains.
+//!
+//! ```no_run
+//! # async fn serve() -> std::io::Result<()> {
+//! let mut listener = recluster::worker::Listener::from_env()?;
+//! recluster::worker::ready()?; // only needed with --ready-when ready
+//! while let Some((stream, peer)) = listener.accept().await? {
+//!     tokio::spawn(async move { let _ = (stream, peer); /* serve */ });
+//! }
+//! // stop received: in-flight connections finish, then the process exits.
+//! # Ok(()) }
+//! ```
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixDatagram;
+use std::sync::{Arc, OnceLock};
+
+use tokio::io::unix::AsyncFd;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::channel::{self, MasterLine};
+use crate::fdpass::{self, FdBuf};
+
+/// The worker's slot number (`WORKER_ID`), 0 when not run by recluster.
+pub fn id() -> usize {
+    env_number("WORKER_ID").unwrap_or(0)
+}
+
+/// The worker's generation (`RECLUSTER_GENERATION`), 0 when not run by recluster.
+pub fn generation() -> u64 {
+    env_number("RECLUSTER_GENERATION").unwrap_or(0)
+}
+
+/// Whether this process runs under recluster.
+pub fn is_worker() -> bool {
+    std::env::var_os("RECLUSTER_FD").is_some() || std::env::var_os("LISTEN_FDS").is_some()
+}
+
+fn env_number<T: std::str::FromStr>(key: &str) -> Option<T> {
+    std::env::var(key).ok()?.parse().ok()
+}
+
+/// Tells the master this worker is ready (`--ready-when ready`).
+///
+/// Over the worker channel in `rr`/`sticky`, as `READY=1` on `NOTIFY_SOCKET` in
+/// `shared`; does nothing outside recluster.
+pub fn ready() -> io::Result<()> {
+    send_to_master(b"ready\n", "READY=1")
+}
+
+/// Asks the master to start a replacement; this worker is stopped once it is ready.
+///
+/// recluster's `{cmd: 'disconnect'}`, e.g. for a worker whose memory grows.
+pub fn request_replacement() -> io::Result<()> {
+    send_to_master(b"replace\n", "RECLUSTER_REPLACE=1")
+}
+
+fn send_to_master(line: &[u8], notify: &str) -> io::Result<()> {
+    if let Some(fd) = channel_fd() {
+        // SAFETY: the worker channel stays open for the life of the process (it is
+        // taken over by `Listener`, which never closes it), so borrowing it is sound.
+        let sock = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        return fdpass::send(sock, line, &[], &mut FdBuf::new());
+    }
+    if let Some(path) = std::env::var_os("NOTIFY_SOCKET") {
+        let sock = UnixDatagram::unbound()?;
+        sock.send_to(notify.as_bytes(), path)?;
+    }
+    Ok(())
+}
+
+/// The worker channel's descriptor, once validated.
+fn channel_fd() -> Option<RawFd> {
+    static FD: OnceLock<Option<RawFd>> = OnceLock::new();
+    *FD.get_or_init(|| {
+        let fd: RawFd = env_number("RECLUSTER_FD")?;
+        // SAFETY: F_GETFD only reads the descriptor's flags; a bad fd gives EBADF.
+        (unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0).then_some(fd)
+    })
+}
+
+/// Connections for this worker, however the master hands them over.
+pub struct Listener {
+    source: Source,
+    local: Option<SocketAddr>,
+    /// Set by `stop`, EOF, or the stop signal (a task watches SIGTERM).
+    stopped: Arc<watch::Sender<bool>>,
+}
+
+enum Source {
+    /// `rr`/`sticky`: descriptors arrive over the worker channel.
+    Channel {
+        fd: AsyncFd<OwnedFd>,
+        queue: VecDeque<(std::net::TcpStream, SocketAddr)>,
+        buf: Vec<u8>,
+        cbuf: FdBuf,
+        fds: Vec<OwnedFd>,
+    },
+    /// `shared`: the inherited listening sockets.
+    Shared(Vec<TcpListener>),
+}
+
+impl Listener {
+    /// Takes over what the master gave this worker and says `listening` to it.
+    ///
+    /// Must be called inside a tokio runtime, once per process.
+    pub fn from_env() -> io::Result<Listener> {
+        let stopped = Arc::new(watch::channel(false).0);
+        // Handle SIGTERM from the start, so that it drains instead of killing.
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let on_term = stopped.clone();
+        tokio::spawn(async move {
+            if term.recv().await.is_some() {
+                on_term.send_replace(true);
+            }
+        });
+        if let Some(fd) = channel_fd() {
+            if env_number::<u32>("RECLUSTER_PROTOCOL").is_some_and(|v| v != channel::VERSION) {
+                return Err(io::Error::other(
+                    "the master speaks another worker-channel protocol version: upgrade the worker library",
+                ));
+            }
+            // SAFETY: RECLUSTER_FD names the worker channel the master placed in this
+            // process for us; from here on this Listener owns it (from_env is once per process).
+            let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+            set_nonblocking_cloexec(&owned)?;
+            let listener = Listener {
+                source: Source::Channel {
+                    fd: fdpass::register(owned)?,
+                    queue: VecDeque::new(),
+                    buf: vec![0u8; channel::MAX_MASTER_MESSAGE],
+                    cbuf: FdBuf::new(),
+                    fds: Vec::with_capacity(fdpass::MAX_FDS),
+                },
+                local: None,
+                stopped,
+            };
+            send_to_master(b"listening\n", "")?;
+            return Ok(listener);
+        }
+        let count: usize = env_number("LISTEN_FDS").ok_or_else(|| {
+            io::Error::other("not started by recluster: neither RECLUSTER_FD nor LISTEN_FDS is set")
+        })?;
+        if env_number::<u32>("LISTEN_PID").is_some_and(|p| p != std::process::id()) {
+            return Err(io::Error::other("LISTEN_FDS is meant for another process (LISTEN_PID)"));
+        }
+        let mut listeners = Vec::with_capacity(count);
+        for fd in 3..3 + count as RawFd {
+            // SAFETY: the socket-activation protocol hands fds 3..3+LISTEN_FDS to this
+            // process; we take ownership once (from_env is once per process).
+            let std = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+            // Shared with the master and sibling workers: all of them accept non-blocking.
+            std.set_nonblocking(true)?;
+            set_nonblocking_cloexec(&std)?;
+            listeners.push(TcpListener::from_std(std)?);
+        }
+        let local = listeners.first().and_then(|l| l.local_addr().ok());
+        Ok(Listener {
+            source: Source::Shared(listeners),
+            local,
+            stopped,
+        })
+    }
+
+    /// The next connection and its client's address; `None` once the master said stop.
+    pub async fn accept(&mut self) -> io::Result<Option<(TcpStream, SocketAddr)>> {
+        let mut stop = self.stopped.subscribe();
+        if *stop.borrow_and_update() {
+            return Ok(None);
+        }
+        match &mut self.source {
+            Source::Shared(listeners) => {
+                tokio::select! {
+                    biased;
+                    _ = stop.changed() => Ok(None),
+                    r = accept_any(listeners) => r.map(Some),
+                }
+            }
+            Source::Channel {
+                fd,
+                queue,
+                buf,
+                cbuf,
+                fds,
+            } => loop {
+                if let Some((s, peer)) = queue.pop_front() {
+                    s.set_nonblocking(true)?;
+                    return Ok(Some((TcpStream::from_std(s)?, peer)));
+                }
+                // On the stop signal, stop reading: what is still queued on the channel
+                // is taken back by the master once this process has exited.
+                let mut guard = tokio::select! {
+                    biased;
+                    _ = stop.changed() => return Ok(None),
+                    g = fd.readable() => g?,
+                };
+                let got = match guard.try_io(|f| fdpass::recv(f.as_fd(), buf, fds, cbuf)) {
+                    Ok(r) => r?,
+                    Err(_would_block) => continue,
+                };
+                if got.len == 0 && fds.is_empty() {
+                    self.stopped.send_replace(true); // EOF: the master is gone
+                    return Ok(None);
+                }
+                let mut stop = false;
+                let mut fd_iter = fds.drain(..);
+                for line in channel::lines(&buf[..got.len]) {
+                    match channel::parse_master_line(line) {
+                        MasterLine::Conn { peer, local, .. } => {
+                            if let Some(fd) = fd_iter.next() {
+                                self.local.get_or_insert(local);
+                                queue.push_back((std::net::TcpStream::from(fd), peer));
+                            }
+                        }
+                        MasterLine::Stop => stop = true,
+                        MasterLine::Unknown(_) => {} // a newer master: ignore
+                    }
+                }
+                drop(fd_iter); // closes descriptors without a record
+                if stop {
+                    // Connections before `stop` are ours to serve; nothing comes after it.
+                    self.stopped.send_replace(true);
+                    if let Some((s, peer)) = queue.pop_front() {
+                        s.set_nonblocking(true)?;
+                        return Ok(Some((TcpStream::from_std(s)?, peer)));
+                    }
+                    return Ok(None);
+                }
+            },
+        }
+    }
+
+    /// The local address connections arrive on (known in `rr`/`sticky` after the first one).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.local
+    }
+
+    /// Resolves once this worker should stop: the master's `stop`, EOF, or the stop signal.
+    pub fn shutdown(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.stopped.subscribe();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    }
+}
+
+/// Accepts on whichever of the shared listeners has a connection first.
+async fn accept_any(listeners: &[TcpListener]) -> io::Result<(TcpStream, SocketAddr)> {
+    std::future::poll_fn(|cx| {
+        for l in listeners {
+            if let std::task::Poll::Ready(r) = l.poll_accept(cx) {
+                return std::task::Poll::Ready(r);
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
+}
+
+fn set_nonblocking_cloexec(fd: &impl AsFd) -> io::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
+    let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL)?);
+    fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+    fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))?;
+    Ok(())
+}

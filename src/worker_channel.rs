@@ -1,0 +1,147 @@
+//! The master's end of one worker channel: hand connections over, say stop, read messages.
+//!
+//! Each worker in `rr`/`sticky` gets one end of a `SOCK_SEQPACKET` socketpair at
+//! `RECLUSTER_FD`; the master keeps the other end here, **and a duplicate of the
+//! worker's end**. That duplicate is what lets the master take back connections that
+//! were queued to a worker that died or was killed before reading them: once the
+//! worker has exited, [`WorkerChannel::reclaim`] reads its unread messages and the
+//! balancer hands those connections to another worker. (Node's primary loses them:
+//! node issues 3551 and 21746.) The cost is that the master never sees EOF on its own
+//! end; it learns of a worker's death from SIGCHLD instead.
+//!
+//! Sending connections and sending `stop` take the same lock, so no connection can
+//! follow `stop` on the wire: a worker that has read `stop` will get nothing more.
+
+use std::io;
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::{AsFd, OwnedFd, RawFd};
+use std::sync::Mutex;
+
+use tokio::io::unix::AsyncFd;
+
+use crate::channel::{self, MasterLine};
+use crate::fdpass::{self, FdBuf};
+
+/// A connection the master accepted and has not handed over yet.
+#[derive(Debug)]
+pub(crate) struct Conn {
+    /// The accepted socket; dropping it closes the master's copy.
+    pub stream: TcpStream,
+    /// Index of the listener it came in on.
+    pub listener: usize,
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// The local address it was accepted on.
+    pub local: SocketAddr,
+}
+
+/// The master's side of one worker's channel.
+#[derive(Debug)]
+pub(crate) struct WorkerChannel {
+    fd: AsyncFd<OwnedFd>,
+    /// Set once `stop` has been sent; guards every send.
+    stopped: Mutex<bool>,
+    /// The master's duplicate of the worker's end, for [`WorkerChannel::reclaim`].
+    worker_end: Mutex<Option<OwnedFd>>,
+}
+
+impl WorkerChannel {
+    /// Creates a channel; returns it and the end to place in the worker.
+    pub fn new() -> io::Result<(WorkerChannel, OwnedFd)> {
+        let (master, worker) = fdpass::seqpacket_pair()?;
+        let keep = worker.try_clone()?; // F_DUPFD_CLOEXEC: never leaks into a worker
+        let channel = WorkerChannel {
+            fd: fdpass::register(master)?,
+            stopped: Mutex::new(false),
+            worker_end: Mutex::new(Some(keep)),
+        };
+        Ok((channel, worker))
+    }
+
+    /// Sends one batch: `text` holds one `conn` record per descriptor in `fds`, in order.
+    ///
+    /// `WouldBlock` when the worker's queue is full, `BrokenPipe` after `stop`; on any
+    /// error nothing was sent.
+    pub fn send(&self, text: &[u8], fds: &[RawFd], cbuf: &mut FdBuf) -> io::Result<()> {
+        let stopped = self.stopped.lock().unwrap_or_else(|e| e.into_inner());
+        if *stopped {
+            return Err(io::ErrorKind::BrokenPipe.into());
+        }
+        fdpass::send(self.fd.as_fd(), text, fds, cbuf)
+    }
+
+    /// Sends `stop` once; from then on no connection is sent.
+    pub fn stop(&self) {
+        let mut stopped = self.stopped.lock().unwrap_or_else(|e| e.into_inner());
+        if !*stopped {
+            *stopped = true;
+            let mut msg = Vec::with_capacity(8);
+            channel::encode_stop(&mut msg);
+            // A full queue or a dead worker: the stop signal and the process exit cover it.
+            let _ = fdpass::send(self.fd.as_fd(), &msg, &[], &mut FdBuf::new());
+        }
+    }
+
+    /// Receives the next message from the worker into `buf`; closes any descriptors it carried.
+    ///
+    /// Returns the message length and whether it was cut short (too long to be valid).
+    pub async fn recv(&self, buf: &mut [u8], cbuf: &mut FdBuf) -> io::Result<(usize, bool)> {
+        let mut fds = Vec::new();
+        loop {
+            let mut guard = self.fd.readable().await?;
+            match guard.try_io(|fd| fdpass::recv(fd.as_fd(), buf, &mut fds, cbuf)) {
+                Ok(Ok(got)) => {
+                    // Workers have no business sending descriptors: close them.
+                    let bad = !fds.is_empty();
+                    fds.clear();
+                    return Ok((got.len, got.truncated || got.fds_truncated || bad));
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    /// After the worker exited: takes back every connection queued to it and not read.
+    ///
+    /// Records that do not parse have their descriptors closed.
+    pub fn reclaim(&self) -> Vec<Conn> {
+        let Some(end) = self
+            .worker_end
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; channel::MAX_MASTER_MESSAGE];
+        let mut cbuf = FdBuf::new();
+        let mut fds = Vec::new();
+        while let Ok(got) = fdpass::recv(end.as_fd(), &mut buf, &mut fds, &mut cbuf) {
+            if got.len == 0 && fds.is_empty() {
+                break;
+            }
+            let mut fds_iter = fds.drain(..);
+            for line in channel::lines(&buf[..got.len]) {
+                if let MasterLine::Conn {
+                    listener,
+                    peer,
+                    local,
+                } = channel::parse_master_line(line)
+                {
+                    if let Some(fd) = fds_iter.next() {
+                        out.push(Conn {
+                            stream: TcpStream::from(fd),
+                            listener,
+                            peer,
+                            local,
+                        });
+                    }
+                }
+            }
+            // Any descriptor left over is dropped (closed) with the iterator.
+        }
+        out
+    }
+}
