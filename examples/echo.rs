@@ -25,8 +25,10 @@ async fn main() -> std::io::Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
     while let Some((mut stream, peer)) = listener.accept().await? {
         tasks.spawn(async move {
-            let greeting =
-                format!("worker={id} pid={pid} generation={generation} peer={}\n", peer.ip());
+            let greeting = format!(
+                "worker={id} pid={pid} generation={generation} peer={}\n",
+                peer.ip()
+            );
             if stream.write_all(greeting.as_bytes()).await.is_err() {
                 return;
             }

@@ -116,7 +116,10 @@ pub fn ip_hash(ip: IpAddr) -> u64 {
 /// The rendezvous weight of `slot` for a client whose IP hashed to `h`.
 fn weight(h: u64, slot: usize) -> u64 {
     // splitmix64 finaliser over the pair: cheap, and every bit of both inputs matters.
-    let mut z = h ^ (slot as u64).wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let mut z = h
+        ^ (slot as u64)
+            .wrapping_add(1)
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)
@@ -270,9 +273,9 @@ impl Balancer {
             let accepting = self.router.has_ready()
                 && self.paused_until.is_none()
                 && self.parked.len() < PARK_LIMIT;
-            let wake = self.paused_until.or_else(|| {
-                (!self.parked.is_empty()).then(|| now + PARK_RETRY)
-            });
+            let wake = self
+                .paused_until
+                .or_else(|| (!self.parked.is_empty()).then(|| now + PARK_RETRY));
             tokio::select! {
                 biased;
                 update = self.updates.recv() => match update {
@@ -470,7 +473,8 @@ impl Balancer {
                 continue;
             }
             let slot = if self.mode == Balance::Sticky {
-                let wait_more = age < STICKY_WAIT && self.table.get(p.slot).is_some_and(|c| c.is_some());
+                let wait_more =
+                    age < STICKY_WAIT && self.table.get(p.slot).is_some_and(|c| c.is_some());
                 if wait_more {
                     Some(p.slot)
                 } else {
@@ -533,13 +537,19 @@ mod tests {
         for s in 0..4 {
             r.set_ready(s, true);
         }
-        let picks: Vec<_> = (0..8).map(|_| r.choose(ip("127.0.0.1"), |_| false).unwrap()).collect();
+        let picks: Vec<_> = (0..8)
+            .map(|_| r.choose(ip("127.0.0.1"), |_| false).unwrap())
+            .collect();
         assert_eq!(picks, vec![0, 1, 2, 3, 0, 1, 2, 3]);
         r.set_ready(2, false);
-        let picks: Vec<_> = (0..3).map(|_| r.choose(ip("127.0.0.1"), |_| false).unwrap()).collect();
+        let picks: Vec<_> = (0..3)
+            .map(|_| r.choose(ip("127.0.0.1"), |_| false).unwrap())
+            .collect();
         assert_eq!(picks.len(), 3);
         assert!(!picks.contains(&2));
-        assert!(r.choose(ip("127.0.0.1"), |s| s != 3).is_some_and(|s| s == 3));
+        assert!(r
+            .choose(ip("127.0.0.1"), |s| s != 3)
+            .is_some_and(|s| s == 3));
         assert_eq!(r.choose(ip("127.0.0.1"), |_| true), None);
     }
 
@@ -569,7 +579,10 @@ mod tests {
         let mut counts = [0usize; 8];
         before.iter().for_each(|&s| counts[s] += 1);
         // Every slot's share is within ±30 % of the mean.
-        assert!(counts.iter().all(|&c| (175..=325).contains(&c)), "{counts:?}");
+        assert!(
+            counts.iter().all(|&c| (175..=325).contains(&c)),
+            "{counts:?}"
+        );
         r.set_ready(3, false);
         let during: Vec<usize> = ips.iter().map(|&i| r.preferred(i).unwrap()).collect();
         for (b, d) in before.iter().zip(&during) {

@@ -166,6 +166,9 @@ mod tests {
         assert_eq!(parse_worker_line(b"ready"), WorkerLine::Ready);
         assert_eq!(parse_worker_line(b"listening"), WorkerLine::Listening);
         assert_eq!(parse_worker_line(b"replace"), WorkerLine::Replace);
-        assert!(matches!(parse_worker_line(b"READY"), WorkerLine::Unknown(_)));
+        assert!(matches!(
+            parse_worker_line(b"READY"),
+            WorkerLine::Unknown(_)
+        ));
     }
 }

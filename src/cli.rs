@@ -234,11 +234,15 @@ mod tests {
     #[test]
     fn options_need_a_command_and_reject_bad_values() {
         assert!(Options::try_parse_from(["recluster"]).is_err());
-        let bad = Options::try_parse_from(["recluster", "--workers", "abc", "--", "x"]).unwrap_err();
+        let bad =
+            Options::try_parse_from(["recluster", "--workers", "abc", "--", "x"]).unwrap_err();
         assert_eq!(bad.exit_code(), 2);
         assert!(bad.to_string().contains("--workers"));
         let ok = Options::try_parse_from(["recluster", "--", "srv", "-x"]).unwrap();
-        assert_eq!(ok.command, vec![OsString::from("srv"), OsString::from("-x")]);
+        assert_eq!(
+            ok.command,
+            vec![OsString::from("srv"), OsString::from("-x")]
+        );
         assert_eq!(ok.balance, Balance::RoundRobin);
     }
 }

@@ -94,7 +94,8 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Error::Config(msg) | Error::Command(msg) => f.write_str(msg),
-            Error::Listen { addr, source } => write!(f, "cannot listen on {addr}: {source}"),
+            // The source already names the address (see `listen::bind`).
+            Error::Listen { source, .. } => write!(f, "{source}"),
             Error::Io { context, source } => write!(f, "{context}: {source}"),
         }
     }
@@ -186,9 +187,7 @@ impl ClusterBuilder {
     /// Checks the settings and the command, binds the sockets, and returns the cluster.
     pub fn build(self) -> Result<Cluster, Error> {
         if self.workers == 0 {
-            return Err(Error::Config(
-                "--workers must be at least 1".to_string(),
-            ));
+            return Err(Error::Config("--workers must be at least 1".to_string()));
         }
         let path_var = std::env::var_os("PATH");
         let program = crate::spawn::resolve_program(&self.command.program, path_var.as_ref())

@@ -130,9 +130,16 @@ pub(crate) async fn run(setup: Setup) -> Result<(), Error> {
         None => {
             if driver.balancer.is_some() {
                 let c = crate::BalanceCounts::from(&*driver.setup.stats);
-                info!(accepted = c.accepted, handed = c.handed, closed = c.closed,
-                    reclaimed = c.reclaimed, full = c.full, fallbacks = c.fallbacks,
-                    accept_errors = c.accept_errors, "balancer totals");
+                info!(
+                    accepted = c.accepted,
+                    handed = c.handed,
+                    closed = c.closed,
+                    reclaimed = c.reclaimed,
+                    full = c.full,
+                    fallbacks = c.fallbacks,
+                    accept_errors = c.accept_errors,
+                    "balancer totals"
+                );
             }
             info!("terminated");
             Ok(())
@@ -160,25 +167,36 @@ impl Driver {
             env.push((k.clone(), v.clone()));
         }
         let mut base_env: Vec<CString> = env.into_iter().map(|(k, v)| assignment(&k, &v)).collect();
-        base_env.push(assignment("RECLUSTER_WORKERS", &setup.workers.to_string()));
+        base_env.push(assignment("RECLUSTER_WORKERS", setup.workers.to_string()));
         base_env.push(assignment("RECLUSTER_BALANCE", setup.balance.as_str()));
         base_env.push(assignment("NOTIFY_SOCKET", notify.path().as_os_str()));
         let listen_fds: Vec<RawFd> = setup.listeners.iter().map(|l| l.as_raw_fd()).collect();
         let mut balancer = None;
         if setup.balance == Balance::Shared {
-            base_env.push(assignment("LISTEN_FDS", &listen_fds.len().to_string()));
-            let names: Vec<String> = (0..listen_fds.len()).map(|i| format!("listen{i}")).collect();
-            base_env.push(assignment("LISTEN_FDNAMES", &names.join(":")));
+            base_env.push(assignment("LISTEN_FDS", listen_fds.len().to_string()));
+            let names: Vec<String> = (0..listen_fds.len())
+                .map(|i| format!("listen{i}"))
+                .collect();
+            base_env.push(assignment("LISTEN_FDNAMES", names.join(":")));
         } else {
             base_env.push(assignment("RECLUSTER_FD", "3"));
-            base_env.push(assignment("RECLUSTER_PROTOCOL", &channel::VERSION.to_string()));
+            base_env.push(assignment(
+                "RECLUSTER_PROTOCOL",
+                channel::VERSION.to_string(),
+            ));
             let (tx, rx) = mpsc::unbounded_channel();
             let listeners = std::mem::take(&mut setup.listeners);
-            let b = Balancer::new(setup.balance, listeners, setup.workers, rx, setup.stats.clone())
-                .map_err(|source| Error::Io {
-                    context: "cannot set up the balancer",
-                    source,
-                })?;
+            let b = Balancer::new(
+                setup.balance,
+                listeners,
+                setup.workers,
+                rx,
+                setup.stats.clone(),
+            )
+            .map_err(|source| Error::Io {
+                context: "cannot set up the balancer",
+                source,
+            })?;
             tokio::spawn(b.run());
             balancer = Some(tx);
         }
@@ -255,8 +273,8 @@ impl Driver {
 
     fn spawn(&mut self, id: WorkerId, slot: usize, generation: u64) -> Vec<Action> {
         let mut env = self.base_env.clone();
-        env.push(assignment("WORKER_ID", &slot.to_string()));
-        env.push(assignment("RECLUSTER_GENERATION", &generation.to_string()));
+        env.push(assignment("WORKER_ID", slot.to_string()));
+        env.push(assignment("RECLUSTER_GENERATION", generation.to_string()));
         let shared = self.setup.balance == Balance::Shared;
         let now = Instant::now();
         let (channel, worker_end) = if shared {
@@ -360,8 +378,12 @@ impl Driver {
                     // Connections it never read go to another worker.
                     let conns = ch.reclaim();
                     if !conns.is_empty() {
-                        info!(slot = self.sup.info(id).map(|w| w.slot), pid, count = conns.len(),
-                            "reclaimed connections the worker never read");
+                        info!(
+                            slot = self.sup.info(id).map(|w| w.slot),
+                            pid,
+                            count = conns.len(),
+                            "reclaimed connections the worker never read"
+                        );
                         if let Some(tx) = &self.balancer {
                             let _ = tx.send(Update::Reclaimed(conns));
                         }
@@ -389,6 +411,9 @@ impl Driver {
         if msg.ready && self.setup.ready_when != ReadyWhen::Started {
             self.feed(Input::Ready { id });
         }
+        if msg.replace {
+            self.feed(Input::ReplaceRequested { id });
+        }
     }
 
     fn worker_message(&mut self, id: WorkerId, msg: WorkerMsg) {
@@ -409,10 +434,18 @@ impl Driver {
                 let (pid, n) = (p.pid, p.garbage);
                 let slot = self.sup.info(id).map(|w| w.slot);
                 if n.is_power_of_two() {
-                    warn!(slot, pid, count = n, "worker sent a message that is not protocol");
+                    warn!(
+                        slot,
+                        pid,
+                        count = n,
+                        "worker sent a message that is not protocol"
+                    );
                 }
                 if n == GARBAGE_LIMIT {
-                    warn!(slot, pid, "worker keeps sending garbage on its channel: killing it");
+                    warn!(
+                        slot,
+                        pid, "worker keeps sending garbage on its channel: killing it"
+                    );
                     self.signal(id, Signal::SIGKILL);
                 }
             }
@@ -441,7 +474,12 @@ impl Driver {
     fn report(&mut self, event: &Event) {
         match event {
             Event::Spawned(w) => {
-                info!(slot = w.slot, pid = w.pid, generation = w.generation, "worker spawned")
+                info!(
+                    slot = w.slot,
+                    pid = w.pid,
+                    generation = w.generation,
+                    "worker spawned"
+                )
             }
             Event::SpawnFailed {
                 slot,
@@ -450,13 +488,23 @@ impl Driver {
             } => error!(slot, generation, error = %error, "spawn failed"),
             Event::Ready(w) => {
                 self.served = true;
-                info!(slot = w.slot, pid = w.pid, generation = w.generation, "worker ready")
+                info!(
+                    slot = w.slot,
+                    pid = w.pid,
+                    generation = w.generation,
+                    "worker ready"
+                )
             }
             Event::Retiring(w) => {
                 if let Some(p) = self.procs.get_mut(&w.id) {
                     p.probing = false;
                 }
-                info!(slot = w.slot, pid = w.pid, generation = w.generation, "worker retiring")
+                info!(
+                    slot = w.slot,
+                    pid = w.pid,
+                    generation = w.generation,
+                    "worker retiring"
+                )
             }
             Event::Exited { worker: w, status } => {
                 let expected = w.state == WorkerState::Retiring;
@@ -492,7 +540,11 @@ impl Driver {
                 }
             }
             Event::RespawnScheduled { slot, delay } => {
-                info!(slot, delay_ms = delay.as_millis() as u64, "respawn scheduled")
+                info!(
+                    slot,
+                    delay_ms = delay.as_millis() as u64,
+                    "respawn scheduled"
+                )
             }
             Event::NotReadyInTime(w) => warn!(
                 slot = w.slot,

@@ -53,7 +53,10 @@ impl Default for FdBuf {
 /// still owns every descriptor. On success the receiver holds its own copies; the
 /// caller's may be closed.
 pub fn send(sock: BorrowedFd<'_>, data: &[u8], fds: &[RawFd], cbuf: &mut FdBuf) -> io::Result<()> {
-    assert!(fds.len() <= MAX_FDS, "at most MAX_FDS descriptors per message");
+    assert!(
+        fds.len() <= MAX_FDS,
+        "at most MAX_FDS descriptors per message"
+    );
     let mut iov = libc::iovec {
         iov_base: data.as_ptr() as *mut libc::c_void,
         iov_len: data.len(),
@@ -235,9 +238,7 @@ mod tests {
     #[test]
     fn a_batch_of_descriptors_arrives_in_order_and_close_on_exec() {
         let (a, b) = seqpacket_pair().unwrap();
-        let pipes: Vec<(OwnedFd, OwnedFd)> = (0..3)
-            .map(|_| nix::unistd::pipe().unwrap())
-            .collect();
+        let pipes: Vec<(OwnedFd, OwnedFd)> = (0..3).map(|_| nix::unistd::pipe().unwrap()).collect();
         let raw: Vec<RawFd> = pipes.iter().map(|(_, w)| w.as_raw_fd()).collect();
         let mut cbuf = FdBuf::new();
         send(a.as_fd(), b"three\n", &raw, &mut cbuf).unwrap();
@@ -259,7 +260,10 @@ mod tests {
         let err = recv(b.as_fd(), &mut data, &mut fds, &mut cbuf).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
         drop(a);
-        assert_eq!(recv(b.as_fd(), &mut data, &mut fds, &mut cbuf).unwrap().len, 0);
+        assert_eq!(
+            recv(b.as_fd(), &mut data, &mut fds, &mut cbuf).unwrap().len,
+            0
+        );
     }
 
     #[test]
@@ -276,8 +280,15 @@ mod tests {
         let mut fds = Vec::new();
         let got = recv(b.as_fd(), &mut data, &mut fds, &mut small).unwrap();
         assert!(got.fds_truncated);
-        assert_eq!(fds.len(), 4, "the descriptors that fit are returned, to be closed");
-        assert!(fds.iter().all(is_cloexec), "each one is a live descriptor we own");
+        assert_eq!(
+            fds.len(),
+            4,
+            "the descriptors that fit are returned, to be closed"
+        );
+        assert!(
+            fds.iter().all(is_cloexec),
+            "each one is a live descriptor we own"
+        );
     }
 
     #[test]

@@ -1,11 +1,34 @@
 //! Starting a worker process: fork, lay out its file descriptors, exec.
 //!
-//! STUB — interface fixed, body to be written.
+//! We fork and exec by hand instead of using `std::process::Command` because the
+//! systemd socket-activation protocol wants `LISTEN_PID` to equal the worker's *own*
+//! pid (`sd_listen_fds` ignores the fds otherwise), and that pid is only known in the
+//! child, after `fork`. Owning the child side also lets us place the listening sockets
+//! at exactly fds `3, 4, …` (clearing their close-on-exec flag), give the worker its
+//! own process group, and tie its life to the master with `PR_SET_PDEATHSIG`.
+//!
+//! The master is multi-threaded (tokio), so between `fork` and `execve` the child may
+//! only make async-signal-safe calls: another thread may have held the allocator's or
+//! any other lock at the moment of the fork, and that lock stays held forever in the
+//! child. Everything that allocates — argv and envp pointer arrays, the
+//! `LISTEN_PID=` buffer, the `/dev/null` descriptor, the exec-error pipe — is therefore
+//! prepared before the fork, and the child only issues raw system calls.
+//!
+//! **Call [`spawn`] from a long-lived thread.** `PR_SET_PDEATHSIG` fires when the
+//! *thread* that forked the child exits, not when the process does: forking from a
+//! short-lived thread (e.g. tokio's `spawn_blocking` pool, whose threads are retired
+//! when idle) would get healthy workers SIGKILLed. A runtime worker thread, or a
+//! dedicated thread that lives as long as the supervisor, is fine.
 
 use std::ffi::{CString, OsStr, OsString};
+use std::fs::File;
 use std::io;
-use std::os::fd::RawFd;
-use std::path::PathBuf;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::ptr;
+use std::sync::Once;
 
 /// Everything needed to start one worker process.
 pub(crate) struct SpawnSpec<'a> {
@@ -21,12 +44,653 @@ pub(crate) struct SpawnSpec<'a> {
     pub listen_pid: bool,
 }
 
+/// First descriptor number of the inherited sockets (after stdin, stdout, stderr).
+const FIRST_FD: RawFd = 3;
+
+/// `LISTEN_PID=` prefix of the preallocated environment entry.
+const LISTEN_PID_PREFIX: &[u8] = b"LISTEN_PID=";
+
+/// Size of the `LISTEN_PID=` entry: prefix, up to 20 digits, terminating NUL.
+const LISTEN_PID_LEN: usize = LISTEN_PID_PREFIX.len() + 20 + 1;
+
+/// Size of the kernel's signal set, as `rt_sigaction` wants it (64 signals).
+const KERNEL_SIGSET_BYTES: usize = 8;
+
+/// Everything the child needs, prepared (and allocated) before the fork.
+struct ChildPlan<'a> {
+    /// NUL-terminated program path for `execve`.
+    program: *const libc::c_char,
+    /// Null-terminated argv pointer array.
+    argv: &'a [*const libc::c_char],
+    /// Null-terminated envp pointer array (may point into `listen_pid_buf`).
+    envp: &'a [*const libc::c_char],
+    /// Where the child writes its pid digits, if `LISTEN_PID` is wanted.
+    listen_pid_buf: Option<*mut u8>,
+    /// Master descriptors to place at 3, 4, ….
+    fds: &'a [RawFd],
+    /// Preallocated room (`fds.len()` entries) for the child's phase-1 copies.
+    high: *mut RawFd,
+    /// Lowest number free of every source and target, for the first dup phase.
+    high_min: RawFd,
+    /// `/dev/null`, opened for the child's stdin.
+    dev_null: RawFd,
+    /// Write end of the CLOEXEC pipe that reports an exec failure.
+    err_pipe: RawFd,
+    /// Pid of the forking process, to detect that it died before PDEATHSIG was armed.
+    parent_pid: libc::pid_t,
+    /// One past the highest signal number whose disposition is reset.
+    nsig: libc::c_int,
+    /// Empty signal set, installed as the child's mask just before exec.
+    empty_mask: libc::sigset_t,
+}
+
 /// Forks and execs a worker; returns its pid once exec succeeded.
-pub(crate) fn spawn(_spec: &SpawnSpec<'_>) -> io::Result<u32> {
-    unimplemented!()
+///
+/// The worker gets `/dev/null` as stdin, inherits stdout and stderr, finds
+/// `spec.fds[i]` at fd `3 + i` (without close-on-exec), leads its own process group,
+/// has an empty signal mask and default signal dispositions, and receives SIGKILL when
+/// the calling thread dies (see the module docs: call from a long-lived thread). Every
+/// other descriptor of the master must be close-on-exec, as Rust, tokio and socket2
+/// open them; the first call also marks the descriptors the master inherited from
+/// its own parent close-on-exec. An exec failure (missing program, permission, …) is
+/// returned as the errno of `execve`, after the failed child has been reaped.
+pub(crate) fn spawn(spec: &SpawnSpec<'_>) -> io::Result<u32> {
+    let mut argv: Vec<*const libc::c_char> = spec.args.iter().map(|a| a.as_ptr()).collect();
+    argv.push(ptr::null());
+
+    let mut listen_pid_buf = [0u8; LISTEN_PID_LEN];
+    listen_pid_buf[..LISTEN_PID_PREFIX.len()].copy_from_slice(LISTEN_PID_PREFIX);
+    let mut envp: Vec<*const libc::c_char> = Vec::with_capacity(spec.env.len() + 2);
+    envp.extend(spec.env.iter().map(|e| e.as_ptr()));
+    let listen_pid_ptr = if spec.listen_pid {
+        let p = listen_pid_buf.as_mut_ptr();
+        envp.push(p as *const libc::c_char);
+        Some(p)
+    } else {
+        None
+    };
+    envp.push(ptr::null());
+
+    static INHERITED: Once = Once::new();
+    INHERITED.call_once(|| {
+        // Best effort: without /proc the master's own fds are still all CLOEXEC.
+        let _ = cloexec_inherited_fds();
+    });
+    for &fd in spec.fds {
+        // SAFETY: F_GETFD only queries the descriptor's flags.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    let mut high: Vec<RawFd> = vec![-1; spec.fds.len()];
+    let dev_null: OwnedFd = File::open("/dev/null")?.into(); // std opens with O_CLOEXEC
+    let (err_read, err_write) = cloexec_pipe()?;
+
+    let len = RawFd::try_from(spec.fds.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "too many descriptors"))?;
+    let high_min = spec
+        .fds
+        .iter()
+        .copied()
+        .chain([FIRST_FD + len, err_write.as_raw_fd(), dev_null.as_raw_fd()])
+        .max()
+        .unwrap_or(FIRST_FD)
+        .saturating_add(1);
+
+    // SAFETY: `sigemptyset`/`sigfillset` fully initialise the zeroed sets.
+    let (empty_mask, full_mask) = unsafe {
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        let mut full: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut full);
+        (empty, full)
+    };
+
+    let plan = ChildPlan {
+        program: spec.program.as_ptr(),
+        argv: &argv,
+        envp: &envp,
+        listen_pid_buf: listen_pid_ptr,
+        fds: spec.fds,
+        high: high.as_mut_ptr(),
+        high_min,
+        dev_null: dev_null.as_raw_fd(),
+        err_pipe: err_write.as_raw_fd(),
+        parent_pid: std::process::id() as libc::pid_t,
+        nsig: libc::SIGRTMAX() + 1,
+        empty_mask,
+    };
+
+    // Block every signal in this thread around the fork so that no handler of the
+    // master (tokio's writes to its self-pipe) can run in the child before the
+    // dispositions are reset; the child unblocks them just before exec.
+    let mut old_mask: libc::sigset_t = empty_mask;
+    // SAFETY: both pointers are valid, initialised sigsets owned by this frame.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &full_mask, &mut old_mask) };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+
+    // SAFETY: the master is multi-threaded, so the child of `fork` holds a copy of
+    // memory in which other threads may have been holding locks (allocator, stdio,
+    // tracing). The child therefore runs only `exec_child`, which makes nothing but
+    // async-signal-safe system calls (setpgid, prctl, getppid, getpid, rt_sigaction,
+    // sigprocmask, fcntl, dup2, execve, write, _exit) on data prepared above, writes
+    // only into its own copies of `listen_pid_buf` and `high`, never allocates, never
+    // formats, never returns (it execs or `_exit`s), and never unwinds. Only the
+    // forking thread exists in the child, and PR_SET_PDEATHSIG is tied to *this*
+    // thread: callers fork from a long-lived thread (see the module docs).
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // SAFETY: we are the freshly forked child; see `exec_child`'s contract.
+        unsafe { exec_child(&plan) }
+    }
+    let fork_error = io::Error::last_os_error();
+
+    // SAFETY: restores the mask saved above, a valid initialised sigset.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old_mask, ptr::null_mut()) };
+    drop(err_write);
+    drop(dev_null);
+    if pid < 0 {
+        return Err(fork_error);
+    }
+
+    match read_exec_error(&err_read) {
+        Ok(None) => Ok(pid as u32),
+        Ok(Some(errno)) => {
+            reap(pid);
+            Err(io::Error::from_raw_os_error(errno))
+        }
+        Err(e) => {
+            // Unknown outcome: do not leave a half-started worker behind.
+            // SAFETY: `pid` is our own child, not yet reaped, so it names no one else.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            reap(pid);
+            Err(e)
+        }
+    }
+}
+
+/// Marks every descriptor from 3 up close-on-exec, so none leaks into workers.
+///
+/// Rust, tokio and socket2 open everything close-on-exec, but descriptors the master
+/// *inherited* from its own parent (a shell's stray fds, a CI runner's pipes) are not.
+/// [`spawn`] runs this once, before its first fork; afterwards every descriptor is
+/// close-on-exec and a worker receives exactly the descriptors it is given.
+fn cloexec_inherited_fds() -> io::Result<()> {
+    let fds: Vec<RawFd> = std::fs::read_dir("/proc/self/fd")?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&fd| fd >= FIRST_FD)
+        .collect();
+    for fd in fds {
+        // SAFETY: F_GETFD/F_SETFD only change the descriptor's flags; a descriptor
+        // that vanished in between (the directory's own) just fails with EBADF.
+        unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            if flags >= 0 && flags & libc::FD_CLOEXEC == 0 {
+                libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Creates a pipe whose both ends are close-on-exec.
+fn cloexec_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Reads the exec-error pipe until EOF (exec succeeded) or a 4-byte errno arrives.
+fn read_exec_error(pipe: &OwnedFd) -> io::Result<Option<i32>> {
+    let mut buf = [0u8; 4];
+    let mut got = 0;
+    while got < buf.len() {
+        // SAFETY: the destination range lies within `buf`, and `pipe` is open.
+        let n = unsafe {
+            libc::read(
+                pipe.as_raw_fd(),
+                buf[got..].as_mut_ptr().cast(),
+                buf.len() - got,
+            )
+        };
+        match n {
+            0 => break,
+            n if n > 0 => got += n as usize,
+            _ => {
+                let err = io::Error::last_os_error();
+                if err.kind() != io::ErrorKind::Interrupted {
+                    return Err(err);
+                }
+            }
+        }
+    }
+    Ok((got == buf.len()).then(|| i32::from_ne_bytes(buf)))
+}
+
+/// Waits for a child known to have exited (retrying on EINTR).
+fn reap(pid: libc::pid_t) {
+    loop {
+        let mut status = 0;
+        // SAFETY: `status` is a valid int to write the exit status into.
+        let rc = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if rc >= 0 || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            return;
+        }
+    }
+}
+
+/// The child between fork and exec: sets up the process and execs, or `_exit(127)`.
+///
+/// # Safety
+/// Must only be called in the child of `fork`, with `plan` prepared by [`spawn`].
+/// Only async-signal-safe calls are made; nothing is allocated.
+unsafe fn exec_child(plan: &ChildPlan<'_>) -> ! {
+    // Own process group, so terminal signals and group kills target workers on purpose.
+    if libc::setpgid(0, 0) != 0 {
+        fail(plan.err_pipe);
+    }
+    // Die with the master; if it already died before this was armed, go away now.
+    if libc::prctl(
+        libc::PR_SET_PDEATHSIG,
+        libc::SIGKILL as libc::c_ulong,
+        0,
+        0,
+        0,
+    ) != 0
+    {
+        fail(plan.err_pipe);
+    }
+    if libc::getppid() != plan.parent_pid {
+        libc::_exit(127);
+    }
+    // Handlers are reset by exec anyway, but SIG_IGN survives it (Rust ignores SIGPIPE,
+    // `nohup` ignores SIGHUP). The raw system call also reaches the signals glibc
+    // reserves for itself (32, 33), which its `sigaction` refuses; an all-zero kernel
+    // `struct sigaction` means SIG_DFL, no flags, empty mask, whatever the layout.
+    let default_action = [0u64; 8];
+    for sig in 1..plan.nsig {
+        if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+            // Errors (no such signal) leave nothing to reset.
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                sig,
+                default_action.as_ptr(),
+                ptr::null_mut::<u64>(),
+                KERNEL_SIGSET_BYTES,
+            );
+        }
+    }
+    if let Some(buf) = plan.listen_pid_buf {
+        write_pid(buf.add(LISTEN_PID_PREFIX.len()), libc::getpid());
+    }
+
+    // Phase 1: copy every source (and the error pipe) above all sources and targets,
+    // so that phase 2 cannot overwrite a source that has yet to be placed, and so that
+    // a source already at its target still gets a fresh, non-CLOEXEC descriptor.
+    let err_pipe = libc::fcntl(plan.err_pipe, libc::F_DUPFD_CLOEXEC, plan.high_min);
+    if err_pipe < 0 {
+        fail(plan.err_pipe);
+    }
+    for (i, &src) in plan.fds.iter().enumerate() {
+        let fd = libc::fcntl(src, libc::F_DUPFD_CLOEXEC, plan.high_min);
+        if fd < 0 {
+            fail(err_pipe);
+        }
+        // Writes into the child's private copy of the buffer allocated before fork.
+        *plan.high.add(i) = fd;
+    }
+    // Stdin now (a source at fd 0 has been copied, and `dev_null` may be a target).
+    if libc::dup2(plan.dev_null, 0) < 0 {
+        fail(err_pipe);
+    }
+    // Phase 2: dup2 onto the targets; dup2 leaves the new descriptor without CLOEXEC.
+    for i in 0..plan.fds.len() {
+        if libc::dup2(*plan.high.add(i), FIRST_FD + i as RawFd) < 0 {
+            fail(err_pipe);
+        }
+    }
+
+    libc::sigprocmask(libc::SIG_SETMASK, &plan.empty_mask, ptr::null_mut());
+    libc::execve(plan.program, plan.argv.as_ptr(), plan.envp.as_ptr());
+    fail(err_pipe)
+}
+
+/// Writes the decimal digits of `pid` and a NUL at `dst` (at most 21 bytes).
+///
+/// # Safety
+/// `dst` must be valid for 21 bytes of writes. Async-signal-safe.
+unsafe fn write_pid(dst: *mut u8, pid: libc::pid_t) {
+    let mut digits = [0u8; 20];
+    let mut n = pid as u64;
+    let mut len = 0;
+    loop {
+        digits[len] = b'0' + (n % 10) as u8;
+        len += 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for i in 0..len {
+        *dst.add(i) = digits[len - 1 - i];
+    }
+    *dst.add(len) = 0;
+}
+
+/// Reports the current errno on the error pipe and exits with status 127.
+///
+/// # Safety
+/// Child of `fork` only (see [`exec_child`]).
+unsafe fn fail(err_pipe: RawFd) -> ! {
+    let errno = *libc::__errno_location();
+    let bytes = errno.to_ne_bytes();
+    libc::write(err_pipe, bytes.as_ptr().cast(), bytes.len());
+    libc::_exit(127)
 }
 
 /// Finds the program the way execvp would and checks that it can be executed.
-pub(crate) fn resolve_program(_program: &OsStr, _path_var: Option<&OsString>) -> Result<PathBuf, String> {
-    unimplemented!()
+///
+/// A program containing `/` is used as given (relative to the current directory);
+/// otherwise each `PATH` entry is tried in order (an empty entry meaning the current
+/// directory), skipping missing files and directories, as execvp does. Errors are
+/// one-line messages for the user that say what to do.
+pub(crate) fn resolve_program(
+    program: &OsStr,
+    path_var: Option<&OsString>,
+) -> Result<PathBuf, String> {
+    let shown = program.to_string_lossy();
+    if program.is_empty() {
+        return Err("the command is empty: give a program to run after `--`".to_owned());
+    }
+    if program.as_bytes().contains(&b'/') {
+        let path = Path::new(program);
+        return check_executable(path).map(|()| path.to_path_buf());
+    }
+    let path_var = match path_var {
+        Some(p) if !p.is_empty() => p,
+        _ => {
+            return Err(format!(
+                "command `{shown}` not found: PATH is not set; give a path or set PATH"
+            ))
+        }
+    };
+    let mut not_executable = None;
+    for dir in std::env::split_paths(path_var) {
+        let dir = if dir.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            dir
+        };
+        let candidate = dir.join(program);
+        match std::fs::metadata(&candidate) {
+            Ok(meta) if meta.is_file() => match check_executable(&candidate) {
+                Ok(()) => return Ok(candidate),
+                Err(e) => {
+                    not_executable.get_or_insert(e);
+                }
+            },
+            _ => continue,
+        }
+    }
+    Err(not_executable.unwrap_or_else(|| {
+        format!(
+            "command `{shown}` not found in PATH ({}); give a path or fix PATH",
+            path_var.to_string_lossy()
+        )
+    }))
+}
+
+/// Checks that `path` is an existing regular file this process may execute.
+fn check_executable(path: &Path) -> Result<(), String> {
+    let shown = path.display();
+    let meta = match std::fs::metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(format!("`{shown}` does not exist"))
+        }
+        Err(e) => return Err(format!("cannot access `{shown}`: {e}")),
+    };
+    if meta.is_dir() {
+        return Err(format!("`{shown}` is a directory, not an executable file"));
+    }
+    if !meta.is_file() {
+        return Err(format!("`{shown}` is not a regular file"));
+    }
+    let c_path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| format!("`{shown}` contains a NUL byte"))?;
+    // SAFETY: `c_path` is a valid NUL-terminated string.
+    if unsafe { libc::access(c_path.as_ptr(), libc::X_OK) } != 0 {
+        let mode = meta.permissions().mode() & 0o7777;
+        return Err(format!(
+            "`{shown}` is not executable (mode {mode:04o}): chmod +x it"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::net::TcpListener;
+    use std::os::unix::fs::OpenOptionsExt;
+
+    /// Builds a CString from a test literal.
+    fn c(s: &str) -> CString {
+        CString::new(s).unwrap()
+    }
+
+    /// Spawns `/bin/sh -c script` with `fds`, returns its pid.
+    fn sh(script: &str, fds: &[RawFd], env: &[CString], listen_pid: bool) -> io::Result<u32> {
+        let program = c("/bin/sh");
+        let args = [c("sh"), c("-c"), c(script)];
+        spawn(&SpawnSpec {
+            program: &program,
+            args: &args,
+            env,
+            fds,
+            listen_pid,
+        })
+    }
+
+    /// Waits for `pid` and returns its exit status code.
+    fn wait_exit(pid: u32) -> i32 {
+        let mut status = 0;
+        // SAFETY: plain waitpid on our own child with a valid status pointer.
+        let rc = unsafe { libc::waitpid(pid as libc::pid_t, &mut status, 0) };
+        assert_eq!(rc, pid as libc::pid_t);
+        assert!(libc::WIFEXITED(status), "status {status:#x}");
+        libc::WEXITSTATUS(status)
+    }
+
+    /// Reads a pipe to EOF (the child closing its copies is the event we wait for).
+    fn read_all(read: OwnedFd) -> String {
+        let mut s = String::new();
+        File::from(read).read_to_string(&mut s).unwrap();
+        s
+    }
+
+    #[test]
+    fn lays_out_fds_env_and_stdin() {
+        // Whatever the harness inherited from its own parent must not leak either
+        // (`spawn` marks it close-on-exec before its first fork).
+        let l1 = TcpListener::bind("127.0.0.1:0").unwrap();
+        let l2 = TcpListener::bind("127.0.0.1:0").unwrap();
+        let (out_r, out_w) = cloexec_pipe().unwrap();
+        let fds = [l1.as_raw_fd(), l2.as_raw_fd(), out_w.as_raw_fd()];
+        let env = [c("FOO=bar"), c("PATH=/usr/bin:/bin")];
+        // Output goes to fd 5; ls then runs as the same process (exec) and lists its own
+        // fds: 0-5 plus the one it opens for the directory.
+        let script = "exec 1>&5; echo pid=$$; echo LISTEN_PID=$LISTEN_PID; echo FOO=$FOO; \
+                      echo stdin=$(readlink /proc/$$/fd/0); echo fd3=$(readlink /proc/$$/fd/3); \
+                      echo fd4=$(readlink /proc/$$/fd/4); echo pgid=$(cut -d' ' -f5 /proc/$$/stat); \
+                      echo fds:; exec ls -1 /proc/self/fd";
+        let pid = sh(script, &fds, &env, true).unwrap();
+        drop(out_w);
+        let out = read_all(out_r);
+        assert_eq!(wait_exit(pid), 0, "{out}");
+        let line = |key: &str| {
+            out.lines()
+                .find_map(|l| l.strip_prefix(key))
+                .unwrap_or_else(|| panic!("{key} missing in {out}"))
+                .to_owned()
+        };
+        assert_eq!(line("pid="), pid.to_string());
+        assert_eq!(line("LISTEN_PID="), pid.to_string());
+        assert_eq!(line("FOO="), "bar");
+        assert_eq!(
+            line("pgid="),
+            pid.to_string(),
+            "the worker leads its own group"
+        );
+        assert_eq!(line("stdin="), "/dev/null");
+        assert!(line("fd3=").starts_with("socket:["), "{out}");
+        assert!(line("fd4=").starts_with("socket:["), "{out}");
+        assert_ne!(line("fd3="), line("fd4="));
+        let listed: Vec<RawFd> = out
+            .split("fds:\n")
+            .nth(1)
+            .unwrap()
+            .lines()
+            .map(|l| l.parse().unwrap())
+            .collect();
+        // 0..=5 and exactly one more: ls's own directory descriptor.
+        assert_eq!(listed.len(), 7, "unexpected fds {listed:?}");
+        assert_eq!(
+            &listed[..6],
+            &[0, 1, 2, 3, 4, 5],
+            "unexpected fds {listed:?}"
+        );
+    }
+
+    #[test]
+    fn fds_keep_their_order_even_when_numbers_overlap() {
+        // Many pipes, passed in reverse order: with the low numbers a test process
+        // hands out, sources and targets overlap.
+        let pipes: Vec<(OwnedFd, OwnedFd)> = (0..6).map(|_| cloexec_pipe().unwrap()).collect();
+        let fds: Vec<RawFd> = pipes.iter().rev().map(|(_, w)| w.as_raw_fd()).collect();
+        let script = "for i in 0 1 2 3 4 5; do eval \"echo \\$i >&$((i + 3))\"; done";
+        let pid = sh(script, &fds, &[], false).unwrap();
+        let mut reads = Vec::new();
+        for (r, w) in pipes.into_iter().rev() {
+            drop(w);
+            reads.push(r);
+        }
+        assert_eq!(wait_exit(pid), 0);
+        for (i, r) in reads.into_iter().enumerate() {
+            assert_eq!(read_all(r).trim(), i.to_string());
+        }
+    }
+
+    #[test]
+    fn no_listen_pid_unless_asked() {
+        let (out_r, out_w) = cloexec_pipe().unwrap();
+        let pid = sh(
+            "echo \"[$LISTEN_PID]\" >&3",
+            &[out_w.as_raw_fd()],
+            &[],
+            false,
+        )
+        .unwrap();
+        drop(out_w);
+        assert_eq!(read_all(out_r).trim(), "[]");
+        assert_eq!(wait_exit(pid), 0);
+    }
+
+    #[test]
+    fn signals_are_reset() {
+        let (out_r, out_w) = cloexec_pipe().unwrap();
+        // The Rust test harness ignores SIGPIPE; the worker must see it at default.
+        let pid = sh(
+            "grep -E '^Sig(Ign|Blk)' /proc/$$/status >&3",
+            &[out_w.as_raw_fd()],
+            &[],
+            false,
+        )
+        .unwrap();
+        drop(out_w);
+        let out = read_all(out_r);
+        assert_eq!(wait_exit(pid), 0);
+        for l in out.lines() {
+            let mask = l.split_whitespace().nth(1).unwrap();
+            assert!(mask.chars().all(|c| c == '0'), "{out}");
+        }
+    }
+
+    #[test]
+    fn missing_program_is_enoent() {
+        let program = c("/nonexistent/recluster-test");
+        let args = [c("x")];
+        let err = spawn(&SpawnSpec {
+            program: &program,
+            args: &args,
+            env: &[],
+            fds: &[],
+            listen_pid: false,
+        })
+        .unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOENT));
+    }
+
+    #[test]
+    fn bad_fd_is_reported() {
+        let err = sh("true", &[1_000_000], &[], false).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EBADF));
+    }
+
+    #[test]
+    fn resolve_program_errors() {
+        let dir = std::env::temp_dir().join(format!("recluster-spawn-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let plain = dir.join("plain");
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .mode(0o644)
+            .open(&plain)
+            .unwrap();
+        std::fs::set_permissions(&plain, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let path = |p: &Path| p.as_os_str().to_owned();
+
+        let e = resolve_program(
+            OsStr::new("recluster-no-such-cmd"),
+            Some(&"/usr/bin:/bin".into()),
+        );
+        assert_eq!(
+            e.unwrap_err(),
+            "command `recluster-no-such-cmd` not found in PATH (/usr/bin:/bin); give a path or fix PATH"
+        );
+        let e = resolve_program(&path(&dir), None).unwrap_err();
+        assert!(e.ends_with("is a directory, not an executable file"), "{e}");
+        let e = resolve_program(&path(&dir.join("missing")), None).unwrap_err();
+        assert!(e.ends_with("does not exist"), "{e}");
+        // Root may execute anything with an x bit, but not a file without any.
+        let e = resolve_program(&path(&plain), None).unwrap_err();
+        assert!(
+            e.ends_with("is not executable (mode 0644): chmod +x it"),
+            "{e}"
+        );
+        let e = resolve_program(OsStr::new("plain"), Some(&path(&dir))).unwrap_err();
+        assert!(e.contains("is not executable"), "{e}");
+        assert!(resolve_program(OsStr::new("sh"), None)
+            .unwrap_err()
+            .contains("PATH is not set"));
+
+        assert_eq!(
+            resolve_program(OsStr::new("sh"), Some(&"/nonexistent:/bin".into())).unwrap(),
+            PathBuf::from("/bin/sh")
+        );
+        assert_eq!(
+            resolve_program(OsStr::new("/bin/sh"), None).unwrap(),
+            PathBuf::from("/bin/sh")
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

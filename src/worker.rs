@@ -152,7 +152,9 @@ impl Listener {
             io::Error::other("not started by recluster: neither RECLUSTER_FD nor LISTEN_FDS is set")
         })?;
         if env_number::<u32>("LISTEN_PID").is_some_and(|p| p != std::process::id()) {
-            return Err(io::Error::other("LISTEN_FDS is meant for another process (LISTEN_PID)"));
+            return Err(io::Error::other(
+                "LISTEN_FDS is meant for another process (LISTEN_PID)",
+            ));
         }
         let mut listeners = Vec::with_capacity(count);
         for fd in 3..3 + count as RawFd {

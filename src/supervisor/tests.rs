@@ -168,7 +168,10 @@ async fn reload_retires_each_old_worker_only_after_its_replacement_is_ready() {
         new.iter().map(|s| (s.1, s.2)).collect::<Vec<_>>(),
         vec![(0, 2), (1, 2)]
     );
-    assert!(stopped(&out).is_empty(), "nothing retires before a replacement is ready");
+    assert!(
+        stopped(&out).is_empty(),
+        "nothing retires before a replacement is ready"
+    );
 
     // Time passes: still nothing retires while the replacements start.
     let out = sim.wait(2000 * MS).await;
@@ -185,7 +188,10 @@ async fn reload_retires_each_old_worker_only_after_its_replacement_is_ready() {
         .iter()
         .position(|a| matches!(a, Action::Stop { .. }))
         .unwrap();
-    assert!(route < stop, "traffic moves before the old worker is stopped");
+    assert!(
+        route < stop,
+        "traffic moves before the old worker is stopped"
+    );
     assert_eq!(sim.active(0), Some(new[0].0));
     assert_eq!(sim.active(1), Some(old[1]), "slot 1 keeps its old worker");
     assert!(!has(&out, &Event::ReloadFinished { generation: 2 }));
@@ -318,7 +324,11 @@ async fn a_reload_during_a_reload_supersedes_the_pending_generation() {
     assert!(has(&out, &Event::ReloadStarted { generation: 3 }));
     let g3 = spawned(&out);
     assert!(g3.iter().all(|s| s.2 == 3));
-    assert_eq!(stopped(&out), vec![g2[1]], "the pending gen-2 worker retires");
+    assert_eq!(
+        stopped(&out),
+        vec![g2[1]],
+        "the pending gen-2 worker retires"
+    );
     assert_eq!(sim.active(1), Some(g1[1]), "slot 1 still served by gen 1");
 
     // A late ready from the superseded worker changes nothing.
@@ -349,7 +359,10 @@ async fn terminate_during_a_reload_stops_everyone_and_exits_after_the_last_exit(
     s.sort();
     let mut expect = vec![g1[1], g2[1]];
     expect.sort();
-    assert_eq!(s, expect, "g1[0] was retiring already; the rest are told to stop");
+    assert_eq!(
+        s, expect,
+        "g1[0] was retiring already; the rest are told to stop"
+    );
     assert!(sim.sup.active_workers().iter().all(Option::is_none));
     // No respawn, no new reload while terminating.
     assert!(spawned(&sim.wait(10_000 * MS).await).is_empty());
@@ -413,7 +426,10 @@ async fn an_active_worker_dying_during_a_reload_is_covered_by_its_pending_replac
     sim.ready_all(&[old]);
     let new = ids(&sim.feed(Input::Reload))[0];
     let out = sim.exit(old);
-    assert!(respawn_delays(&out).is_empty(), "the pending worker will take over");
+    assert!(
+        respawn_delays(&out).is_empty(),
+        "the pending worker will take over"
+    );
     assert_eq!(sim.active(0), None);
     let out = sim.feed(Input::Ready { id: new });
     assert!(out.contains(&Action::Route {
@@ -451,7 +467,10 @@ async fn a_failed_spawn_is_retried_with_backoff() {
         },
         Instant::now(),
     );
-    assert!(matches!(out[0], Action::Report(Event::SpawnFailed { slot: 0, .. })));
+    assert!(matches!(
+        out[0],
+        Action::Report(Event::SpawnFailed { slot: 0, .. })
+    ));
     assert_eq!(respawn_delays(&out), vec![100 * MS]);
     assert!(sup.workers().is_empty());
     advance(100 * MS).await;
