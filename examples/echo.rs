@@ -4,7 +4,7 @@
 //! ```text
 //! cargo build --release --examples
 //! target/release/recluster --listen 127.0.0.1:8080 -- target/release/examples/echo
-//! nc 127.0.0.1 8080     # -> worker=1 pid=4242 generation=1 peer=127.0.0.1
+//! nc 127.0.0.1 8080     # -> id=1 pid=4242 gen=1 peer=127.0.0.1
 //! ```
 //!
 //! It works unchanged in every balance mode (`rr`, `sticky`, `shared`): that is what
@@ -25,10 +25,7 @@ async fn main() -> std::io::Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
     while let Some((mut stream, peer)) = listener.accept().await? {
         tasks.spawn(async move {
-            let greeting = format!(
-                "worker={id} pid={pid} generation={generation} peer={}\n",
-                peer.ip()
-            );
+            let greeting = format!("id={id} pid={pid} gen={generation} peer={}\n", peer.ip());
             if stream.write_all(greeting.as_bytes()).await.is_err() {
                 return;
             }

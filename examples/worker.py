@@ -10,12 +10,13 @@ See docs/PROTOCOL.md for the protocol.
 import os, signal, socket, sys
 
 wid, pid = os.environ.get("WORKER_ID", "0"), os.getpid()
+gen = os.environ.get("RECLUSTER_GENERATION", "0")
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop: exit; unread connections are reclaimed
 
 
 def serve(conn, peer_ip):
     with conn:
-        conn.sendall(f"worker={wid} pid={pid} python=1 peer={peer_ip}\n".encode())
+        conn.sendall(f"id={wid} pid={pid} gen={gen} peer={peer_ip} python=1\n".encode())
 
 
 if "RECLUSTER_FD" in os.environ:  # rr / sticky: connections arrive over the channel

@@ -401,9 +401,19 @@ impl Balancer {
 
     fn flush_all(&mut self) {
         let now = Instant::now();
-        for slot in 0..self.batches.len() {
-            if !self.batches[slot].is_empty() {
-                self.flush(slot, now);
+        // A failed send re-dispatches its batch, possibly to a slot already flushed in
+        // this pass: go round until every batch is out. Each failure marks its slot
+        // full for the rest of the round, so this ends after at most one pass per slot.
+        loop {
+            let mut sent_any = false;
+            for slot in 0..self.batches.len() {
+                if !self.batches[slot].is_empty() {
+                    sent_any = true;
+                    self.flush(slot, now);
+                }
+            }
+            if !sent_any {
+                break;
             }
         }
         self.full.iter_mut().for_each(|f| *f = false);
@@ -429,11 +439,13 @@ impl Balancer {
                 self.batches[slot].clear(); // closes the master's copies
             }
             Err(e) => {
+                // Full (EAGAIN), stopped (a route update is on its way), or out of
+                // in-flight descriptors (ETOOMANYREFS): skip the slot for this round
+                // only, so a passing condition never takes a worker out for good.
                 if e.kind() == io::ErrorKind::WouldBlock {
                     BalanceStats::add(&self.stats.full, 1);
-                } else {
-                    // Stopped or gone: the driver's route update is on its way.
-                    self.router.set_ready(slot, false);
+                } else if e.kind() != io::ErrorKind::BrokenPipe {
+                    debug!(slot, error = %e, "handing connections over failed");
                 }
                 self.full[slot] = true;
                 // `full[slot]` keeps re-dispatch away from this slot's batch while it is out.

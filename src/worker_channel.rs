@@ -49,6 +49,9 @@ impl WorkerChannel {
     /// Creates a channel; returns it and the end to place in the worker.
     pub fn new() -> io::Result<(WorkerChannel, OwnedFd)> {
         let (master, worker) = fdpass::seqpacket_pair()?;
+        // The worker gets a plain blocking socket; the master only ever reads the
+        // worker's end with MSG_DONTWAIT (see `reclaim`), so this costs it nothing.
+        set_blocking(&worker)?;
         let keep = worker.try_clone()?; // F_DUPFD_CLOEXEC: never leaks into a worker
         let channel = WorkerChannel {
             fd: fdpass::register(master)?,
@@ -144,4 +147,11 @@ impl WorkerChannel {
         }
         out
     }
+}
+
+fn set_blocking(fd: &OwnedFd) -> io::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL)?);
+    fcntl(fd, FcntlArg::F_SETFL(flags - OFlag::O_NONBLOCK))?;
+    Ok(())
 }

@@ -1,0 +1,455 @@
+//! End to end: the master-accept modes `rr` and `sticky` with real workers and real TCP.
+//!
+//! Workers are `examples/echo.rs` (the worker library), `examples/worker.py` and
+//! `tests/workers/channel_worker.py` (raw protocol from Python). Clients bind source
+//! addresses 127.0.0.X for IP affinity. Every wait is for a log line or a reply, with
+//! a deadline.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Read;
+use std::net::{Ipv4Addr, Shutdown, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use common::*;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use socket2::{Domain, Socket, Type};
+
+fn echo() -> String {
+    example_bin("echo").display().to_string()
+}
+
+fn cluster(mode: &str, workers: usize, command: &[&str]) -> Master {
+    Cluster::new()
+        .workers(workers)
+        .args(["--balance", mode, "--listen", "127.0.0.1:0"])
+        .command(command)
+        .spawn()
+}
+
+/// One request from source address `src` (any when `None`): the worker's reply line.
+fn ask(addr: SocketAddr, src: Option<Ipv4Addr>) -> Result<Reply, String> {
+    let sock = Socket::new(Domain::IPV4, Type::STREAM, None).map_err(|e| e.to_string())?;
+    if let Some(ip) = src {
+        sock.bind(&SocketAddr::from((ip, 0)).into())
+            .map_err(|e| format!("bind {ip}: {e}"))?;
+    }
+    sock.connect_timeout(&addr.into(), Duration::from_secs(5))
+        .map_err(|e| format!("connect: {:?}", e.kind()))?;
+    let mut stream: std::net::TcpStream = sock.into();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .map_err(|e| e.to_string())?;
+    // Half-close: echo workers answer, see EOF, and close.
+    let _ = stream.shutdown(Shutdown::Write);
+    let mut buf = Vec::new();
+    stream
+        .read_to_end(&mut buf)
+        .map_err(|e| format!("read: {:?}", e.kind()))?;
+    let text = String::from_utf8_lossy(&buf);
+    let line = text.lines().next().ok_or("eof without reply")?;
+    Reply::parse(line).ok_or_else(|| format!("malformed reply {text:?}"))
+}
+
+fn source(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(127, 0, 0, (1 + i % 250) as u8)
+}
+
+/// Clients on `threads` threads, each cycling over its own source addresses, until stopped.
+struct Load {
+    stop: Arc<AtomicBool>,
+    served: Arc<AtomicU64>,
+    threads: Vec<JoinHandle<LoadResult>>,
+}
+
+#[derive(Default)]
+struct LoadResult {
+    ok: u64,
+    failures: Vec<String>,
+    /// Source address → the WORKER_IDs that served it.
+    ids_by_ip: BTreeMap<Ipv4Addr, BTreeSet<usize>>,
+    pids: BTreeSet<u32>,
+}
+
+impl Load {
+    fn start(addr: SocketAddr, threads: usize, addresses: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let served = Arc::new(AtomicU64::new(0));
+        let threads = (0..threads)
+            .map(|t| {
+                let stop = stop.clone();
+                let served = served.clone();
+                std::thread::spawn(move || {
+                    let mut r = LoadResult::default();
+                    let mut i = t;
+                    let deadline = Instant::now() + Duration::from_secs(300);
+                    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                        let ip = source(i % addresses);
+                        i += threads;
+                        match ask(addr, Some(ip)) {
+                            Ok(reply) => {
+                                r.ok += 1;
+                                served.fetch_add(1, Ordering::Relaxed);
+                                r.ids_by_ip.entry(ip).or_default().insert(reply.id);
+                                r.pids.insert(reply.pid);
+                            }
+                            Err(e) => r.failures.push(e),
+                        }
+                    }
+                    r
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            served,
+            threads,
+        }
+    }
+
+    /// Connections served so far.
+    fn ok(&self) -> u64 {
+        self.served.load(Ordering::Relaxed)
+    }
+
+    fn stop(self) -> LoadResult {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut total = LoadResult::default();
+        for t in self.threads {
+            let r = t.join().expect("client thread");
+            total.ok += r.ok;
+            total.failures.extend(r.failures);
+            for (ip, ids) in r.ids_by_ip {
+                total.ids_by_ip.entry(ip).or_default().extend(ids);
+            }
+            total.pids.extend(r.pids);
+        }
+        total
+    }
+}
+
+#[test]
+fn rr_gives_each_of_four_workers_an_equal_share_of_sequential_connections() {
+    let m = cluster("rr", 4, &[&echo()]);
+    let addr = m.addr();
+    m.wait_cluster_ready(4);
+    let mut per_id = BTreeMap::<usize, u32>::new();
+    for _ in 0..2000 {
+        let r = ask(addr, None).expect("request");
+        *per_id.entry(r.id).or_default() += 1;
+    }
+    println!("rr, 2000 sequential connections over 4 workers: {per_id:?}");
+    assert_eq!(per_id.keys().copied().collect::<Vec<_>>(), vec![0, 1, 2, 3]);
+    for (id, n) in &per_id {
+        assert!((499..=501).contains(n), "worker {id} got {n}: {per_id:?}");
+    }
+}
+
+#[test]
+fn sticky_sends_each_client_address_to_one_worker_and_keeps_it_across_a_reload() {
+    let m = cluster("sticky", 4, &[&echo()]);
+    let addr = m.addr();
+    m.wait_cluster_ready(4);
+    let mut owner = BTreeMap::<Ipv4Addr, BTreeSet<usize>>::new();
+    for round in 0..20 {
+        for i in 0..200 {
+            let ip = Ipv4Addr::new(127, 0, 0, 1 + i as u8);
+            let r = ask(addr, Some(ip)).unwrap_or_else(|e| panic!("round {round} {ip}: {e}"));
+            assert_eq!(
+                r.fields.get("peer").map(String::as_str),
+                Some(ip.to_string().as_str())
+            );
+            owner.entry(ip).or_default().insert(r.id);
+        }
+    }
+    let split: Vec<_> = owner.iter().filter(|(_, ids)| ids.len() != 1).collect();
+    assert!(
+        split.is_empty(),
+        "addresses served by several workers: {split:?}"
+    );
+    let mut share = BTreeMap::<usize, usize>::new();
+    for ids in owner.values() {
+        *share.entry(*ids.first().unwrap()).or_default() += 1;
+    }
+    println!(
+        "sticky, 200 addresses x 20 connections over 4 workers, addresses per worker: {share:?}"
+    );
+    assert_eq!(share.len(), 4, "{share:?}");
+    for (id, n) in &share {
+        assert!(
+            (35..=65).contains(n),
+            "worker {id} owns {n} of 200 addresses (mean 50): {share:?}"
+        );
+    }
+
+    let from = m.mark();
+    m.signal(Signal::SIGUSR2);
+    m.wait_event_after(from, "reload finished generation=2", DEADLINE);
+    for (ip, ids) in &owner {
+        let r = ask(addr, Some(*ip)).expect("request after reload");
+        assert_eq!(r.gen, 2, "served by the new generation");
+        assert_eq!(
+            r.id,
+            *ids.first().unwrap(),
+            "{ip} moved to another worker after a reload"
+        );
+    }
+}
+
+#[test]
+fn sticky_clients_of_a_killed_worker_are_served_by_others_then_come_back() {
+    let m = Cluster::new()
+        .workers(3)
+        .args([
+            "--balance",
+            "sticky",
+            "--listen",
+            "127.0.0.1:0",
+            "--respawn",
+            "3s",
+        ])
+        .command([echo()])
+        .spawn();
+    let addr = m.addr();
+    let ready = m.wait_cluster_ready(3);
+    let ips: Vec<Ipv4Addr> = (0..60).map(source).collect();
+    let before: BTreeMap<Ipv4Addr, usize> = ips
+        .iter()
+        .map(|&ip| (ip, ask(addr, Some(ip)).unwrap().id))
+        .collect();
+    let victim_slot = 1;
+    let victim_ips: Vec<Ipv4Addr> = before
+        .iter()
+        .filter(|(_, &id)| id == victim_slot)
+        .map(|(ip, _)| *ip)
+        .collect();
+    assert!(!victim_ips.is_empty());
+
+    let from = m.mark();
+    kill(Pid::from_raw(ready[&victim_slot] as i32), Signal::SIGKILL).unwrap();
+    m.wait_event_after(from, &format!("worker exited slot={victim_slot}"), DEADLINE);
+    // While slot 1 waits for its respawn, its clients go to their second choice; nobody else moves.
+    for (ip, id) in &before {
+        let r = ask(addr, Some(*ip)).unwrap_or_else(|e| panic!("{ip} while slot 1 is down: {e}"));
+        if *id == victim_slot {
+            assert_ne!(r.id, victim_slot);
+        } else {
+            assert_eq!(r.id, *id, "{ip} moved although its worker is up");
+        }
+    }
+    assert!(
+        m.try_wait_event_after(
+            from,
+            &format!("worker ready slot={victim_slot}"),
+            Duration::ZERO
+        )
+        .is_none(),
+        "the respawn came before the check ended: raise --respawn"
+    );
+    m.wait_event_after(from, &format!("worker ready slot={victim_slot}"), DEADLINE);
+    for ip in &victim_ips {
+        assert_eq!(
+            ask(addr, Some(*ip)).unwrap().id,
+            victim_slot,
+            "{ip} did not come back"
+        );
+    }
+}
+
+fn reloads_under_load(mode: &str) {
+    let m = cluster(mode, 2, &[&echo()]);
+    let addr = m.addr();
+    m.wait_cluster_ready(2);
+    let load = Load::start(addr, 64, 200);
+    for generation in 2..=21 {
+        let from = m.mark();
+        m.signal(Signal::SIGUSR2);
+        m.wait_event_after(
+            from,
+            &format!("reload finished generation={generation}"),
+            DEADLINE,
+        );
+    }
+    // Some traffic against the last generation too.
+    let after = ask(addr, None).expect("request after the reloads");
+    let r = load.stop();
+    println!(
+        "{mode}: 20 reloads under 64 clients: {} ok, {} failed, {} worker pids seen",
+        r.ok,
+        r.failures.len(),
+        r.pids.len()
+    );
+    assert_eq!(after.gen, 21);
+    assert!(
+        r.failures.is_empty(),
+        "failed connections: {:?}",
+        &r.failures[..r.failures.len().min(10)]
+    );
+    assert!(r.ok > 200, "too little traffic to mean anything: {}", r.ok);
+    assert!(
+        r.pids.len() > 4,
+        "reloads did not replace workers under load"
+    );
+    if mode == "sticky" {
+        let split: Vec<_> = r
+            .ids_by_ip
+            .iter()
+            .filter(|(_, ids)| ids.len() != 1)
+            .collect();
+        assert!(split.is_empty(), "affinity lost during reloads: {split:?}");
+    }
+}
+
+#[test]
+fn twenty_reloads_under_64_clients_fail_no_connection_in_rr() {
+    reloads_under_load("rr");
+}
+
+#[test]
+fn twenty_reloads_under_64_clients_fail_no_connection_in_sticky() {
+    reloads_under_load("sticky");
+}
+
+fn python3_with_recv_fds() -> Option<String> {
+    let py = which("python3")?;
+    let ok = std::process::Command::new(&py)
+        .args(["-c", "import socket; socket.recv_fds"])
+        .status()
+        .ok()?
+        .success();
+    ok.then(|| py.display().to_string())
+}
+
+#[test]
+fn the_python_worker_serves_in_both_master_accept_modes_and_in_shared() {
+    let Some(py) = python3_with_recv_fds() else {
+        println!("skipped: no python3 with socket.recv_fds (3.9+) on this machine");
+        return;
+    };
+    let script = example_source("worker.py").display().to_string();
+    for mode in ["rr", "sticky", "shared"] {
+        let m = cluster(mode, 2, &[&py, &script]);
+        let addr = m.addr();
+        m.wait_cluster_ready(2);
+        let mut ids = BTreeSet::new();
+        for i in 0..40 {
+            let r = ask(addr, Some(source(i))).unwrap_or_else(|e| panic!("{mode}: {e}"));
+            assert_eq!(r.fields.get("python").map(String::as_str), Some("1"));
+            ids.insert(r.id);
+        }
+        assert_eq!(ids.len(), 2, "{mode}: both Python workers serve");
+        let from = m.mark();
+        m.signal(Signal::SIGTERM);
+        assert!(m.expect_exit(DEADLINE).success(), "{mode}: clean exit");
+        assert!(m
+            .try_wait_event_after(from, "terminated", DEADLINE)
+            .is_some());
+    }
+}
+
+#[test]
+fn a_worker_that_stops_reading_its_channel_stalls_nobody_and_loses_nothing() {
+    let Some(py) = python3_with_recv_fds() else {
+        println!("skipped: no python3 with socket.recv_fds (3.9+) on this machine");
+        return;
+    };
+    let script = manifest_dir().join("tests/workers/channel_worker.py");
+    let mark = std::env::temp_dir().join(format!("recluster-stall-{}", std::process::id()));
+    let _ = std::fs::remove_file(&mark);
+    let m = Cluster::new()
+        .workers(3)
+        .args([
+            "--balance",
+            "rr",
+            "--listen",
+            "127.0.0.1:0",
+            "--respawn",
+            "100ms",
+        ])
+        .env("STALL_SLOT", "1")
+        .env("STALL_ONCE", &mark)
+        .command([py, script.display().to_string()])
+        .spawn();
+    let addr = m.addr();
+    let ready = m.wait_cluster_ready(3);
+    // 150 clients at once: the ones rr hands to slot 1 wait in its channel.
+    let total = 150;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let clients: Vec<_> = (0..total)
+        .map(|_| {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let r = ask(addr, None);
+                let _ = tx.send(r.clone());
+                r
+            })
+        })
+        .collect();
+    // The others flow although slot 1 reads nothing.
+    let deadline = Instant::now() + DEADLINE;
+    let mut done = Vec::new();
+    while done.len() < total / 2 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(r) => done.push(r),
+            Err(_) => panic!(
+                "only {} of {total} clients served while slot 1 stalls",
+                done.len()
+            ),
+        }
+    }
+    assert!(done.iter().all(|r| r.as_ref().is_ok_and(|r| r.id != 1)));
+    // Kill the stalled worker: what was queued to it is taken back and served elsewhere.
+    let from = m.mark();
+    kill(Pid::from_raw(ready[&1] as i32), Signal::SIGKILL).unwrap();
+    let results: Vec<_> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    let failed: Vec<_> = results.iter().filter(|r| r.is_err()).collect();
+    assert!(failed.is_empty(), "lost connections: {failed:?}");
+    let reclaimed = m.wait_event_after(
+        from,
+        "reclaimed connections the worker never read",
+        DEADLINE,
+    );
+    println!(
+        "stalled worker: {total} clients all served; {} reclaimed from the killed worker",
+        reclaimed.num("count")
+    );
+    assert!(reclaimed.num("count") >= 1);
+    let _ = std::fs::remove_file(&mark);
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn the_master_holds_as_many_descriptors_after_10000_connections_as_before() {
+    let m = cluster("rr", 2, &[&echo()]);
+    let addr = m.addr();
+    m.wait_cluster_ready(2);
+    ask(addr, None).expect("warm-up request");
+    let before = open_fds(m.pid);
+    let load = Load::start(addr, 8, 1);
+    let enough = poll_until(Duration::from_secs(120), || load.ok() >= 10_000);
+    let r = load.stop();
+    assert!(enough, "only {} connections served in 120 s", r.ok);
+    assert!(
+        r.failures.is_empty(),
+        "{:?}",
+        &r.failures[..r.failures.len().min(5)]
+    );
+    assert!(r.ok >= 10_000, "only {} connections", r.ok);
+    let after = open_fds(m.pid);
+    println!(
+        "master fds before {before}, after {} connections {after}",
+        r.ok
+    );
+    assert_eq!(before, after);
+}
