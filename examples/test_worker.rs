@@ -6,7 +6,8 @@
 //!
 //! ```text
 //! id=<WORKER_ID> pid=<pid> gen=<RECLUSTER_GENERATION> fds=<0,1,2,3> listen_pid_ok=<true|false> \
-//!     listen_fds=<LISTEN_FDS> workers=<RECLUSTER_WORKERS> balance=<RECLUSTER_BALANCE> index=<listener>
+//!     listen_fds=<LISTEN_FDS> fdnames=<LISTEN_FDNAMES> workers=<RECLUSTER_WORKERS> \
+//!     balance=<RECLUSTER_BALANCE> index=<listener>
 //! ```
 //!
 //! (on one line) where `fds` lists `/proc/self/fd` as it was at the very start of
@@ -49,6 +50,8 @@
 //! * `TEST_WORKER_NO_LISTEN=1`: never register or accept on the listening fds.
 //! * `TEST_WORKER_NO_EPOLL=1`: accept, but do not register the fds with epoll.
 //! * `TEST_WORKER_REPLY_DELAY_MS=<n>`: wait that long before answering a connection.
+//! * `TEST_WORKER_LISTEN_DELAY_MS=<n>`: wait that long before starting to listen (a slow
+//!   boot).
 
 use std::env;
 use std::io;
@@ -105,7 +108,9 @@ fn main() {
     let listen_pid_ok = var("LISTEN_PID").trim().parse::<u32>().ok() == Some(std::process::id());
     let listen_count: usize = listen_fds_var.trim().parse().unwrap_or(0);
     if !no_listen && listen_count == 0 {
-        fail(&format!("LISTEN_FDS is {listen_fds_var:?}: no listening socket to serve"));
+        fail(&format!(
+            "LISTEN_FDS is {listen_fds_var:?}: no listening socket to serve"
+        ));
     }
     let listen_fds: Vec<RawFd> = (0..listen_count).map(|i| 3 + i as RawFd).collect();
     if !no_listen {
@@ -122,18 +127,20 @@ fn main() {
         .collect::<Vec<_>>()
         .join(",");
     let reply_prefix = format!(
-        "id={} pid={} gen={} fds={} listen_pid_ok={} listen_fds={} workers={} balance={}",
+        "id={} pid={} gen={} fds={} listen_pid_ok={} listen_fds={} fdnames={} workers={} balance={}",
         or_dash(var("WORKER_ID")),
         std::process::id(),
         or_dash(var("RECLUSTER_GENERATION")),
         fds,
         listen_pid_ok,
         or_dash(listen_fds_var),
+        or_dash(var("LISTEN_FDNAMES")),
         or_dash(var("RECLUSTER_WORKERS")),
         or_dash(var("RECLUSTER_BALANCE")),
     );
     let ignore_term = flag("TEST_WORKER_IGNORE_TERM");
     install_signal_dispositions(ignore_term);
+    std::thread::sleep(millis("TEST_WORKER_LISTEN_DELAY_MS"));
 
     let shared = Arc::new(Shared {
         stop: AtomicBool::new(false),
@@ -153,9 +160,16 @@ fn main() {
     };
 
     let (tx, rx) = mpsc::unbounded_channel::<(usize, StdTcpStream)>();
+    // The runtime says when its signal handlers are in place: accepting before that
+    // could make the master see a listening worker that a SIGTERM would still kill.
+    let (booted_tx, booted_rx) = std::sync::mpsc::channel::<()>();
     if !no_listen {
         // SAFETY: pthread_self has no preconditions.
-        shared.threads.lock().unwrap().push(unsafe { libc::pthread_self() });
+        shared
+            .threads
+            .lock()
+            .unwrap()
+            .push(unsafe { libc::pthread_self() });
     }
     let runtime_thread = {
         let shared = shared.clone();
@@ -166,11 +180,15 @@ fn main() {
                     .enable_all()
                     .build()
                     .expect("tokio runtime")
-                    .block_on(run(config, shared, rx))
+                    .block_on(run(config, shared, rx, booted_tx))
             })
             .expect("spawn runtime thread")
     };
 
+    if booted_rx.recv().is_err() {
+        // The runtime ended before booting; its exit code tells why.
+        std::process::exit(runtime_thread.join().unwrap_or(101));
+    }
     let mut acceptors = Vec::new();
     if no_listen {
         drop(tx);
@@ -183,7 +201,11 @@ fn main() {
                     .name(format!("accept-{fd}"))
                     .spawn(move || {
                         // SAFETY: pthread_self has no preconditions.
-                        shared.threads.lock().unwrap().push(unsafe { libc::pthread_self() });
+                        shared
+                            .threads
+                            .lock()
+                            .unwrap()
+                            .push(unsafe { libc::pthread_self() });
                         let _ = ready_tx.send(());
                         accept_loop(fd, index, &tx, &shared);
                     })
@@ -262,6 +284,7 @@ async fn run(
     config: Config,
     shared: Arc<Shared>,
     mut conns: mpsc::UnboundedReceiver<(usize, StdTcpStream)>,
+    booted: std::sync::mpsc::Sender<()>,
 ) -> i32 {
     let mut stop_signals = Vec::new();
     let mut kinds = vec![SignalKind::interrupt(), SignalKind::quit()];
@@ -291,6 +314,8 @@ async fn run(
             }
         }
     }
+
+    let _ = booted.send(());
 
     if config.notify {
         let (shared, delay, wanted) = (

@@ -1,0 +1,1114 @@
+//! Harness of the end-to-end tests: runs the real `recluster` binary with real
+//! workers, follows its log, and talks to the workers over TCP.
+//!
+//! Tests synchronise on log events and other conditions with deadlines
+//! ([`Master::wait_event`], [`poll_until`], channel timeouts), never on fixed sleeps.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::{OsStr, OsString};
+use std::io::{BufRead, BufReader, Read};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// Default deadline for something that should happen promptly (generous: CI has 2 cores).
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// The binary under test.
+pub fn recluster_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_recluster"))
+}
+
+/// The crate's root directory.
+pub fn manifest_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// An example binary built next to the test binary: target/<profile>/deps/<test> →
+/// target/<profile>/examples/<name>. Plain `cargo test` builds the examples; when it
+/// did not (`cargo test --test shared_mode` does not) or the binary is older than its
+/// source, it is built here with the same profile.
+pub fn example_bin(name: &str) -> PathBuf {
+    static BUILT: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+    let exe = std::env::current_exe().expect("current_exe");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary is in target/<profile>/deps");
+    let path = profile_dir.join("examples").join(name);
+    let source = manifest_dir().join("examples").join(format!("{name}.rs"));
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if !built.contains(name) {
+        let modified = |p: &Path| p.metadata().and_then(|m| m.modified()).ok();
+        let stale = match (modified(&path), modified(&source)) {
+            (None, _) => true,
+            (Some(binary), Some(source)) => binary < source,
+            (Some(_), None) => false,
+        };
+        if stale {
+            build_example(name, profile_dir);
+        }
+        built.insert(name.to_string());
+    }
+    assert!(
+        path.is_file(),
+        "{} is not built: run `cargo build --examples`",
+        path.display()
+    );
+    path
+}
+
+fn build_example(name: &str, profile_dir: &Path) {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "--quiet", "--example", name])
+        .current_dir(manifest_dir());
+    match profile_dir.file_name().and_then(OsStr::to_str) {
+        Some("debug") => {}
+        Some("release") => {
+            cmd.arg("--release");
+        }
+        Some(other) => {
+            cmd.args(["--profile", other]);
+        }
+        None => {}
+    }
+    if let Some(target_dir) = profile_dir.parent() {
+        cmd.arg("--target-dir").arg(target_dir);
+    }
+    let status = cmd
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run cargo to build example {name}: {e}"));
+    assert!(status.success(), "building example {name} failed: {status}");
+}
+
+/// The test suite's worker, `examples/test_worker.rs`.
+pub fn test_worker() -> PathBuf {
+    example_bin("test_worker")
+}
+
+/// Path of a file in the crate's `examples/` directory (e.g. `fd3.js`).
+pub fn example_source(name: &str) -> PathBuf {
+    manifest_dir().join("examples").join(name)
+}
+
+/// Finds `program` on PATH.
+pub fn which(program: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|dir| dir.join(program))
+        .find(|p| {
+            p.metadata()
+                .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+                .unwrap_or(false)
+        })
+}
+
+/// Calls `cond` until it returns true or `timeout` passes; returns its last answer.
+/// The pause between calls only paces the polling; it synchronises nothing.
+pub fn poll_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::park_timeout(Duration::from_millis(10));
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Log lines
+// ---------------------------------------------------------------------------------
+
+/// One line of the master's stderr, parsed as a tracing fmt event
+/// (`<time>  INFO <target>: <message> key=value …`).
+#[derive(Clone, Debug)]
+pub struct LogLine {
+    /// Position in the master's stderr, from 0.
+    pub index: usize,
+    /// When the harness read it.
+    pub at: Instant,
+    /// The line's own timestamp (RFC 3339, UTC), as time since the Unix epoch.
+    pub time: Option<Duration>,
+    pub raw: String,
+    /// `INFO`, `WARN`, …; empty for a line that is not a log event (a worker's output).
+    pub level: String,
+    pub target: String,
+    /// The words before the first `key=value`.
+    pub message: String,
+    pub fields: BTreeMap<String, String>,
+}
+
+impl LogLine {
+    /// Time from `earlier` to this line, by the master's timestamps when both lines
+    /// have one (the harness may read lines late, in bursts), else by reading time.
+    pub fn since(&self, earlier: &LogLine) -> Duration {
+        match (self.time, earlier.time) {
+            (Some(t), Some(e)) => t.saturating_sub(e),
+            _ => self.at.saturating_duration_since(earlier.at),
+        }
+    }
+
+    pub fn field(&self, key: &str) -> Option<&str> {
+        self.fields.get(key).map(String::as_str)
+    }
+
+    /// A numeric field; panics with the line if it is missing or not a number.
+    pub fn num(&self, key: &str) -> u64 {
+        self.field(key)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no numeric field {key} in log line: {}", self.raw))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.num("pid") as u32
+    }
+
+    pub fn slot(&self) -> usize {
+        self.num("slot") as usize
+    }
+
+    pub fn generation(&self) -> u32 {
+        self.num("generation") as u32
+    }
+
+    /// Whether the line's message is `message` and it has every field of `pattern`,
+    /// written as the log writes them: `"worker ready slot=1 generation=2"`.
+    pub fn matches(&self, pattern: &str) -> bool {
+        let (message, fields) = split_message_fields(pattern);
+        self.message == message
+            && fields
+                .iter()
+                .all(|(k, v)| self.fields.get(k).is_some_and(|have| have == v))
+    }
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn is_field_token(token: &str) -> bool {
+    match token.split_once('=') {
+        Some((key, _)) => {
+            !key.is_empty()
+                && key
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+        }
+        None => false,
+    }
+}
+
+/// Splits `worker ready slot=0 pid=1` into the message and its fields. A token that is
+/// not `key=value` after the first field continues the previous value (values such as
+/// `error=No such file or directory (os error 2)` hold spaces).
+fn split_message_fields(text: &str) -> (String, BTreeMap<String, String>) {
+    let mut message: Vec<&str> = Vec::new();
+    let mut fields: Vec<(String, String)> = Vec::new();
+    for token in text.split_whitespace() {
+        if is_field_token(token) {
+            let (k, v) = token.split_once('=').unwrap();
+            fields.push((k.to_string(), v.to_string()));
+        } else if let Some((_, v)) = fields.last_mut() {
+            v.push(' ');
+            v.push_str(token);
+        } else {
+            message.push(token);
+        }
+    }
+    let fields = fields
+        .into_iter()
+        .map(|(k, v)| {
+            let v = match v.strip_prefix('"').and_then(|v| v.strip_suffix('"')) {
+                Some(inner) => inner.to_string(),
+                None => v,
+            };
+            (k, v)
+        })
+        .collect();
+    (message.join(" "), fields)
+}
+
+/// Parses `2026-11-25T14:50:00.123456Z` into time since the Unix epoch.
+fn parse_timestamp(token: &str) -> Option<Duration> {
+    let token = token.strip_suffix('Z')?;
+    let (date, time) = token.split_once('T')?;
+    let mut ymd = date.splitn(3, '-').map(|p| p.parse::<i64>().ok());
+    let (y, m, d) = (ymd.next()??, ymd.next()??, ymd.next()??);
+    let mut hms = time.splitn(3, ':');
+    let (h, min) = (
+        hms.next()?.parse::<u64>().ok()?,
+        hms.next()?.parse::<u64>().ok()?,
+    );
+    let secs: f64 = hms.next()?.parse().ok()?;
+    // Days from civil (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = if y >= 0 { y } else { y - 399 } / 400;
+    let yoe = y - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = u64::try_from(era * 146_097 + doe - 719_468).ok()?;
+    Some(Duration::from_secs(days * 86_400 + h * 3600 + min * 60) + Duration::from_secs_f64(secs))
+}
+
+pub fn parse_log_line(index: usize, at: Instant, raw: &str) -> LogLine {
+    let clean = strip_ansi(raw);
+    let tokens: Vec<&str> = clean.split_whitespace().collect();
+    const LEVELS: [&str; 5] = ["TRACE", "DEBUG", "INFO", "WARN", "ERROR"];
+    let level_at = tokens.iter().take(3).position(|t| LEVELS.contains(t));
+    let (level, target, rest) = match level_at {
+        Some(i) => {
+            // After the level: optional spans (`name{k=v}:`) and the target (`a::b:`).
+            let mut j = i + 1;
+            let mut target = String::new();
+            while j < tokens.len()
+                && tokens[j].ends_with(':')
+                && (tokens[j].contains('{') || !tokens[j].contains('='))
+                && (tokens[j].contains("::") || tokens[j].contains('{') || j == i + 1)
+            {
+                target = tokens[j].trim_end_matches(':').to_string();
+                j += 1;
+            }
+            (tokens[i].to_string(), target, tokens[j..].join(" "))
+        }
+        None => (String::new(), String::new(), clean.trim().to_string()),
+    };
+    let (message, fields) = if level.is_empty() {
+        (rest, BTreeMap::new())
+    } else {
+        split_message_fields(&rest)
+    };
+    let time = match level_at {
+        Some(i) if i > 0 => parse_timestamp(tokens[0]),
+        _ => None,
+    };
+    LogLine {
+        index,
+        at,
+        time,
+        raw: raw.to_string(),
+        level,
+        target,
+        message,
+        fields,
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// The master process
+// ---------------------------------------------------------------------------------
+
+/// How a process ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Exit {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+}
+
+impl Exit {
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+}
+
+/// Environment variables that would change the master's behaviour behind a test's back.
+const SCRUBBED_ENV: [&str; 6] = [
+    "RUST_LOG",
+    "NODE_ENV",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "NOTIFY_SOCKET",
+];
+
+/// Builder of a `recluster` command line.
+#[derive(Clone, Debug, Default)]
+pub struct Cluster {
+    args: Vec<OsString>,
+    command: Vec<OsString>,
+    envs: Vec<(OsString, OsString)>,
+    cwd: Option<PathBuf>,
+    no_separator: bool,
+}
+
+/// `recluster --workers n --balance shared --listen 127.0.0.1:0 -- test_worker`.
+pub fn shared_cluster(workers: usize) -> Cluster {
+    Cluster::new()
+        .workers(workers)
+        .args(["--balance", "shared", "--listen", "127.0.0.1:0"])
+}
+
+impl Cluster {
+    /// No options at all; the command defaults to the test worker.
+    pub fn new() -> Cluster {
+        Cluster::default()
+    }
+
+    pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Cluster {
+        self.args.push(arg.as_ref().to_owned());
+        self
+    }
+
+    pub fn args<I: IntoIterator<Item = S>, S: AsRef<OsStr>>(mut self, args: I) -> Cluster {
+        self.args
+            .extend(args.into_iter().map(|a| a.as_ref().to_owned()));
+        self
+    }
+
+    pub fn workers(self, n: usize) -> Cluster {
+        self.arg("--workers").arg(n.to_string())
+    }
+
+    /// Environment of the master (and so of its workers).
+    pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Cluster {
+        self.envs
+            .push((key.as_ref().to_owned(), value.as_ref().to_owned()));
+        self
+    }
+
+    /// The worker command (after `--`); the default is the test worker.
+    pub fn command<I: IntoIterator<Item = S>, S: AsRef<OsStr>>(mut self, cmd: I) -> Cluster {
+        self.command = cmd.into_iter().map(|a| a.as_ref().to_owned()).collect();
+        self
+    }
+
+    /// Passes the arguments as they are: no `--`, no default command.
+    pub fn raw(mut self) -> Cluster {
+        self.no_separator = true;
+        self
+    }
+
+    pub fn current_dir(mut self, dir: impl AsRef<Path>) -> Cluster {
+        self.cwd = Some(dir.as_ref().to_owned());
+        self
+    }
+
+    fn command_line(&self) -> Command {
+        let mut cmd = Command::new(recluster_bin());
+        cmd.args(&self.args);
+        if !self.no_separator {
+            cmd.arg("--");
+            if self.command.is_empty() {
+                cmd.arg(test_worker());
+            } else {
+                cmd.args(&self.command);
+            }
+        }
+        for (k, _) in std::env::vars_os() {
+            let name = k.to_string_lossy();
+            if name.starts_with("RECLUSTER_")
+                || name.starts_with("TEST_WORKER_")
+                || SCRUBBED_ENV.contains(&name.as_ref())
+            {
+                cmd.env_remove(&k);
+            }
+        }
+        for (k, v) in &self.envs {
+            cmd.env(k, v);
+        }
+        if let Some(dir) = &self.cwd {
+            cmd.current_dir(dir);
+        }
+        cmd.stdin(Stdio::null());
+        cmd
+    }
+
+    /// Starts the master, its stderr followed by the harness.
+    pub fn spawn(&self) -> Master {
+        let mut cmd = self.command_line();
+        cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", recluster_bin().display()));
+        let pid = child.id();
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Log::default());
+        {
+            let log = log.clone();
+            std::thread::spawn(move || log.follow(pid, stderr));
+        }
+        let exit = Arc::new(ExitCell::default());
+        {
+            let exit = exit.clone();
+            std::thread::spawn(move || exit.reap(pid));
+        }
+        Master {
+            pid,
+            log,
+            exit,
+            _child: child,
+        }
+    }
+
+    /// Runs the master to its end (for command-line errors): `None` if it is still
+    /// running after `timeout` (it is killed then).
+    pub fn run(&self, timeout: Duration) -> Option<(Exit, String)> {
+        let master = self.spawn();
+        let exit = master.wait_exit(timeout);
+        // The reader thread may still be draining the pipe.
+        let _ = master.log.wait_eof(Duration::from_secs(5));
+        let stderr = master.stderr_text();
+        exit.map(|e| (e, stderr))
+    }
+}
+
+#[derive(Default)]
+struct Log {
+    lines: Mutex<LogState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct LogState {
+    lines: Vec<LogLine>,
+    eof: bool,
+}
+
+impl Log {
+    fn follow(&self, pid: u32, stderr: impl Read) {
+        let mut reader = BufReader::new(stderr);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            match reader.read_until(b'\n', &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    let raw = String::from_utf8_lossy(&buf);
+                    let raw = raw.trim_end_matches(['\n', '\r']);
+                    // Shown by the test harness when a test fails.
+                    eprintln!("[recluster {pid}] {raw}");
+                    let mut state = self.lines.lock().unwrap();
+                    let index = state.lines.len();
+                    state.lines.push(parse_log_line(index, Instant::now(), raw));
+                    self.changed.notify_all();
+                }
+            }
+        }
+        self.lines.lock().unwrap().eof = true;
+        self.changed.notify_all();
+    }
+
+    fn wait_eof(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.lines.lock().unwrap();
+        while !state.eof {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            state = self.changed.wait_timeout(state, deadline - now).unwrap().0;
+        }
+        true
+    }
+}
+
+/// The master's exit status, filled by a thread that waits for it. The thread waits
+/// with WNOWAIT and reaps under the lock, so a signal sent under the lock while the
+/// status is empty cannot reach a recycled pid.
+#[derive(Default)]
+struct ExitCell {
+    status: Mutex<Option<Exit>>,
+    changed: Condvar,
+}
+
+impl ExitCell {
+    fn reap(&self, pid: u32) {
+        loop {
+            // SAFETY: siginfo is plain data, filled by waitid.
+            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            let rc = unsafe {
+                libc::waitid(
+                    libc::P_PID,
+                    pid as libc::id_t,
+                    &mut info,
+                    libc::WEXITED | libc::WNOWAIT,
+                )
+            };
+            if rc == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                break;
+            }
+        }
+        let mut status = self.status.lock().unwrap();
+        let mut raw: libc::c_int = 0;
+        // SAFETY: waitpid on our own child; it has exited, so this does not block.
+        let rc = unsafe { libc::waitpid(pid as libc::pid_t, &mut raw, 0) };
+        *status = Some(if rc != pid as libc::pid_t {
+            Exit {
+                code: None,
+                signal: None,
+            }
+        } else if libc::WIFEXITED(raw) {
+            Exit {
+                code: Some(libc::WEXITSTATUS(raw)),
+                signal: None,
+            }
+        } else {
+            Exit {
+                code: None,
+                signal: Some(libc::WTERMSIG(raw)),
+            }
+        });
+        self.changed.notify_all();
+    }
+}
+
+/// A running `recluster` master. Dropping it kills the master (SIGKILL) and its
+/// remaining workers.
+pub struct Master {
+    pub pid: u32,
+    log: Arc<Log>,
+    exit: Arc<ExitCell>,
+    _child: Child,
+}
+
+impl Master {
+    /// Every line read so far.
+    pub fn lines(&self) -> Vec<LogLine> {
+        self.log.lines.lock().unwrap().lines.clone()
+    }
+
+    /// Number of lines read so far: a mark for [`Master::wait_event_after`].
+    pub fn mark(&self) -> usize {
+        self.log.lines.lock().unwrap().lines.len()
+    }
+
+    /// The whole stderr so far.
+    pub fn stderr_text(&self) -> String {
+        self.lines()
+            .iter()
+            .map(|l| l.raw.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Lines matching a pattern (see [`LogLine::matches`]).
+    pub fn events(&self, pattern: &str) -> Vec<LogLine> {
+        self.lines()
+            .into_iter()
+            .filter(|l| l.matches(pattern))
+            .collect()
+    }
+
+    /// The first line at or after `from` satisfying `pred`, waiting up to `timeout`.
+    pub fn try_wait_for_after(
+        &self,
+        from: usize,
+        timeout: Duration,
+        pred: impl Fn(&LogLine) -> bool,
+    ) -> Option<LogLine> {
+        let deadline = Instant::now() + timeout;
+        let mut next = from;
+        let mut state = self.log.lines.lock().unwrap();
+        loop {
+            if let Some(line) = state.lines[next.min(state.lines.len())..]
+                .iter()
+                .find(|l| pred(l))
+            {
+                return Some(line.clone());
+            }
+            next = next.max(state.lines.len());
+            let now = Instant::now();
+            if now >= deadline || state.eof {
+                return None;
+            }
+            state = self
+                .log
+                .changed
+                .wait_timeout(state, deadline - now)
+                .unwrap()
+                .0;
+        }
+    }
+
+    /// Like [`Master::try_wait_for_after`], but panics with the log on timeout.
+    pub fn wait_for_after(
+        &self,
+        from: usize,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&LogLine) -> bool,
+    ) -> LogLine {
+        match self.try_wait_for_after(from, timeout, pred) {
+            Some(line) => line,
+            None => panic!(
+                "no log line {what} (from line {from}) within {timeout:?}{}\n--- master log ---\n{}",
+                if self.log.lines.lock().unwrap().eof {
+                    " (stderr closed)"
+                } else {
+                    ""
+                },
+                self.stderr_text()
+            ),
+        }
+    }
+
+    pub fn wait_for(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&LogLine) -> bool,
+    ) -> LogLine {
+        self.wait_for_after(0, what, timeout, pred)
+    }
+
+    /// Waits for a line matching `pattern`, e.g. `"reload finished generation=2"`.
+    pub fn wait_event(&self, pattern: &str, timeout: Duration) -> LogLine {
+        self.wait_event_after(0, pattern, timeout)
+    }
+
+    pub fn wait_event_after(&self, from: usize, pattern: &str, timeout: Duration) -> LogLine {
+        self.wait_for_after(from, &format!("`{pattern}`"), timeout, |l| {
+            l.matches(pattern)
+        })
+    }
+
+    pub fn try_wait_event_after(
+        &self,
+        from: usize,
+        pattern: &str,
+        timeout: Duration,
+    ) -> Option<LogLine> {
+        self.try_wait_for_after(from, timeout, |l| l.matches(pattern))
+    }
+
+    /// The bound addresses, by `index`, once `count` `listening` lines were logged.
+    pub fn listen_addrs(&self, count: usize) -> Vec<SocketAddr> {
+        let mut addrs = Vec::new();
+        for index in 0..count {
+            let line = self.wait_event(&format!("listening index={index}"), DEADLINE);
+            let addr: SocketAddr = line
+                .field("addr")
+                .and_then(|a| a.parse().ok())
+                .unwrap_or_else(|| panic!("bad addr in: {}", line.raw));
+            addrs.push(addr);
+        }
+        addrs
+    }
+
+    /// The one listening address.
+    pub fn addr(&self) -> SocketAddr {
+        self.listen_addrs(1)[0]
+    }
+
+    /// Waits for `cluster ready generation=1` and returns the ready worker of each
+    /// slot, `slot → pid`.
+    pub fn wait_cluster_ready(&self, workers: usize) -> BTreeMap<usize, u32> {
+        self.wait_event(
+            &format!("cluster ready generation=1 workers={workers}"),
+            DEADLINE,
+        );
+        let ready = self.ready_workers(1);
+        assert_eq!(
+            ready.len(),
+            workers,
+            "cluster ready, but ready workers of generation 1 are {ready:?}\n{}",
+            self.stderr_text()
+        );
+        ready
+    }
+
+    /// `slot → pid` of the workers of `generation` logged ready (the latest per slot).
+    pub fn ready_workers(&self, generation: u32) -> BTreeMap<usize, u32> {
+        self.events(&format!("worker ready generation={generation}"))
+            .iter()
+            .map(|l| (l.slot(), l.pid()))
+            .collect()
+    }
+
+    /// Every worker pid the master reported spawning.
+    pub fn spawned_pids(&self) -> Vec<u32> {
+        self.events("worker spawned")
+            .iter()
+            .map(LogLine::pid)
+            .collect()
+    }
+
+    /// Spawned workers that are still alive (not zombies).
+    pub fn live_worker_pids(&self) -> Vec<u32> {
+        self.spawned_pids()
+            .into_iter()
+            .filter(|&p| pid_alive(p))
+            .collect()
+    }
+
+    pub fn signal(&self, signal: Signal) {
+        let status = self.exit.status.lock().unwrap();
+        if status.is_none() {
+            kill(Pid::from_raw(self.pid as i32), signal)
+                .unwrap_or_else(|e| panic!("kill({}, {signal:?}): {e}", self.pid));
+        }
+    }
+
+    /// The exit status, if the master has exited.
+    pub fn exit_status(&self) -> Option<Exit> {
+        *self.exit.status.lock().unwrap()
+    }
+
+    /// Waits for the master to exit.
+    pub fn wait_exit(&self, timeout: Duration) -> Option<Exit> {
+        let deadline = Instant::now() + timeout;
+        let mut status = self.exit.status.lock().unwrap();
+        loop {
+            if let Some(exit) = *status {
+                return Some(exit);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            status = self
+                .exit
+                .changed
+                .wait_timeout(status, deadline - now)
+                .unwrap()
+                .0;
+        }
+    }
+
+    /// Waits for the master to exit; panics with the log on timeout.
+    pub fn expect_exit(&self, timeout: Duration) -> Exit {
+        self.wait_exit(timeout).unwrap_or_else(|| {
+            panic!(
+                "master still running after {timeout:?}\n--- master log ---\n{}",
+                self.stderr_text()
+            )
+        })
+    }
+}
+
+impl Drop for Master {
+    fn drop(&mut self) {
+        // Workers still attached to this master: kill their process groups first, so a
+        // missing PR_SET_PDEATHSIG cannot leak them.
+        if self.exit_status().is_none() {
+            for pid in self.live_worker_pids() {
+                if parent_pid(pid) == Some(self.pid) {
+                    let _ = kill(Pid::from_raw(-(pid as i32)), Signal::SIGKILL);
+                    let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                }
+            }
+        }
+        let status = self.exit.status.lock().unwrap();
+        if status.is_none() {
+            let _ = kill(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
+        }
+        drop(status);
+        let _ = self.wait_exit(Duration::from_secs(10));
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Processes
+// ---------------------------------------------------------------------------------
+
+fn proc_stat(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let after = &stat[stat.rfind(')')? + 1..];
+    Some(after.split_whitespace().map(str::to_string).collect())
+}
+
+/// The process exists and one of its threads at least is not a zombie. (A process
+/// whose main thread has exited shows `Z` in /proc/<pid>/stat while its other threads,
+/// and so its descriptors, may still be alive.)
+pub fn pid_alive(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.filter_map(Result::ok).any(|task| {
+        std::fs::read_to_string(task.path().join("stat"))
+            .ok()
+            .and_then(|stat| {
+                let state = stat[stat.rfind(')')? + 1..].split_whitespace().next()?;
+                Some(!matches!(state, "Z" | "X"))
+            })
+            .unwrap_or(false)
+    })
+}
+
+pub fn parent_pid(pid: u32) -> Option<u32> {
+    proc_stat(pid)?.get(1)?.parse().ok()
+}
+
+pub fn process_group(pid: u32) -> Option<u32> {
+    proc_stat(pid)?.get(2)?.parse().ok()
+}
+
+// ---------------------------------------------------------------------------------
+// Clients
+// ---------------------------------------------------------------------------------
+
+/// The line a worker answers with (`id=… pid=… gen=… …`).
+#[derive(Clone, Debug)]
+pub struct Reply {
+    pub id: usize,
+    pub pid: u32,
+    pub gen: u32,
+    /// `fds=` of the test worker: its descriptors at start.
+    pub fds: Option<Vec<i32>>,
+    pub listen_pid_ok: Option<bool>,
+    pub fields: BTreeMap<String, String>,
+    pub raw: String,
+}
+
+impl Reply {
+    pub fn parse(line: &str) -> Option<Reply> {
+        let fields: BTreeMap<String, String> = line
+            .split_whitespace()
+            .filter_map(|t| t.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Some(Reply {
+            id: fields.get("id")?.parse().ok()?,
+            pid: fields.get("pid")?.parse().ok()?,
+            gen: fields.get("gen")?.parse().ok()?,
+            fds: fields
+                .get("fds")
+                .map(|v| v.split(',').filter_map(|f| f.parse().ok()).collect()),
+            listen_pid_ok: fields.get("listen_pid_ok").and_then(|v| v.parse().ok()),
+            raw: line.to_string(),
+            fields,
+        })
+    }
+}
+
+/// Why a request failed, as a short stable key (`connect: ConnectionRefused`, …).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Failure(pub String);
+
+/// One request: connect, read the reply line until EOF, close.
+pub fn request(addr: SocketAddr) -> Result<Reply, Failure> {
+    request_with(addr, Duration::from_secs(10))
+}
+
+pub fn request_with(addr: SocketAddr, timeout: Duration) -> Result<Reply, Failure> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .map_err(|e| Failure(format!("connect: {:?}", e.kind())))?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(|e| Failure(format!("setsockopt: {:?}", e.kind())))?;
+    let mut buf = Vec::new();
+    let result = stream.read_to_end(&mut buf);
+    // Close with a reset: the worker has closed already, and this keeps loopback free of
+    // TIME_WAIT sockets under load.
+    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+    drop(stream);
+    if let Err(e) = result {
+        return Err(Failure(format!(
+            "read: {:?}{}",
+            e.kind(),
+            if buf.is_empty() { "" } else { " (partial)" }
+        )));
+    }
+    let text = String::from_utf8_lossy(&buf);
+    if text.is_empty() {
+        return Err(Failure("eof without reply".into()));
+    }
+    if !text.ends_with('\n') {
+        return Err(Failure("truncated reply".into()));
+    }
+    Reply::parse(text.trim_end()).ok_or_else(|| Failure(format!("malformed reply {text:?}")))
+}
+
+/// Requests one after another until `done(&replies)` or `timeout`; every request must
+/// succeed. Returns the replies.
+pub fn requests_until(
+    addr: SocketAddr,
+    timeout: Duration,
+    what: &str,
+    mut done: impl FnMut(&[Reply]) -> bool,
+) -> Vec<Reply> {
+    let deadline = Instant::now() + timeout;
+    let mut replies = Vec::new();
+    loop {
+        match request(addr) {
+            Ok(r) => replies.push(r),
+            Err(f) => panic!("request {} to {addr} failed: {f:?}", replies.len() + 1),
+        }
+        if done(&replies) {
+            return replies;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not {what} within {timeout:?} after {} replies; last ones: {:#?}",
+            replies.len(),
+            &replies[replies.len().saturating_sub(5)..]
+        );
+    }
+}
+
+/// Requests until every slot in `0..workers` has answered; returns `slot → reply`.
+pub fn collect_ids(addr: SocketAddr, workers: usize, timeout: Duration) -> BTreeMap<usize, Reply> {
+    let mut seen = BTreeMap::new();
+    requests_until(
+        addr,
+        timeout,
+        &format!("served by all {workers} slots"),
+        |replies| {
+            let r = replies.last().unwrap();
+            seen.entry(r.id).or_insert_with(|| r.clone());
+            seen.len() >= workers
+        },
+    );
+    seen
+}
+
+// ---------------------------------------------------------------------------------
+// Load
+// ---------------------------------------------------------------------------------
+
+/// Sum of what a load's clients saw.
+#[derive(Clone, Debug, Default)]
+pub struct LoadTotals {
+    pub ok: u64,
+    pub failures: BTreeMap<String, u64>,
+    /// Replies per worker generation and per worker id.
+    pub by_gen: BTreeMap<u32, u64>,
+    pub by_id: BTreeMap<usize, u64>,
+    pub pids: BTreeSet<u32>,
+    /// The first few failures, with when they happened (since the load started).
+    pub first_failures: Vec<(Duration, String)>,
+    pub elapsed: Duration,
+}
+
+impl LoadTotals {
+    pub fn failed(&self) -> u64 {
+        self.failures.values().sum()
+    }
+
+    fn merge(&mut self, other: LoadTotals) {
+        self.ok += other.ok;
+        for (k, v) in other.failures {
+            *self.failures.entry(k).or_default() += v;
+        }
+        for (k, v) in other.by_gen {
+            *self.by_gen.entry(k).or_default() += v;
+        }
+        for (k, v) in other.by_id {
+            *self.by_id.entry(k).or_default() += v;
+        }
+        self.pids.extend(other.pids);
+        self.first_failures.extend(other.first_failures);
+        self.first_failures.sort();
+        self.first_failures.truncate(10);
+    }
+}
+
+/// `threads` clients, each making new-connection requests in a loop until stopped.
+/// Bounded by itself: a client stops after [`Load::MAX_DURATION`].
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    started: Instant,
+    threads: Vec<JoinHandle<LoadTotals>>,
+}
+
+impl Load {
+    pub const MAX_DURATION: Duration = Duration::from_secs(300);
+
+    pub fn start(addr: SocketAddr, threads: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let started = Instant::now();
+        let threads = (0..threads)
+            .map(|_| {
+                let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+                std::thread::spawn(move || {
+                    let mut totals = LoadTotals::default();
+                    while !stop.load(Ordering::Relaxed) && started.elapsed() < Load::MAX_DURATION {
+                        match request(addr) {
+                            Ok(reply) => {
+                                totals.ok += 1;
+                                ok.fetch_add(1, Ordering::Relaxed);
+                                *totals.by_gen.entry(reply.gen).or_default() += 1;
+                                *totals.by_id.entry(reply.id).or_default() += 1;
+                                totals.pids.insert(reply.pid);
+                            }
+                            Err(Failure(kind)) => {
+                                failed.fetch_add(1, Ordering::Relaxed);
+                                if totals.first_failures.len() < 10 {
+                                    totals
+                                        .first_failures
+                                        .push((started.elapsed(), kind.clone()));
+                                }
+                                *totals.failures.entry(kind).or_default() += 1;
+                            }
+                        }
+                    }
+                    totals
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            ok,
+            failed,
+            started,
+            threads,
+        }
+    }
+
+    pub fn ok_so_far(&self) -> u64 {
+        self.ok.load(Ordering::Relaxed)
+    }
+
+    pub fn failed_so_far(&self) -> u64 {
+        self.failed.load(Ordering::Relaxed)
+    }
+
+    /// Waits until `n` more requests than now have succeeded; panics after `timeout`.
+    pub fn wait_more_ok(&self, n: u64, timeout: Duration) {
+        let target = self.ok_so_far() + n;
+        assert!(
+            poll_until(timeout, || self.ok_so_far() >= target),
+            "load: fewer than {n} successful requests in {timeout:?} (ok {}, failed {})",
+            self.ok_so_far(),
+            self.failed_so_far()
+        );
+    }
+
+    pub fn stop(mut self) -> LoadTotals {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut totals = LoadTotals::default();
+        for t in std::mem::take(&mut self.threads) {
+            totals.merge(t.join().expect("load thread panicked"));
+        }
+        totals.elapsed = self.started.elapsed();
+        totals
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
