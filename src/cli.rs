@@ -66,6 +66,10 @@ pub struct Options {
     #[arg(long, env = "RECLUSTER_BACKLOG", default_value_t = config::DEFAULT_BACKLOG, value_parser = clap::value_parser!(i32).range(1..))]
     pub backlog: i32,
 
+    /// Become a child subreaper and reap orphaned grandchildren [default: on when PID 1]
+    #[arg(long, env = "RECLUSTER_SUBREAPER", num_args = 0..=1, default_missing_value = "true", require_equals = true)]
+    pub subreaper: Option<bool>,
+
     /// Log level: error, warn, info, debug or trace (RUST_LOG, when set, wins)
     #[arg(long, env = "RECLUSTER_LOG_LEVEL", default_value = "info")]
     pub log_level: tracing::Level,
@@ -134,6 +138,9 @@ pub fn main() -> i32 {
         .ready_timeout(opts.ready_timeout)
         .stop_signal(opts.stop_signal)
         .backlog(opts.backlog);
+    if let Some(on) = opts.subreaper {
+        builder = builder.subreaper(on);
+    }
     for addr in &opts.listen {
         builder = builder.listen(*addr);
     }

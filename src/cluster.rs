@@ -121,9 +121,18 @@ pub struct ClusterBuilder {
     timing: Timing,
     stop_signal: Signal,
     backlog: i32,
+    subreaper: bool,
 }
 
 impl ClusterBuilder {
+    /// Become a child subreaper and reap orphaned descendants too (default: only when PID 1).
+    ///
+    /// Only for a process that runs one cluster and no other children: it reaps every child.
+    pub fn subreaper(mut self, on: bool) -> Self {
+        self.subreaper = on;
+        self
+    }
+
     /// Number of worker slots (default: the available cores).
     pub fn workers(mut self, n: usize) -> Self {
         self.workers = n;
@@ -216,6 +225,7 @@ impl ClusterBuilder {
                 ready_when: self.ready_when,
                 timing: self.timing,
                 stop_signal: self.stop_signal,
+                subreaper: self.subreaper,
                 listeners,
                 events: events.clone(),
                 commands: command_rx,
@@ -241,6 +251,7 @@ pub(crate) struct Setup {
     pub ready_when: ReadyWhen,
     pub timing: Timing,
     pub stop_signal: Signal,
+    pub subreaper: bool,
     pub listeners: Vec<TcpListener>,
     pub events: broadcast::Sender<Event>,
     pub commands: mpsc::UnboundedReceiver<Command>,
@@ -282,6 +293,7 @@ impl Cluster {
             timing: Timing::default(),
             stop_signal: Signal::SIGTERM,
             backlog: config::DEFAULT_BACKLOG,
+            subreaper: std::process::id() == 1,
         }
     }
 

@@ -17,7 +17,7 @@ use nix::unistd::Pid;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::balance::{Balancer, Update};
 use crate::channel::{self, WorkerLine};
@@ -94,6 +94,9 @@ struct Driver {
 pub(crate) async fn run(setup: Setup) -> Result<(), Error> {
     let io = |context| move |source| Error::Io { context, source };
     let mut sigchld = signal(SignalKind::child()).map_err(io("cannot watch SIGCHLD"))?;
+    if setup.subreaper {
+        crate::reap::become_subreaper().map_err(io("cannot become a child subreaper"))?;
+    }
     let notify = NotifySocket::bind().map_err(io("cannot create the notify socket"))?;
     for (index, l) in setup.listeners.iter().enumerate() {
         if let Ok(addr) = l.local_addr() {
@@ -364,34 +367,57 @@ impl Driver {
     }
 
     fn reap(&mut self) {
-        let exited: Vec<(WorkerId, u32, ExitStatus)> = self
-            .procs
-            .iter()
-            .filter_map(|(&id, p)| crate::reap::try_reap(p.pid).map(|s| (id, p.pid, s)))
-            .collect();
-        for (id, pid, status) in exited {
-            if let Some(p) = self.procs.remove(&id) {
-                if let Some(r) = p.reader {
-                    r.abort();
+        let mut exited: Vec<(u32, ExitStatus)> = Vec::new();
+        if self.setup.subreaper {
+            // A subreaper inherits orphans: reap every child, ours or not.
+            while let Some((pid, status)) = crate::reap::reap_any() {
+                if !self.by_pid.contains_key(&pid) {
+                    debug!(pid, %status, "reaped an orphaned process");
                 }
-                if let Some(ch) = p.channel {
-                    // Connections it never read go to another worker.
-                    let conns = ch.reclaim();
-                    if !conns.is_empty() {
-                        info!(
-                            slot = self.sup.info(id).map(|w| w.slot),
-                            pid,
-                            count = conns.len(),
-                            "reclaimed connections the worker never read"
-                        );
-                        if let Some(tx) = &self.balancer {
-                            let _ = tx.send(Update::Reclaimed(conns));
-                        }
+                exited.push((pid, status));
+            }
+        } else {
+            // Only our own pids: other children of a host program are not ours to reap.
+            exited.extend(
+                self.procs
+                    .values()
+                    .filter_map(|p| crate::reap::try_reap(p.pid).map(|s| (p.pid, s))),
+            );
+        }
+        for (pid, status) in exited {
+            let Some(id) = self.by_pid.remove(&pid) else {
+                continue;
+            };
+            let Some(p) = self.procs.remove(&id) else {
+                continue;
+            };
+            if let Some(r) = p.reader {
+                r.abort();
+            }
+            // Whatever the worker left in its process group (a server under `sh -c`
+            // that did not exec, a forked helper) goes with it, as systemd's
+            // control-group kill does: it would otherwise hold sockets and old code.
+            if killpg(Pid::from_raw(pid as i32), Signal::SIGKILL).is_ok() {
+                debug!(pid, "killed what the worker left in its process group");
+            }
+            let slot = self.sup.info(id).map(|w| w.slot);
+            // First the core (which routes the slot away), then the connections the
+            // worker never read go to the workers that remain.
+            self.feed(Input::Exited { id, status });
+            if let Some(ch) = p.channel {
+                let conns = ch.reclaim();
+                if !conns.is_empty() {
+                    info!(
+                        slot,
+                        pid,
+                        count = conns.len(),
+                        "reclaimed connections the worker never read"
+                    );
+                    if let Some(tx) = &self.balancer {
+                        let _ = tx.send(Update::Reclaimed(conns));
                     }
                 }
             }
-            self.by_pid.remove(&pid);
-            self.feed(Input::Exited { id, status });
         }
     }
 

@@ -3,7 +3,8 @@
 //! The master reaps only the pids it spawned (never `waitpid(-1)`), so several
 //! clusters, or other child processes of a host program, can live in one process.
 //! SIGCHLD only says that *some* child changed state, so on each one every known
-//! pid is polled with `WNOHANG`.
+//! pid is polled with `WNOHANG`. A master that is a child subreaper (`--subreaper`,
+//! the default for PID 1 in a container) reaps every child instead, orphans included.
 
 use nix::errno::Errno;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
@@ -24,5 +25,34 @@ pub(crate) fn try_reap(pid: u32) -> Option<ExitStatus> {
             // ECHILD: not our child any more (reaped elsewhere); count it as gone.
             Err(_) => return Some(ExitStatus::Code(-1)),
         }
+    }
+}
+
+/// Reaps any one exited child (`waitpid(-1, WNOHANG)`): its pid and how it ended.
+pub(crate) fn reap_any() -> Option<(u32, ExitStatus)> {
+    loop {
+        match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(pid, code)) => {
+                return Some((pid.as_raw() as u32, ExitStatus::Code(code)))
+            }
+            Ok(WaitStatus::Signaled(pid, sig, _)) => {
+                return Some((pid.as_raw() as u32, ExitStatus::Signal(sig as i32)))
+            }
+            Ok(WaitStatus::StillAlive) => return None,
+            Ok(_) => continue, // stopped/continued: not an exit; look further
+            Err(Errno::EINTR) => continue,
+            Err(_) => return None, // ECHILD: no children left
+        }
+    }
+}
+
+/// Makes this process a child subreaper: orphaned descendants are re-parented to it.
+pub(crate) fn become_subreaper() -> std::io::Result<()> {
+    // SAFETY: prctl(PR_SET_CHILD_SUBREAPER) takes plain integer arguments.
+    let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
