@@ -29,7 +29,9 @@
 //!   `EAGAIN` is met with a `poll` for readability. A connection that was accepted is
 //!   always served, even if it arrived after the stop signal;
 //! * the accepted sockets go over a channel to a current-thread tokio runtime (on its
-//!   own thread), which writes the reply, and handles signals and sd_notify;
+//!   own thread), which writes the reply, and handles signals and sd_notify; accepting
+//!   starts only once the runtime's signal handlers are installed, so a worker the
+//!   master sees listening always stops gracefully;
 //! * to stop, the runtime sets a flag and interrupts the accepting threads with
 //!   `SIGUSR1`, whose handler is installed without `SA_RESTART` so a blocked `accept4`
 //!   or `poll` returns `EINTR`; it repeats that until every accepting thread has left

@@ -1,0 +1,258 @@
+//! Property tests: random event sequences through the supervisor core, random bytes
+//! and random batches through the channel parsers.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
+
+use proptest::prelude::*;
+use recluster::channel::{self, MasterLine};
+use recluster::supervisor::{
+    Action, Event, ExitStatus, Input, Supervisor, WorkerId, WorkerInfo, WorkerState,
+};
+use recluster::Timing;
+use tokio::time::Instant;
+
+#[derive(Debug, Clone)]
+enum Op {
+    Reload,
+    Terminate,
+    KillAll,
+    /// The n-th live worker (mod count) becomes ready.
+    Ready(usize),
+    /// The n-th live worker exits.
+    Exit(usize),
+    /// The n-th live worker asks to be replaced.
+    Replace(usize),
+    /// Time passes.
+    Wait(u64),
+    /// The next spawns fail (true) or succeed (false).
+    SpawnsFail(bool),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        2 => Just(Op::Reload),
+        1 => Just(Op::Terminate),
+        1 => Just(Op::KillAll),
+        6 => any::<usize>().prop_map(Op::Ready),
+        4 => any::<usize>().prop_map(Op::Exit),
+        1 => any::<usize>().prop_map(Op::Replace),
+        4 => (0u64..3000).prop_map(Op::Wait),
+        1 => any::<bool>().prop_map(Op::SpawnsFail),
+    ]
+}
+
+fn timing() -> impl Strategy<Value = Timing> {
+    (0u64..500, 0u64..2000, 0u64..1500, 0u64..3000).prop_map(|(t, r, b, rt)| Timing {
+        timeout: Duration::from_millis(t),
+        respawn: Duration::from_millis(r),
+        backoff: Duration::from_millis(b),
+        ready_timeout: Duration::from_millis(rt),
+    })
+}
+
+/// Runs the core like the driver does, checking the invariants after every step.
+struct Checker {
+    sup: Supervisor,
+    timing: Timing,
+    now: Instant,
+    fail_spawns: bool,
+    next_pid: u32,
+    exited: bool,
+}
+
+impl Checker {
+    fn live(&self) -> Vec<WorkerInfo> {
+        self.sup.workers()
+    }
+
+    fn run(&mut self, input: Input) {
+        let before: BTreeMap<WorkerId, WorkerInfo> =
+            self.live().into_iter().map(|w| (w.id, w)).collect();
+        let mut actions = self.sup.handle(input, self.now);
+        let mut i = 0;
+        while i < actions.len() {
+            if let Action::Spawn { id, .. } = actions[i] {
+                let reply = if self.fail_spawns {
+                    Input::SpawnFailed {
+                        id,
+                        error: "EAGAIN".into(),
+                    }
+                } else {
+                    self.next_pid += 1;
+                    Input::Spawned {
+                        id,
+                        pid: self.next_pid,
+                    }
+                };
+                let more = self.sup.handle(reply, self.now);
+                actions.extend(more);
+            }
+            i += 1;
+        }
+        self.check(&before, &actions);
+    }
+
+    fn check(&mut self, before: &BTreeMap<WorkerId, WorkerInfo>, actions: &[Action]) {
+        let live = self.live();
+        // Never two ready (active) workers in a slot, never two starting ones.
+        let mut ready = BTreeMap::<usize, usize>::new();
+        let mut starting = BTreeMap::<usize, usize>::new();
+        for w in &live {
+            match w.state {
+                WorkerState::Ready => *ready.entry(w.slot).or_default() += 1,
+                WorkerState::Starting => *starting.entry(w.slot).or_default() += 1,
+                WorkerState::Retiring => {}
+            }
+        }
+        assert!(ready.values().all(|&n| n <= 1), "two active in a slot: {live:?}");
+        assert!(starting.values().all(|&n| n <= 1), "two pending in a slot: {live:?}");
+        let active = self.sup.active_workers();
+        for (slot, a) in active.iter().enumerate() {
+            if let Some(a) = a {
+                assert_eq!((a.slot, a.state), (slot, WorkerState::Ready));
+            }
+        }
+        for a in actions {
+            match a {
+                // An active worker is retired only once its slot has a new active one.
+                Action::Stop { id } => {
+                    if let Some(old) = before.get(id).filter(|w| w.state == WorkerState::Ready) {
+                        if !self.sup.is_terminating() {
+                            let now_active = active[old.slot].map(|w| w.id);
+                            assert!(
+                                now_active.is_some() && now_active != Some(*id),
+                                "worker {id} of slot {} retired with no replacement ready",
+                                old.slot
+                            );
+                        }
+                    }
+                }
+                // Backoff stays within its bounds.
+                Action::Report(Event::RespawnScheduled { delay, .. }) => {
+                    let Timing {
+                        respawn, backoff, ..
+                    } = self.timing;
+                    let max = respawn.max(backoff);
+                    assert!(
+                        *delay >= respawn && *delay <= max,
+                        "delay {delay:?} outside [{respawn:?}, {max:?}]"
+                    );
+                }
+                Action::Spawn { .. } => {
+                    assert!(!self.sup.is_terminating(), "spawned while terminating")
+                }
+                Action::Exit => {
+                    assert!(live.is_empty(), "exit with workers alive");
+                    self.exited = true;
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn pick(&self, n: usize) -> Option<WorkerId> {
+        let live = self.live();
+        (!live.is_empty()).then(|| live[n % live.len()].id)
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    #[test]
+    fn supervisor_invariants_hold_for_any_event_sequence(
+        slots in 1usize..5,
+        timing in timing(),
+        ops in proptest::collection::vec(op(), 0..80),
+    ) {
+        let now = Instant::now();
+        let mut c = Checker {
+            sup: Supervisor::new(slots, timing),
+            timing,
+            now,
+            fail_spawns: false,
+            next_pid: 100,
+            exited: false,
+        };
+        let mut first = c.sup.start(now);
+        let spawns: Vec<WorkerId> = first
+            .iter()
+            .filter_map(|a| match a { Action::Spawn { id, .. } => Some(*id), _ => None })
+            .collect();
+        for id in spawns {
+            c.next_pid += 1;
+            first.extend(c.sup.handle(Input::Spawned { id, pid: c.next_pid }, now));
+        }
+        for op in ops {
+            match op {
+                Op::Reload => c.run(Input::Reload),
+                Op::Terminate => c.run(Input::Terminate),
+                Op::KillAll => c.run(Input::KillAll),
+                Op::Ready(n) => if let Some(id) = c.pick(n) { c.run(Input::Ready { id }) },
+                Op::Exit(n) => if let Some(id) = c.pick(n) {
+                    c.run(Input::Exited { id, status: ExitStatus::Code(1) })
+                },
+                Op::Replace(n) => if let Some(id) = c.pick(n) { c.run(Input::ReplaceRequested { id }) },
+                Op::Wait(ms) => {
+                    c.now += Duration::from_millis(ms);
+                    c.run(Input::Tick);
+                }
+                Op::SpawnsFail(f) => c.fail_spawns = f,
+            }
+        }
+        // Terminate always ends with no worker: stop everyone, let time pass (kills),
+        // reap what was killed.
+        c.fail_spawns = false;
+        c.run(Input::Terminate);
+        c.now += timing.timeout + Duration::from_millis(1);
+        c.run(Input::Tick);
+        while let Some(id) = c.pick(0) {
+            c.run(Input::Exited { id, status: ExitStatus::Signal(9) });
+        }
+        prop_assert!(c.live().is_empty());
+        prop_assert!(c.exited, "terminate never said Exit");
+        prop_assert!(c.sup.next_deadline().is_none());
+    }
+
+    #[test]
+    fn master_parser_never_panics_on_any_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+        for line in channel::lines(&bytes) {
+            let _ = channel::parse_master_line(line);
+            let _ = channel::parse_worker_line(line);
+        }
+    }
+
+    #[test]
+    fn batches_of_records_round_trip(
+        records in proptest::collection::vec((0usize..16, addr(), addr()), 1..64),
+        stop in any::<bool>(),
+    ) {
+        let mut buf = Vec::new();
+        for (l, p, o) in &records {
+            channel::encode_conn(&mut buf, *l, *p, *o);
+        }
+        if stop {
+            channel::encode_stop(&mut buf);
+        }
+        prop_assert!(buf.len() <= channel::MAX_MASTER_MESSAGE);
+        let parsed: Vec<MasterLine> = channel::lines(&buf).map(channel::parse_master_line).collect();
+        prop_assert_eq!(parsed.len(), records.len() + stop as usize);
+        for (got, (l, p, o)) in parsed.iter().zip(&records) {
+            prop_assert_eq!(*got, MasterLine::Conn { listener: *l, peer: *p, local: *o });
+        }
+        if stop {
+            prop_assert_eq!(*parsed.last().unwrap(), MasterLine::Stop);
+        }
+    }
+}
+
+fn addr() -> impl Strategy<Value = SocketAddr> {
+    prop_oneof![
+        (any::<u32>(), any::<u16>())
+            .prop_map(|(ip, port)| SocketAddr::new(IpAddr::V4(Ipv4Addr::from(ip)), port)),
+        (any::<u128>(), any::<u16>())
+            .prop_map(|(ip, port)| SocketAddr::new(IpAddr::V6(Ipv6Addr::from(ip)), port)),
+    ]
+}
