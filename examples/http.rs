@@ -1,0 +1,204 @@
+//! The benchmark worker: a minimal HTTP/1.1 keep-alive server that answers every
+//! request with `200 OK` and a short body naming its `WORKER_ID`.
+//!
+//! It is what `cargo bench --bench compare` runs behind every front balancer, so that
+//! the only thing that changes between the measurements is how connections reach it:
+//!
+//! * under recluster, in every balance mode (`rr`, `sticky`, `shared`), through
+//!   [`recluster::worker::Listener`]:
+//!
+//!   ```text
+//!   target/release/recluster --workers 2 --listen 127.0.0.1:8080 -- target/release/examples/http
+//!   ```
+//!
+//! * standalone, binding its own `SO_REUSEPORT` socket, for the baseline of N copies
+//!   sharing a port with no master at all (the kernel's own balancing), or one copy
+//!   alone, or as a backend behind HAProxy:
+//!
+//!   ```text
+//!   target/release/examples/http --reuseport 127.0.0.1:8080 &
+//!   target/release/examples/http --reuseport 127.0.0.1:8080 &
+//!   ```
+//!
+//! The HTTP parsing is hand-written and deliberately small: request line and headers
+//! up to `\r\n\r\n`, a `Content-Length` body is skipped, `Connection: close` (or
+//! HTTP/1.0 without `keep-alive`) closes after the response, pipelined requests are
+//! answered in order. It is single-threaded (one process per core is the point of a
+//! cluster). On stop it accepts no more, finishes its open connections and exits.
+
+use std::net::SocketAddr;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Largest request head accepted; beyond it the connection gets `431` and is closed.
+const MAX_HEAD: usize = 8192;
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> std::io::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let id = std::env::var("WORKER_ID").unwrap_or_else(|_| "0".into());
+    let body: &'static [u8] = format!("worker={id}\n").into_bytes().leak();
+    let mut tasks = tokio::task::JoinSet::new();
+    match args.as_slice() {
+        [flag, addr] if flag == "--reuseport" => {
+            let addr: SocketAddr = addr
+                .parse()
+                .map_err(|e| std::io::Error::other(format!("--reuseport {addr}: {e}")))?;
+            let listener = reuseport_listener(addr)?;
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            loop {
+                let stream = tokio::select! {
+                    biased;
+                    _ = term.recv() => break,
+                    r = listener.accept() => match r {
+                        Ok((s, _)) => s,
+                        // EMFILE and the like: back off a little instead of spinning.
+                        Err(_) => {
+                            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                            continue;
+                        }
+                    },
+                };
+                tasks.spawn(serve(stream, body));
+                while tasks.try_join_next().is_some() {}
+            }
+        }
+        [] => {
+            let mut listener = recluster::worker::Listener::from_env()?;
+            recluster::worker::ready()?;
+            while let Some((stream, _peer)) = listener.accept().await? {
+                tasks.spawn(serve(stream, body));
+                while tasks.try_join_next().is_some() {}
+            }
+        }
+        _ => {
+            eprintln!("usage: http                      (under recluster)\n       http --reuseport ADDR     (standalone, SO_REUSEPORT)");
+            std::process::exit(2);
+        }
+    }
+    // Stop: drain the connections in flight, bounded, then exit.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    Ok(())
+}
+
+/// A listening socket of its own on `addr`, shared with sibling processes by SO_REUSEPORT.
+fn reuseport_listener(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    sock.set_reuse_address(true)?;
+    sock.set_reuse_port(true)?;
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(511)?;
+    tokio::net::TcpListener::from_std(sock.into())
+}
+
+/// Serves one connection: answers each request, until the client closes or asks to.
+async fn serve(mut stream: TcpStream, body: &'static [u8]) {
+    let _ = stream.set_nodelay(true);
+    let mut buf = vec![0u8; MAX_HEAD];
+    let mut filled = 0;
+    let mut out = Vec::with_capacity(256);
+    loop {
+        // Answer every complete request in the buffer (pipelining), then write once.
+        let mut close = false;
+        out.clear();
+        let mut start = 0;
+        while let Some(req) = parse_request(&buf[start..filled]) {
+            // The body, if any, must be in the buffer too (it is never larger than
+            // the buffer: see parse_request); otherwise read more first.
+            if start + req.len > filled {
+                break;
+            }
+            respond(&mut out, body, req.close);
+            start += req.len;
+            if req.close {
+                close = true;
+                break;
+            }
+        }
+        if !out.is_empty() && stream.write_all(&out).await.is_err() {
+            return;
+        }
+        if close {
+            let _ = stream.shutdown().await;
+            return;
+        }
+        buf.copy_within(start..filled, 0);
+        filled -= start;
+        if filled == buf.len() {
+            let _ = stream
+                .write_all(b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                .await;
+            return;
+        }
+        match stream.read(&mut buf[filled..]).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => filled += n,
+        }
+    }
+}
+
+/// A complete request at the start of a buffer.
+struct Request {
+    /// Bytes it takes: head and body.
+    len: usize,
+    /// Whether the connection closes after the response.
+    close: bool,
+}
+
+/// Parses the request at the start of `buf`, if its head is complete.
+fn parse_request(buf: &[u8]) -> Option<Request> {
+    let head_end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let head = &buf[..head_end];
+    let mut lines = head.split(|&b| b == b'\n');
+    let request_line = lines.next()?;
+    let http10 = request_line.ends_with(b"HTTP/1.0\r");
+    let mut close = http10;
+    let mut content_length = 0usize;
+    for line in lines {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            continue;
+        };
+        let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii());
+        if name.eq_ignore_ascii_case(b"connection") {
+            if value.eq_ignore_ascii_case(b"close") {
+                close = true;
+            } else if value.eq_ignore_ascii_case(b"keep-alive") {
+                close = false;
+            }
+        } else if name.eq_ignore_ascii_case(b"content-length") {
+            content_length = std::str::from_utf8(value).ok()?.parse().ok()?;
+        }
+    }
+    // A body that cannot fit the buffer is answered as if the request ended at its head
+    // and the connection closes: this worker only serves benchmarks' GETs.
+    if head_end + content_length > MAX_HEAD {
+        return Some(Request {
+            len: head_end,
+            close: true,
+        });
+    }
+    Some(Request {
+        len: head_end + content_length,
+        close,
+    })
+}
+
+/// Appends a `200 OK` response carrying `body` to `out`.
+fn respond(out: &mut Vec<u8>, body: &[u8], close: bool) {
+    use std::io::Write;
+    let connection = if close { "close" } else { "keep-alive" };
+    let _ = write!(
+        out,
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: {connection}\r\n\r\n",
+        body.len()
+    );
+    out.extend_from_slice(body);
+}
