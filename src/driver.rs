@@ -17,15 +17,16 @@ use nix::unistd::Pid;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
-use tracing::{debug, error, info, warn};
+use tracing::{debug, info, warn};
 
 use crate::balance::{Balancer, Update};
 use crate::channel::{self, WorkerLine};
 use crate::cluster::{Command, Error, Setup, Snapshot};
 use crate::config::{Balance, ReadyWhen};
 use crate::fdpass::FdBuf;
+use crate::journal::Journal;
 use crate::notify::{NotifyMessage, NotifySocket};
-use crate::supervisor::{Action, Event, ExitStatus, Input, Supervisor, WorkerId, WorkerState};
+use crate::supervisor::{Action, Event, ExitStatus, Input, Supervisor, WorkerId};
 use crate::worker_channel::WorkerChannel;
 
 /// How often a starting worker is checked in /proc for listening (`shared` + `listening`).
@@ -81,6 +82,7 @@ struct Driver {
     listen_fds: Vec<RawFd>,
     procs: HashMap<WorkerId, Proc>,
     by_pid: HashMap<u32, WorkerId>,
+    journal: Journal,
     /// Route updates to the balancer (`rr`/`sticky`).
     balancer: Option<mpsc::UnboundedSender<Update>>,
     messages: mpsc::UnboundedSender<(WorkerId, WorkerMsg)>,
@@ -213,6 +215,7 @@ impl Driver {
             listen_fds,
             procs: HashMap::new(),
             by_pid: HashMap::new(),
+            journal: Journal::new(),
             balancer,
             messages,
             served: false,
@@ -497,111 +500,25 @@ impl Driver {
         }
     }
 
+    /// Side effects of an event besides its log line.
     fn report(&mut self, event: &Event) {
+        self.journal.record(event, self.setup.workers);
         match event {
-            Event::Spawned(w) => {
-                info!(
-                    slot = w.slot,
-                    pid = w.pid,
-                    generation = w.generation,
-                    "worker spawned"
-                )
-            }
-            Event::SpawnFailed {
-                slot,
-                generation,
-                error,
-            } => error!(slot, generation, error = %error, "spawn failed"),
-            Event::Ready(w) => {
-                self.served = true;
-                info!(
-                    slot = w.slot,
-                    pid = w.pid,
-                    generation = w.generation,
-                    "worker ready"
-                )
-            }
+            Event::Ready(_) => self.served = true,
             Event::Retiring(w) => {
                 if let Some(p) = self.procs.get_mut(&w.id) {
                     p.probing = false;
                 }
-                info!(
-                    slot = w.slot,
-                    pid = w.pid,
-                    generation = w.generation,
-                    "worker retiring"
-                )
             }
-            Event::Exited { worker: w, status } => {
-                let expected = w.state == WorkerState::Retiring;
-                match (status, expected) {
-                    (ExitStatus::Code(code), true) => info!(
-                        slot = w.slot,
-                        pid = w.pid,
-                        generation = w.generation,
-                        code,
-                        "worker exited"
-                    ),
-                    (ExitStatus::Signal(signal), true) => info!(
-                        slot = w.slot,
-                        pid = w.pid,
-                        generation = w.generation,
-                        signal,
-                        "worker exited"
-                    ),
-                    (ExitStatus::Code(code), false) => warn!(
-                        slot = w.slot,
-                        pid = w.pid,
-                        generation = w.generation,
-                        code,
-                        "worker exited"
-                    ),
-                    (ExitStatus::Signal(signal), false) => warn!(
-                        slot = w.slot,
-                        pid = w.pid,
-                        generation = w.generation,
-                        signal,
-                        "worker exited"
-                    ),
-                }
-            }
-            Event::RespawnScheduled { slot, delay } => {
-                info!(
-                    slot,
-                    delay_ms = delay.as_millis() as u64,
-                    "respawn scheduled"
-                )
-            }
-            Event::NotReadyInTime(w) => warn!(
-                slot = w.slot,
-                pid = w.pid,
-                generation = w.generation,
-                "worker not ready in time"
-            ),
-            Event::KilledAfterTimeout(w) => warn!(
-                slot = w.slot,
-                pid = w.pid,
-                generation = w.generation,
-                "worker killed after timeout"
-            ),
-            Event::ReplaceStarted(w) => info!(
-                slot = w.slot,
-                pid = w.pid,
-                generation = w.generation,
-                "worker asked to be replaced"
-            ),
-            Event::ReloadStarted { generation } => info!(generation, "reload started"),
-            Event::ReloadFinished { generation } => info!(generation, "reload finished"),
-            Event::ClusterReady { generation } => {
-                info!(generation, workers = self.setup.workers, "cluster ready");
+            Event::ClusterReady { .. } => {
                 if let Err(e) = crate::notify::notify_service_manager("READY=1") {
                     warn!(error = %e, "cannot tell the service manager we are ready");
                 }
             }
             Event::Terminating => {
-                info!("terminating");
                 let _ = crate::notify::notify_service_manager("STOPPING=1");
             }
+            _ => {}
         }
     }
 

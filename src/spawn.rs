@@ -608,7 +608,9 @@ mod tests {
         let (out_r, out_w) = cloexec_pipe().unwrap();
         // The Rust test harness ignores SIGPIPE; the worker must see it at default.
         let pid = sh(
-            "grep -E '^Sig(Ign|Blk)' /proc/$$/status >&3",
+            // `exec`: grep reads its own status as the worker's exec left it (a shell
+            // that forks blocks signals around the fork, which would race the check).
+            "exec grep -E '^Sig(Ign|Blk)' /proc/self/status >&3",
             &[out_w.as_raw_fd()],
             &[],
             false,

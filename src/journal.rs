@@ -1,0 +1,154 @@
+//! The lifecycle log: one line per supervisor event, naming slot, pid and generation.
+//!
+//! Lines that a crash loop repeats (unexpected exits, respawns, failed spawns, and
+//! the spawns that follow them) are rate-limited per slot, with a `suppressed=` count
+//! on the next line that gets through, so a bad worker cannot fill the disk.
+
+use std::collections::HashSet;
+
+use tokio::time::Instant;
+use tracing::{error, info, warn};
+
+use crate::ratelimit::RateLimit;
+use crate::supervisor::{Event, ExitStatus, WorkerState};
+
+/// What a rate-limited line is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Kind {
+    Exit,
+    Respawn,
+    Spawn,
+    SpawnFailed,
+}
+
+/// Writes the lifecycle log.
+#[derive(Debug)]
+pub(crate) struct Journal {
+    limit: RateLimit<(usize, Kind)>,
+    /// Slots whose next spawn is a respawn (part of a possible crash loop).
+    respawning: HashSet<usize>,
+}
+
+impl Journal {
+    /// A journal with nothing suppressed yet.
+    pub fn new() -> Journal {
+        Journal {
+            limit: RateLimit::new(),
+            respawning: HashSet::new(),
+        }
+    }
+
+    /// `Some(suppressed)` if a line about `slot` of this kind may be written now.
+    fn allow(&mut self, slot: usize, kind: Kind) -> Option<Option<u64>> {
+        self.limit
+            .allow((slot, kind), Instant::now())
+            .map(|n| (n > 0).then_some(n))
+    }
+
+    /// Writes the line for `event`; `workers` is the cluster's size.
+    pub fn record(&mut self, event: &Event, workers: usize) {
+        match event {
+            Event::Spawned(w) => {
+                if self.respawning.remove(&w.slot) {
+                    let Some(suppressed) = self.allow(w.slot, Kind::Spawn) else {
+                        return;
+                    };
+                    info!(
+                        slot = w.slot,
+                        pid = w.pid,
+                        generation = w.generation,
+                        suppressed,
+                        "worker spawned"
+                    );
+                } else {
+                    info!(
+                        slot = w.slot,
+                        pid = w.pid,
+                        generation = w.generation,
+                        "worker spawned"
+                    );
+                }
+            }
+            Event::SpawnFailed {
+                slot,
+                generation,
+                error,
+            } => {
+                if let Some(suppressed) = self.allow(*slot, Kind::SpawnFailed) {
+                    error!(slot, generation, suppressed, error = %error, "spawn failed");
+                }
+            }
+            Event::Ready(w) => {
+                info!(
+                    slot = w.slot,
+                    pid = w.pid,
+                    generation = w.generation,
+                    "worker ready"
+                )
+            }
+            Event::Retiring(w) => {
+                info!(
+                    slot = w.slot,
+                    pid = w.pid,
+                    generation = w.generation,
+                    "worker retiring"
+                )
+            }
+            Event::Exited { worker: w, status } => {
+                let (code, signal) = match *status {
+                    ExitStatus::Code(c) => (Some(c), None),
+                    ExitStatus::Signal(s) => (None, Some(s)),
+                };
+                if w.state == WorkerState::Retiring {
+                    info!(
+                        slot = w.slot,
+                        pid = w.pid,
+                        generation = w.generation,
+                        code,
+                        signal,
+                        "worker exited"
+                    );
+                } else if let Some(suppressed) = self.allow(w.slot, Kind::Exit) {
+                    warn!(
+                        slot = w.slot,
+                        pid = w.pid,
+                        generation = w.generation,
+                        code,
+                        signal,
+                        suppressed,
+                        "worker exited"
+                    );
+                }
+            }
+            Event::RespawnScheduled { slot, delay } => {
+                self.respawning.insert(*slot);
+                if let Some(suppressed) = self.allow(*slot, Kind::Respawn) {
+                    let delay_ms = delay.as_millis() as u64;
+                    info!(slot, delay_ms, suppressed, "respawn scheduled");
+                }
+            }
+            Event::NotReadyInTime(w) => warn!(
+                slot = w.slot,
+                pid = w.pid,
+                generation = w.generation,
+                "worker not ready in time"
+            ),
+            Event::KilledAfterTimeout(w) => warn!(
+                slot = w.slot,
+                pid = w.pid,
+                generation = w.generation,
+                "worker killed after timeout"
+            ),
+            Event::ReplaceStarted(w) => info!(
+                slot = w.slot,
+                pid = w.pid,
+                generation = w.generation,
+                "worker asked to be replaced"
+            ),
+            Event::ReloadStarted { generation } => info!(generation, "reload started"),
+            Event::ReloadFinished { generation } => info!(generation, "reload finished"),
+            Event::ClusterReady { generation } => info!(generation, workers, "cluster ready"),
+            Event::Terminating => info!("terminating"),
+        }
+    }
+}
