@@ -434,8 +434,19 @@ impl Driver {
     }
 
     fn notified(&mut self, msg: NotifyMessage) {
-        let Some(&id) = self.by_pid.get(&msg.pid) else {
-            return; // not a worker of ours: ignored, as systemd's NotifyAccess=main
+        // The worker itself, or a process in its process group (a server under
+        // `sh -c`, a forked helper): systemd's NotifyAccess=all, within one worker.
+        // Anything else is ignored.
+        let id = self.by_pid.get(&msg.pid).copied().or_else(|| {
+            let group = crate::probe::process_group(msg.pid)?;
+            self.by_pid.get(&group).copied()
+        });
+        let Some(id) = id else {
+            debug!(
+                pid = msg.pid,
+                "ignored a notify message from a process that is no worker"
+            );
+            return;
         };
         if msg.ready && self.setup.ready_when != ReadyWhen::Started {
             self.feed(Input::Ready { id });

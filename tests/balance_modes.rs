@@ -453,3 +453,104 @@ fn the_master_holds_as_many_descriptors_after_10000_connections_as_before() {
     );
     assert_eq!(before, after);
 }
+
+/// A channel worker in a few lines of Python that asks to be replaced after its
+/// first connection (only the first worker to create the marker file does).
+const REPLACING_WORKER: &str = r#"
+import os, signal, socket, sys
+signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+ch = socket.socket(fileno=int(os.environ["RECLUSTER_FD"]))
+ch.send(b"listening\n")
+try:
+    os.close(os.open(os.environ["MARK"], os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    asker = True
+except FileExistsError:
+    asker = False
+while True:
+    msg, fds, _, _ = socket.recv_fds(ch, 8192, 64)
+    if not msg and not fds:
+        sys.exit(0)
+    fds = iter(fds)
+    for line in msg.decode().splitlines():
+        p = line.split(" ")
+        if p[0] == "stop":
+            sys.exit(0)
+        if p[0] == "conn":
+            with socket.socket(fileno=next(fds)) as c:
+                c.sendall(f"id={os.environ['WORKER_ID']} pid={os.getpid()} gen={os.environ['RECLUSTER_GENERATION']}\n".encode())
+            if asker:
+                ch.send(b"replace\n")
+                asker = False
+"#;
+
+#[test]
+fn a_worker_that_asks_to_be_replaced_retires_once_its_replacement_is_ready() {
+    let Some(py) = python3_with_recv_fds() else {
+        println!("skipped: no python3 with socket.recv_fds (3.9+) on this machine");
+        return;
+    };
+    let mark = std::env::temp_dir().join(format!("recluster-replace-{}", std::process::id()));
+    let _ = std::fs::remove_file(&mark);
+    let m = Cluster::new()
+        .workers(1)
+        .args(["--balance", "rr", "--listen", "127.0.0.1:0"])
+        .env("MARK", &mark)
+        .command([py.as_str(), "-c", REPLACING_WORKER])
+        .spawn();
+    let addr = m.addr();
+    let first = m.wait_cluster_ready(1)[&0];
+    let from = m.mark();
+    assert_eq!(ask(addr, None).unwrap().pid, first);
+    m.wait_event_after(
+        from,
+        &format!("worker asked to be replaced slot=0 pid={first}"),
+        DEADLINE,
+    );
+    let ready = m.wait_for_after(from, "a replacement ready", DEADLINE, |l| {
+        l.matches("worker ready slot=0") && l.pid() != first
+    });
+    m.wait_event_after(
+        from,
+        &format!("worker retiring slot=0 pid={first}"),
+        DEADLINE,
+    );
+    let r = ask(addr, None).expect("served after the replacement");
+    assert_eq!(r.pid, ready.pid(), "the replacement serves");
+    assert_eq!(r.gen, 1, "a replacement keeps the generation");
+    let _ = std::fs::remove_file(&mark);
+}
+
+#[test]
+fn ready_from_a_child_in_the_workers_process_group_counts() {
+    let Some(py) = which("python3") else {
+        println!("skipped: no python3");
+        return;
+    };
+    // The worker is a shell that does not exec at once: a child of it says READY=1.
+    let send = "import os,socket; s=socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); \
+                s.sendto(b'READY=1', os.environ['NOTIFY_SOCKET'])";
+    let script = format!(
+        "{py} -c \"{send}\"; exec {worker}",
+        py = py.display(),
+        worker = test_worker().display()
+    );
+    let m = Cluster::new()
+        .workers(1)
+        .args([
+            "--balance",
+            "shared",
+            "--listen",
+            "127.0.0.1:0",
+            "--ready-when",
+            "ready",
+        ])
+        .command(["/bin/sh", "-c", &script])
+        .spawn();
+    let addr = m.addr();
+    let ready = m.wait_cluster_ready(1)[&0];
+    assert_eq!(
+        request(addr).unwrap().pid,
+        ready,
+        "the shell exec'd the worker"
+    );
+}
