@@ -1,6 +1,6 @@
 //! The worker channel protocol: the frames the master and a worker exchange.
 //!
-//! Pure encoding and parsing, no I/O (that is [`crate::fdpass`]'s job), so both sides
+//! Pure encoding and parsing, no I/O (that is the `fdpass` module's job), so both sides
 //! share one grammar and it can be tested and fuzzed alone. The full specification
 //! is `docs/PROTOCOL.md`; in short, over a `SOCK_SEQPACKET` socketpair:
 //!
@@ -21,7 +21,7 @@ pub const VERSION: u32 = 1;
 /// Largest message a worker may send; anything longer is garbage.
 pub const MAX_WORKER_MESSAGE: usize = 256;
 
-/// Room for one master message: [`crate::fdpass::MAX_FDS`] records of the longest kind.
+/// Room for one master message: 64 records (the most per message) of the longest kind.
 pub const MAX_MASTER_MESSAGE: usize = 64 * RECORD_MAX;
 
 /// Longest `conn` record: two bracketed IPv6 addresses with scope ids and ports.

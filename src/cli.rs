@@ -30,7 +30,7 @@ pub struct Options {
     #[arg(long, short = 'w', env = "RECLUSTER_WORKERS", value_parser = parse_workers)]
     pub workers: Option<usize>,
 
-    /// Address to listen on, host:port or [v6]:port; repeatable [default: 127.0.0.1:8080]
+    /// Address to listen on, host:port or \[v6\]:port; repeatable [default: 127.0.0.1:8080]
     #[arg(long, short = 'l', env = "RECLUSTER_LISTEN", value_delimiter = ',', value_parser = parse_addr)]
     pub listen: Vec<SocketAddr>,
 

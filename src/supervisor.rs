@@ -1,7 +1,7 @@
 //! The pure supervisor core: slots, generations, reload, respawn, timeouts.
 //!
 //! This is the whole lifecycle policy of a cluster (DESIGN §5) as a state machine with
-//! no I/O. The tokio layer ([`crate::driver`]) feeds it [`Input`]s — a worker was
+//! no I/O. The tokio layer (the `driver` module) feeds it [`Input`]s — a worker was
 //! spawned, became ready, exited; a reload or terminate was asked for — together with
 //! the current time, and carries out the [`Action`]s it returns: spawn, stop, kill,
 //! route. Timers are deadlines kept here; the driver sleeps until
