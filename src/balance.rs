@@ -280,7 +280,7 @@ impl Balancer {
                 biased;
                 update = self.updates.recv() => match update {
                     Some(u) => self.update(u),
-                    None => return,
+                    None => return self.close_held(),
                 },
                 index = poll_listeners(&self.listeners), if accepting => self.accept(index),
                 _ = sleep_until(wake.unwrap_or(now)), if wake.is_some() => self.retry_parked(),
@@ -464,6 +464,20 @@ impl Balancer {
                 self.batches[slot] = batch;
             }
         }
+    }
+
+    /// At the end (the cluster terminated): closes and counts what no worker took.
+    fn close_held(&mut self) {
+        let held = self.parked.len() + self.batches.iter().map(Vec::len).sum::<usize>();
+        if held > 0 {
+            warn!(
+                count = held,
+                "closing connections no worker took before the end"
+            );
+        }
+        BalanceStats::add(&self.stats.closed, held as u64);
+        self.parked.clear();
+        self.batches.iter_mut().for_each(Vec::clear);
     }
 
     /// Tries again to hand out connections held back by full queues or missing workers.

@@ -85,6 +85,8 @@ struct Driver {
     journal: Journal,
     /// Route updates to the balancer (`rr`/`sticky`).
     balancer: Option<mpsc::UnboundedSender<Update>>,
+    /// The balancer task, awaited at the end so its last counts are in.
+    balancer_task: Option<tokio::task::JoinHandle<()>>,
     messages: mpsc::UnboundedSender<(WorkerId, WorkerMsg)>,
     /// Set once any worker has become ready: from then on spawn errors are retried, not fatal.
     served: bool,
@@ -133,7 +135,11 @@ pub(crate) async fn run(setup: Setup) -> Result<(), Error> {
     match driver.fatal.take() {
         Some(e) => Err(e),
         None => {
-            if driver.balancer.is_some() {
+            // Closing the update channel ends the balancer; it counts what it still held.
+            if driver.balancer.take().is_some() {
+                if let Some(task) = driver.balancer_task.take() {
+                    let _ = task.await;
+                }
                 let c = crate::BalanceCounts::from(&*driver.setup.stats);
                 info!(
                     accepted = c.accepted,
@@ -177,6 +183,7 @@ impl Driver {
         base_env.push(assignment("NOTIFY_SOCKET", notify.path().as_os_str()));
         let listen_fds: Vec<RawFd> = setup.listeners.iter().map(|l| l.as_raw_fd()).collect();
         let mut balancer = None;
+        let mut balancer_task = None;
         if setup.balance == Balance::Shared {
             base_env.push(assignment("LISTEN_FDS", listen_fds.len().to_string()));
             let names: Vec<String> = (0..listen_fds.len())
@@ -202,7 +209,7 @@ impl Driver {
                 context: "cannot set up the balancer",
                 source,
             })?;
-            tokio::spawn(b.run());
+            balancer_task = Some(tokio::spawn(b.run()));
             balancer = Some(tx);
         }
         Ok(Driver {
@@ -217,6 +224,7 @@ impl Driver {
             by_pid: HashMap::new(),
             journal: Journal::new(),
             balancer,
+            balancer_task,
             messages,
             served: false,
             fatal: None,
