@@ -641,8 +641,10 @@ fn run(o: &Options, env: &Env) -> i32 {
         println!();
         println!("### {}", load.as_str());
         println!();
-        println!("| mode | req/s | ratio | p50 ms | p99 ms | p99.9 ms | p99 ratio | errors |");
-        println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+        println!(
+            "| mode | req/s | ratio | p50 ms | p99 ms | p99.9 ms | p99 ratio | errors | split % |"
+        );
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---|");
         for (ti, t) in targets.iter().enumerate() {
             let runs: Vec<(&Report, &Report)> = (0..o.repeats)
                 .filter_map(|rep| {
@@ -663,9 +665,22 @@ fn run(o: &Options, env: &Env) -> i32 {
                     .collect(),
             );
             let errors: u64 = runs.iter().map(|(r, _)| r.errors.total()).sum();
+            // Share of the responses each worker gave, over all repeats.
+            let mut per_worker = vec![0u64; o.workers];
+            for (r, _) in &runs {
+                for (a, b) in per_worker.iter_mut().zip(&r.per_worker) {
+                    *a += b;
+                }
+            }
+            let all: u64 = per_worker.iter().sum::<u64>().max(1);
+            let split: Vec<String> = per_worker
+                .iter()
+                .map(|&n| format!("{:.0}", n as f64 * 100.0 / all as f64))
+                .collect();
             println!(
-                "| {} | {rps:.0} | {ratio:.3} | {p50:.3} | {p99:.3} | {p999:.3} | {p99_ratio:.2} | {errors} |",
-                t.name
+                "| {} | {rps:.0} | {ratio:.3} | {p50:.3} | {p99:.3} | {p999:.3} | {p99_ratio:.2} | {errors} | {} |",
+                t.name,
+                split.join("/")
             );
             if t.name == "rr" || t.name == "sticky" {
                 let (min_ratio, what) = match load {

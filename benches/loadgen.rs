@@ -178,6 +178,9 @@ pub struct Report {
     pub connections: u64,
     pub errors: Errors,
     pub elapsed: Duration,
+    /// Successful responses per `worker=N` body (N < 64), to see how evenly a
+    /// balancer spreads the load.
+    pub per_worker: Vec<u64>,
     /// Latency of successful requests, µs.
     pub hist: Histogram<u64>,
 }
@@ -209,7 +212,9 @@ impl fmt::Display for Report {
             self.hist.max() as f64 / 1000.0,
             self.errors.total(),
             self.errors
-        )
+        )?;
+        let spread: Vec<String> = self.per_worker.iter().map(u64::to_string).collect();
+        write!(f, "  per worker [{}]", spread.join(" "))
     }
 }
 
@@ -257,6 +262,7 @@ impl Shared {
 
 struct ClientResult {
     ok: u64,
+    per_worker: Vec<u64>,
     connections: u64,
     errors: Errors,
     hist: Histogram<u64>,
@@ -296,9 +302,14 @@ async fn run_async(cfg: Config) -> Report {
     let mut hist = new_hist();
     let mut errors = Errors::default();
     let (mut ok, mut connections) = (0, 0);
+    let mut per_worker = vec![0u64; MAX_WORKERS];
     while let Some(r) = set.join_next().await {
         let r = r.expect("load generator client panicked");
         ok += r.ok;
+        per_worker
+            .iter_mut()
+            .zip(&r.per_worker)
+            .for_each(|(a, b)| *a += b);
         connections += r.connections;
         errors.add(&r.errors);
         hist.add(&r.hist).expect("histograms of equal bounds");
@@ -314,6 +325,11 @@ async fn run_async(cfg: Config) -> Report {
         ok,
         connections,
         errors,
+        per_worker: {
+            let used = per_worker.iter().rposition(|&n| n > 0).map_or(0, |i| i + 1);
+            per_worker.truncate(used);
+            per_worker
+        },
         elapsed: end.saturating_duration_since(measure_from),
         hist,
     }
@@ -394,6 +410,20 @@ async fn request(stream: &mut TcpStream, req: &[u8], buf: &mut Vec<u8>) -> Resul
     }
 }
 
+/// Workers told apart in [`Report::per_worker`].
+const MAX_WORKERS: usize = 64;
+
+/// The `N` of a `worker=N` body in a whole response.
+fn worker_of(response: &[u8]) -> Option<usize> {
+    let body = &response[response.windows(4).position(|w| w == b"\r\n\r\n")? + 4..];
+    let digits = body.strip_prefix(b"worker=")?;
+    let end = digits
+        .iter()
+        .position(|b| !b.is_ascii_digit())
+        .unwrap_or(digits.len());
+    std::str::from_utf8(&digits[..end]).ok()?.parse().ok()
+}
+
 /// Checks a response head is `200` and returns its `Content-Length` (0 when absent).
 fn parse_head(head: &[u8]) -> Option<usize> {
     if !(head.starts_with(b"HTTP/1.1 200 ") || head.starts_with(b"HTTP/1.0 200 ")) {
@@ -418,6 +448,7 @@ async fn client(shared: Arc<Shared>, i: usize) -> ClientResult {
     let src = source(cfg, i);
     let mut res = ClientResult {
         ok: 0,
+        per_worker: vec![0; MAX_WORKERS],
         connections: 0,
         errors: Errors::default(),
         hist: new_hist(),
@@ -456,6 +487,9 @@ async fn client(shared: Arc<Shared>, i: usize) -> ClientResult {
             Ok(Ok(stream)) => {
                 if counting {
                     res.ok += 1;
+                    if let Some(w) = worker_of(&buf).filter(|&w| w < MAX_WORKERS) {
+                        res.per_worker[w] += 1;
+                    }
                     let us = now.duration_since(started).as_micros().max(1) as u64;
                     res.hist.saturating_record(us);
                     if !shared.succeeded() {

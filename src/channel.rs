@@ -60,8 +60,50 @@ pub enum WorkerLine<'a> {
 
 /// Appends a `conn` record to `out` (no allocation once `out` has the capacity).
 pub fn encode_conn(out: &mut Vec<u8>, listener: usize, peer: SocketAddr, local: SocketAddr) {
-    // Writing into a Vec cannot fail.
-    let _ = writeln!(out, "conn {listener} {peer} {local}");
+    // This is on the master's hot path, once per connection: `core::fmt` was two
+    // thirds of the master's user-space instructions (callgrind), so IPv4 — the common
+    // case — is written by hand. The text is exactly what `SocketAddr` prints.
+    out.extend_from_slice(b"conn ");
+    write_decimal(out, listener as u64);
+    out.push(b' ');
+    write_addr(out, peer);
+    out.push(b' ');
+    write_addr(out, local);
+    out.push(b'\n');
+}
+
+fn write_addr(out: &mut Vec<u8>, addr: SocketAddr) {
+    match addr {
+        SocketAddr::V4(a) => {
+            let [x, y, z, w] = a.ip().octets();
+            for (i, octet) in [x, y, z, w].into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                write_decimal(out, octet.into());
+            }
+            out.push(b':');
+            write_decimal(out, a.port().into());
+        }
+        // Writing into a Vec cannot fail.
+        SocketAddr::V6(a) => {
+            let _ = write!(out, "{a}");
+        }
+    }
+}
+
+fn write_decimal(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
 }
 
 /// Appends a `stop` line to `out`.
@@ -138,6 +180,28 @@ mod tests {
             );
         }
         assert_eq!(parsed[3], MasterLine::Stop);
+    }
+
+    #[test]
+    fn the_hand_written_encoding_is_what_socketaddr_prints() {
+        let cases = [
+            "0.0.0.0:0",
+            "255.255.255.255:65535",
+            "127.0.0.1:8080",
+            "10.0.100.9:443",
+            "[::1]:80",
+        ];
+        for peer in cases {
+            for local in cases {
+                for listener in [0, 7, 12345] {
+                    let (p, l): (SocketAddr, SocketAddr) =
+                        (peer.parse().unwrap(), local.parse().unwrap());
+                    let mut buf = Vec::new();
+                    encode_conn(&mut buf, listener, p, l);
+                    assert_eq!(buf, format!("conn {listener} {p} {l}\n").into_bytes());
+                }
+            }
+        }
     }
 
     #[test]
