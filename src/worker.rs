@@ -276,3 +276,33 @@ fn set_nonblocking_cloexec(fd: &impl AsFd) -> io::Result<()> {
     fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))?;
     Ok(())
 }
+
+/// `axum::serve(listener, app)` runs unchanged on a recluster worker (feature `axum`).
+///
+/// After the master says stop, `accept` never completes: pair it with
+/// `.with_graceful_shutdown(listener.shutdown())` so the server drains and returns.
+#[cfg(feature = "axum")]
+impl axum::serve::Listener for Listener {
+    type Io = TcpStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (TcpStream, SocketAddr) {
+        loop {
+            match Listener::accept(self).await {
+                Ok(Some(conn)) => return conn,
+                Ok(None) => std::future::pending::<()>().await,
+                Err(e) => {
+                    // As axum does for its own listener: say so, back off, retry.
+                    tracing::error!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        Listener::local_addr(self).ok_or_else(|| {
+            io::Error::other("the local address is known after the first connection")
+        })
+    }
+}
