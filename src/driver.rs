@@ -442,14 +442,9 @@ impl Driver {
     }
 
     fn notified(&mut self, msg: NotifyMessage) {
-        // The worker itself, or a process in its process group (a server under
-        // `sh -c`, a forked helper): systemd's NotifyAccess=all, within one worker.
-        // Anything else is ignored.
-        let id = self.by_pid.get(&msg.pid).copied().or_else(|| {
-            let group = crate::probe::process_group(msg.pid)?;
-            self.by_pid.get(&group).copied()
-        });
-        let Some(id) = id else {
+        // Only the worker process itself, as systemd's NotifyAccess=main (DESIGN §4):
+        // a datagram from any other pid, its own children included, is ignored.
+        let Some(&id) = self.by_pid.get(&msg.pid) else {
             debug!(
                 pid = msg.pid,
                 "ignored a notify message from a process that is no worker"

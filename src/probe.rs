@@ -125,14 +125,6 @@ fn fd_target(pid: u32, fd: i64) -> Option<String> {
 }
 
 /// Direct children of every thread of `pid` (needs CONFIG_PROC_CHILDREN; else none).
-/// The process group of `pid`, from /proc/<pid>/stat; `None` if it is gone.
-pub(crate) fn process_group(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which may hold spaces and parentheses): state ppid pgrp …
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(2)?.parse().ok()
-}
-
 fn children(pid: u32) -> Vec<u32> {
     let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
         return Vec::new();
@@ -303,15 +295,6 @@ mod tests {
         for _ in 0..5 {
             assert!(!is_listening(w.0, 1));
         }
-    }
-
-    #[test]
-    fn process_group_is_read_from_proc() {
-        let own = std::process::id();
-        // SAFETY: getpgrp has no preconditions.
-        let pgrp = unsafe { libc::getpgrp() } as u32;
-        assert_eq!(process_group(own), Some(pgrp));
-        assert_eq!(process_group(u32::MAX), None);
     }
 
     #[test]

@@ -519,38 +519,3 @@ fn a_worker_that_asks_to_be_replaced_retires_once_its_replacement_is_ready() {
     assert_eq!(r.gen, 1, "a replacement keeps the generation");
     let _ = std::fs::remove_file(&mark);
 }
-
-#[test]
-fn ready_from_a_child_in_the_workers_process_group_counts() {
-    let Some(py) = which("python3") else {
-        println!("skipped: no python3");
-        return;
-    };
-    // The worker is a shell that does not exec at once: a child of it says READY=1.
-    let send = "import os,socket; s=socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); \
-                s.sendto(b'READY=1', os.environ['NOTIFY_SOCKET'])";
-    let script = format!(
-        "{py} -c \"{send}\"; exec {worker}",
-        py = py.display(),
-        worker = test_worker().display()
-    );
-    let m = Cluster::new()
-        .workers(1)
-        .args([
-            "--balance",
-            "shared",
-            "--listen",
-            "127.0.0.1:0",
-            "--ready-when",
-            "ready",
-        ])
-        .command(["/bin/sh", "-c", &script])
-        .spawn();
-    let addr = m.addr();
-    let ready = m.wait_cluster_ready(1)[&0];
-    assert_eq!(
-        request(addr).unwrap().pid,
-        ready,
-        "the shell exec'd the worker"
-    );
-}
