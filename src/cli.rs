@@ -117,6 +117,10 @@ fn parse_signal(s: &str) -> Result<Signal, String> {
 
 /// Runs the command line and returns the process exit code.
 pub fn main() -> i32 {
+    // Until the handlers are installed, a reload or terminate signal would kill the
+    // master by its default action: hold them pending instead (see `run`).
+    let held = control_signals();
+    let _ = held.thread_block();
     let opts = match Options::try_parse() {
         Ok(o) => o,
         Err(e) => {
@@ -186,6 +190,8 @@ async fn run(cluster: Cluster) -> Result<(), crate::Error> {
     let mut hup = signal(SignalKind::hangup()).map_err(io)?;
     let mut term = signal(SignalKind::terminate()).map_err(io)?;
     let mut int = signal(SignalKind::interrupt()).map_err(io)?;
+    // Handlers are in place: what arrived since start-up is delivered to them now.
+    let _ = control_signals().thread_unblock();
     tokio::spawn(async move {
         let mut interrupted = false;
         loop {
@@ -205,6 +211,20 @@ async fn run(cluster: Cluster) -> Result<(), crate::Error> {
         }
     });
     cluster.run().await
+}
+
+/// The signals the master acts on.
+fn control_signals() -> nix::sys::signal::SigSet {
+    let mut set = nix::sys::signal::SigSet::empty();
+    for s in [
+        Signal::SIGUSR2,
+        Signal::SIGHUP,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+    ] {
+        set.add(s);
+    }
+    set
 }
 
 fn init_logging(level: tracing::Level) {

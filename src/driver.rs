@@ -460,6 +460,13 @@ impl Driver {
     }
 
     fn worker_message(&mut self, id: WorkerId, msg: WorkerMsg) {
+        if self
+            .procs
+            .get(&id)
+            .is_some_and(|p| p.garbage >= GARBAGE_LIMIT)
+        {
+            return; // killed for garbage: what it queued before dying counts for nothing
+        }
         let ready_when = self.setup.ready_when;
         match msg {
             WorkerMsg::Listening if ready_when == ReadyWhen::Listening => {

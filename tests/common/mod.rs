@@ -356,6 +356,8 @@ pub struct Cluster {
     envs: Vec<(OsString, OsString)>,
     cwd: Option<PathBuf>,
     no_separator: bool,
+    /// Soft and hard `RLIMIT_NOFILE` of the master (set between fork and exec).
+    nofile: Option<u64>,
 }
 
 /// `recluster --workers n --balance shared --listen 127.0.0.1:0 -- test_worker`.
@@ -410,6 +412,13 @@ impl Cluster {
         self
     }
 
+    /// Starts the master with `ulimit -n` = `soft` (the hard limit is kept, so the limit
+    /// can be raised again from outside with [`set_nofile`]). Workers inherit it.
+    pub fn nofile(mut self, soft: u64) -> Cluster {
+        self.nofile = Some(soft);
+        self
+    }
+
     fn command_line(&self) -> Command {
         let mut cmd = Command::new(recluster_bin());
         cmd.args(&self.args);
@@ -435,6 +444,23 @@ impl Cluster {
         }
         if let Some(dir) = &self.cwd {
             cmd.current_dir(dir);
+        }
+        if let Some(soft) = self.nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: getrlimit/setrlimit are async-signal-safe system calls on plain data.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let mut lim: libc::rlimit = std::mem::zeroed();
+                    if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    lim.rlim_cur = soft.min(lim.rlim_max);
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
         cmd.stdin(Stdio::null());
         cmd
@@ -579,6 +605,18 @@ impl ExitCell {
     }
 }
 
+/// The master's `balancer totals` line.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BalancerTotals {
+    pub accepted: u64,
+    pub handed: u64,
+    pub closed: u64,
+    pub reclaimed: u64,
+    pub full: u64,
+    pub fallbacks: u64,
+    pub accept_errors: u64,
+}
+
 /// A running `recluster` master. Dropping it kills the master (SIGKILL) and its
 /// remaining workers.
 pub struct Master {
@@ -696,6 +734,20 @@ impl Master {
         timeout: Duration,
     ) -> Option<LogLine> {
         self.try_wait_for_after(from, timeout, |l| l.matches(pattern))
+    }
+
+    /// The `balancer totals` line (logged just before `terminated` in rr/sticky).
+    pub fn balancer_totals(&self, timeout: Duration) -> BalancerTotals {
+        let line = self.wait_event("balancer totals", timeout);
+        BalancerTotals {
+            accepted: line.num("accepted"),
+            handed: line.num("handed"),
+            closed: line.num("closed"),
+            reclaimed: line.num("reclaimed"),
+            full: line.num("full"),
+            fallbacks: line.num("fallbacks"),
+            accept_errors: line.num("accept_errors"),
+        }
     }
 
     /// The bound addresses, by `index`, once `count` `listening` lines were logged.
@@ -861,6 +913,175 @@ pub fn process_group(pid: u32) -> Option<u32> {
     proc_stat(pid)?.get(2)?.parse().ok()
 }
 
+/// CPU time (user + system) the process has used, from /proc/<pid>/stat.
+pub fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = proc_stat(pid)?;
+    // Fields 14 and 15 of stat(5); the vector starts at field 3 (state).
+    let ticks: u64 = stat.get(11)?.parse::<u64>().ok()? + stat.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Some(Duration::from_millis(ticks * 1000 / hz))
+}
+
+/// The open descriptors of a process (0 if it is gone).
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// The descriptor numbers a process has open, sorted.
+pub fn fd_numbers(pid: u32) -> Vec<i32> {
+    let mut fds: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    fds.sort_unstable();
+    fds
+}
+
+/// The lowest descriptor number the process has free: the number its next
+/// `open`/`accept` would get.
+pub fn lowest_free_fd(pid: u32) -> u64 {
+    let fds = fd_numbers(pid);
+    (0u64..)
+        .find(|n| fds.binary_search(&(*n as i32)).is_err())
+        .unwrap_or(0)
+}
+
+/// Resident set size of a process, in KiB (`VmRSS`).
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Sets the soft `RLIMIT_NOFILE` of a running process (prlimit(2)); returns the old one.
+pub fn set_nofile(pid: u32, soft: u64) -> u64 {
+    // SAFETY: prlimit on plain data; reading the old limit first.
+    unsafe {
+        let mut old: libc::rlimit = std::mem::zeroed();
+        let rc = libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            std::ptr::null(),
+            &mut old,
+        );
+        assert_eq!(rc, 0, "prlimit({pid}): {}", std::io::Error::last_os_error());
+        let new = libc::rlimit {
+            rlim_cur: soft.min(old.rlim_max),
+            rlim_max: old.rlim_max,
+        };
+        let rc = libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            &new,
+            std::ptr::null_mut(),
+        );
+        assert_eq!(
+            rc,
+            0,
+            "prlimit({pid}, {soft}): {}",
+            std::io::Error::last_os_error()
+        );
+        old.rlim_cur
+    }
+}
+
+/// Every live process (not a zombie) whose parent is `pid`.
+pub fn children_of(pid: u32) -> Vec<u32> {
+    all_pids()
+        .into_iter()
+        .filter(|&p| parent_pid(p) == Some(pid) && pid_alive(p))
+        .collect()
+}
+
+/// Every live process whose environment holds `key=value` (own user's processes only).
+/// Tests tag a master with a unique variable to find every process it ever started,
+/// including ones the log never named.
+pub fn pids_with_env(key: &str, value: &str) -> Vec<u32> {
+    let wanted = format!("{key}={value}");
+    all_pids()
+        .into_iter()
+        .filter(|&p| {
+            std::fs::read(format!("/proc/{p}/environ"))
+                .map(|env| env.split(|&b| b == 0).any(|v| v == wanted.as_bytes()))
+                .unwrap_or(false)
+                && pid_alive(p)
+        })
+        .collect()
+}
+
+fn all_pids() -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A tag unique to this call in this test process, for [`pids_with_env`].
+pub fn unique_tag(what: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!(
+        "{what}-{}-{}-{nanos}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A small pseudo-random generator (xorshift64*), seeded and printed by tests so a
+/// failing run can be repeated.
+pub struct Rng(u64);
+
+impl Rng {
+    /// Seeded from `FAULTS_SEED` when set, else from the clock.
+    pub fn from_env_or_clock() -> Rng {
+        let seed = std::env::var("FAULTS_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(1)
+            });
+        Rng::new(seed)
+    }
+
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.max(1))
+    }
+
+    pub fn seed(&self) -> u64 {
+        self.0
+    }
+
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Uniform in `0..n` (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
 // ---------------------------------------------------------------------------------
 // Clients
 // ---------------------------------------------------------------------------------
@@ -937,6 +1158,55 @@ pub fn request_with(addr: SocketAddr, timeout: Duration) -> Result<Reply, Failur
     Reply::parse(text.trim_end()).ok_or_else(|| Failure(format!("malformed reply {text:?}")))
 }
 
+/// One request from source address `src` (any when `None`): connect, half-close when
+/// `half_close` (workers that echo until EOF, like `examples/echo`, answer and close),
+/// read the reply line until EOF, close.
+pub fn request_from(
+    addr: SocketAddr,
+    src: Option<std::net::Ipv4Addr>,
+    half_close: bool,
+    timeout: Duration,
+) -> Result<Reply, Failure> {
+    use socket2::{Domain, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, None)
+        .map_err(|e| Failure(format!("socket: {:?}", e.kind())))?;
+    if let Some(ip) = src {
+        sock.bind(&SocketAddr::from((ip, 0)).into())
+            .map_err(|e| Failure(format!("bind: {:?}", e.kind())))?;
+    }
+    sock.connect_timeout(&addr.into(), Duration::from_secs(5))
+        .map_err(|e| Failure(format!("connect: {:?}", e.kind())))?;
+    let mut stream: TcpStream = sock.into();
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(|e| Failure(format!("setsockopt: {:?}", e.kind())))?;
+    if half_close {
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+    }
+    let mut buf = Vec::new();
+    let result = stream.read_to_end(&mut buf);
+    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+    drop(stream);
+    if let Err(e) = result {
+        return Err(Failure(format!(
+            "read: {:?}{}",
+            e.kind(),
+            if buf.is_empty() { "" } else { " (partial)" }
+        )));
+    }
+    let text = String::from_utf8_lossy(&buf);
+    let line = text
+        .lines()
+        .next()
+        .ok_or_else(|| Failure("eof without reply".into()))?;
+    Reply::parse(line).ok_or_else(|| Failure(format!("malformed reply {text:?}")))
+}
+
+/// Source address `i` of a load: 127.0.0.1 ..= 127.0.0.250.
+pub fn source_ip(i: usize) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::new(127, 0, 0, (1 + i % 250) as u8)
+}
+
 /// Requests one after another until `done(&replies)` or `timeout`; every request must
 /// succeed. Returns the replies.
 pub fn requests_until(
@@ -995,6 +1265,8 @@ pub struct LoadTotals {
     pub pids: BTreeSet<u32>,
     /// The first few failures, with when they happened (since the load started).
     pub first_failures: Vec<(Duration, String)>,
+    /// When every failure happened (since the load started), up to 100 000 of them.
+    pub failure_times: Vec<Duration>,
     pub elapsed: Duration,
 }
 
@@ -1018,7 +1290,19 @@ impl LoadTotals {
         self.first_failures.extend(other.first_failures);
         self.first_failures.sort();
         self.first_failures.truncate(10);
+        self.failure_times.extend(other.failure_times);
+        self.failure_times.sort();
     }
+}
+
+/// How a load's clients talk (see [`request_from`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LoadOptions {
+    /// Client requests cycle over source addresses 127.0.0.1..=127.0.0.`sources`
+    /// (0: the kernel's choice). `sticky` hashes the client IP: it needs several.
+    pub sources: usize,
+    /// Half-close after connecting (for workers that echo until EOF).
+    pub half_close: bool,
 }
 
 /// `threads` clients, each making new-connection requests in a loop until stopped.
@@ -1035,17 +1319,29 @@ impl Load {
     pub const MAX_DURATION: Duration = Duration::from_secs(300);
 
     pub fn start(addr: SocketAddr, threads: usize) -> Load {
+        Load::start_with(addr, threads, LoadOptions::default())
+    }
+
+    pub fn start_with(addr: SocketAddr, threads: usize, options: LoadOptions) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let ok = Arc::new(AtomicU64::new(0));
         let failed = Arc::new(AtomicU64::new(0));
         let started = Instant::now();
         let threads = (0..threads)
-            .map(|_| {
+            .map(|t| {
                 let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
                 std::thread::spawn(move || {
                     let mut totals = LoadTotals::default();
+                    let mut i = t;
                     while !stop.load(Ordering::Relaxed) && started.elapsed() < Load::MAX_DURATION {
-                        match request(addr) {
+                        let result = if options.sources == 0 && !options.half_close {
+                            request(addr)
+                        } else {
+                            let src = (options.sources > 0).then(|| source_ip(i % options.sources));
+                            i += threads;
+                            request_from(addr, src, options.half_close, Duration::from_secs(10))
+                        };
+                        match result {
                             Ok(reply) => {
                                 totals.ok += 1;
                                 ok.fetch_add(1, Ordering::Relaxed);
@@ -1055,6 +1351,9 @@ impl Load {
                             }
                             Err(Failure(kind)) => {
                                 failed.fetch_add(1, Ordering::Relaxed);
+                                if totals.failure_times.len() < 100_000 {
+                                    totals.failure_times.push(started.elapsed());
+                                }
                                 if totals.first_failures.len() < 10 {
                                     totals
                                         .first_failures
@@ -1075,6 +1374,11 @@ impl Load {
             started,
             threads,
         }
+    }
+
+    /// When the load started: failure times count from here.
+    pub fn started(&self) -> Instant {
+        self.started
     }
 
     pub fn ok_so_far(&self) -> u64 {

@@ -1,0 +1,1007 @@
+//! Fault tests: the real binary, real worker processes, real TCP on 127.0.0.0/8.
+//!
+//! Each test provokes one fault, measures what happened and asserts the figure; every
+//! figure is printed (`cargo test --release --test faults -- --nocapture` shows them;
+//! RELIABILITY.md collects them). Waits are for log lines, replies or process states,
+//! with deadlines; the only fixed-length waits are the windows over which something is
+//! *measured* (CPU time, signal pacing), through [`hold`].
+//!
+//! Workers: `tests/workers/channel_worker.py` (the worker-channel protocol from
+//! Python, with fault knobs), `examples/echo.rs` (the Rust worker library) and
+//! `examples/test_worker.rs` (a socket-activation server for `--balance shared`).
+//! Covered elsewhere, not repeated here: a worker that stops reading its channel
+//! (tests/balance_modes.rs), a worker that ignores SIGTERM is SIGKILLed after
+//! `--timeout` and a foreign process's `READY=1` is ignored (tests/shared_mode.rs).
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use common::*;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+fn python3_with_recv_fds() -> Option<String> {
+    let py = which("python3")?;
+    let ok = std::process::Command::new(&py)
+        .args(["-c", "import socket; socket.send_fds; socket.recv_fds"])
+        .status()
+        .ok()?
+        .success();
+    ok.then(|| py.display().to_string())
+}
+
+/// The Python channel worker's command line, or `None` (test skipped) without Python 3.9+.
+fn channel_worker() -> Option<Vec<String>> {
+    let Some(py) = python3_with_recv_fds() else {
+        println!("skipped: no python3 with socket.recv_fds (3.9+) on this machine");
+        return None;
+    };
+    let script = manifest_dir().join("tests/workers/channel_worker.py");
+    Some(vec![py, script.display().to_string()])
+}
+
+fn echo() -> String {
+    example_bin("echo").display().to_string()
+}
+
+/// Lets `d` pass: the window of a measurement, not a synchronisation.
+fn hold(d: Duration) {
+    let end = Instant::now() + d;
+    while let Some(left) = end.checked_duration_since(Instant::now()) {
+        std::thread::park_timeout(left);
+    }
+}
+
+/// Descriptors of `pid` that point at /dev/null. A worker sends its stdin, /dev/null,
+/// in fault messages: a master that kept them would show them here. The master has 3
+/// of its own: stdin and stdout (the harness gives it /dev/null) and the one it
+/// prepares for its workers' stdin.
+fn dev_null_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .filter(|p| p.as_os_str() == "/dev/null")
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// Terminates the master with SIGTERM and checks it exits 0.
+fn terminate(m: &Master, what: &str) {
+    m.signal(Signal::SIGTERM);
+    let exit = m.expect_exit(DEADLINE);
+    assert!(exit.success(), "{what}: exit {exit:?}\n{}", m.stderr_text());
+}
+
+/// Waits until every process tagged `FAULTS_TAG=tag` but the master is gone; returns
+/// how long that took, or panics with the survivors.
+fn assert_no_tagged_process(m: &Master, tag: &str, timeout: Duration, what: &str) -> Duration {
+    let started = Instant::now();
+    let mut left = Vec::new();
+    let gone = poll_until(timeout, || {
+        left = pids_with_env("FAULTS_TAG", tag);
+        left.retain(|&p| p != m.pid);
+        left.is_empty()
+    });
+    if !gone {
+        for &p in &left {
+            let _ = kill(Pid::from_raw(p as i32), Signal::SIGKILL);
+        }
+        panic!(
+            "{what}: processes {left:?} still alive after {timeout:?} (killed now)\n{}",
+            m.stderr_text()
+        );
+    }
+    started.elapsed()
+}
+
+// ---------------------------------------------------------------------------------
+// A worker that crashes on every 10th connection
+// ---------------------------------------------------------------------------------
+
+fn crash_every_tenth(mode: &str) {
+    let Some(worker) = channel_worker() else {
+        return;
+    };
+    let m = Cluster::new()
+        .workers(3)
+        .args([
+            "--balance",
+            mode,
+            "--listen",
+            "127.0.0.1:0",
+            "--respawn",
+            "50ms",
+        ])
+        .env("CRASH_EVERY_0", "10")
+        .command(&worker)
+        .spawn();
+    let addr = m.addr();
+    m.wait_cluster_ready(3);
+    let load = Load::start_with(
+        addr,
+        8,
+        LoadOptions {
+            sources: 32,
+            half_close: false,
+        },
+    );
+    // Until slot 0 has crashed 8 times (each crash is its 10th connection).
+    let crashes = || m.events("worker exited slot=0").len();
+    let enough = poll_until(Duration::from_secs(40), || crashes() >= 8);
+    let totals = load.stop();
+    let crashed = crashes();
+    terminate(&m, mode);
+    let b = m.balancer_totals(DEADLINE);
+    // What the crashed workers held and never served, by their own account.
+    let lost: u64 = m
+        .lines()
+        .iter()
+        .filter_map(|l| {
+            let at = l.raw.find("channel_worker crash ")?;
+            let lost = l.raw[at..]
+                .split_whitespace()
+                .find_map(|t| t.strip_prefix("lost="))?;
+            lost.parse::<u64>().ok()
+        })
+        .sum();
+    let reclaimed: u64 = m
+        .events("reclaimed connections the worker never read")
+        .iter()
+        .map(|l| l.num("count"))
+        .sum();
+    println!(
+        "{mode}: slot 0 crashes on every 10th connection: {crashed} crashes; clients: {} ok, {} \
+         failed {:?}; the crashed workers held {lost} unserved; master: accepted {} handed {} \
+         reclaimed {} (logged {reclaimed}) closed {}; served per slot {:?}",
+        totals.ok,
+        totals.failed(),
+        totals.failures,
+        b.accepted,
+        b.handed,
+        b.reclaimed,
+        b.closed,
+        totals.by_id
+    );
+    assert!(enough, "only {crashed} crashes of slot 0 in 40 s");
+    // Every connection the master accepted was served, or was in a crashed worker's hands.
+    assert_eq!(
+        b.accepted,
+        totals.ok + totals.failed(),
+        "accepted vs the clients' connections"
+    );
+    assert_eq!(
+        totals.failed(),
+        lost,
+        "failed connections vs those the crashed workers held: {:?}",
+        totals.first_failures
+    );
+    assert_eq!(b.closed, 0, "connections closed by the master");
+    assert_eq!(b.reclaimed, reclaimed);
+    // The others kept serving, and slot 0 served between its crashes.
+    for slot in 0..3 {
+        assert!(
+            totals.by_id.get(&slot).copied().unwrap_or(0) > 0,
+            "slot {slot} served nothing: {:?}",
+            totals.by_id
+        );
+    }
+}
+
+#[test]
+fn rr_a_worker_crashing_on_every_10th_connection_loses_only_what_it_held() {
+    crash_every_tenth("rr");
+}
+
+#[test]
+fn sticky_a_worker_crashing_on_every_10th_connection_loses_only_what_it_held() {
+    crash_every_tenth("sticky");
+}
+
+// ---------------------------------------------------------------------------------
+// Garbage on the channel and on NOTIFY_SOCKET
+// ---------------------------------------------------------------------------------
+
+#[test]
+fn a_worker_sending_garbage_on_its_channel_is_logged_then_killed_at_64_and_respawned() {
+    let Some(worker) = channel_worker() else {
+        return;
+    };
+    let mark = std::env::temp_dir().join(unique_tag("recluster-garbage"));
+    let m = Cluster::new()
+        .workers(2)
+        .args([
+            "--balance",
+            "rr",
+            "--listen",
+            "127.0.0.1:0",
+            "--respawn",
+            "100ms",
+        ])
+        // Slot 0: 10 unknown lines (below the limit). Slot 1, its first worker only:
+        // 22 unknown lines, 21 oversized messages, 21 messages with a descriptor = 64.
+        .env("GARBAGE_0", "10")
+        .env("GARBAGE_1", "22")
+        .env("OVERSIZE_1", "21")
+        .env("FDS_1", "21")
+        .env("GARBAGE_ONCE_1", &mark)
+        .command(&worker)
+        .spawn();
+    let addr = m.addr();
+    let killing = m.wait_event(
+        "worker keeps sending garbage on its channel: killing it slot=1",
+        DEADLINE,
+    );
+    let bad = killing.pid();
+    let exited = m.wait_event(
+        &format!("worker exited slot=1 pid={bad} signal=9"),
+        DEADLINE,
+    );
+    let respawned = m.wait_for("a new worker ready in slot 1", DEADLINE, |l| {
+        l.matches("worker ready slot=1") && l.pid() != bad
+    });
+    let counts = |slot: usize, pid: u32| -> Vec<u64> {
+        m.events(&format!(
+            "worker sent a message that is not protocol slot={slot} pid={pid}"
+        ))
+        .iter()
+        .map(|l| l.num("count"))
+        .collect()
+    };
+    let slot0 = m.ready_workers(1)[&0];
+    let (logged0, logged1) = (counts(0, slot0), counts(1, bad));
+    // The master serves both slots, slot 0's worker (below the limit) the same as before.
+    let ids = collect_ids(addr, 2, DEADLINE);
+    let fds = fd_count(m.pid);
+    let null_fds = dev_null_fds(m.pid);
+    let alive = pid_alive(m.pid);
+    println!(
+        "garbage: slot 1 sent 64 non-protocol messages (22 unknown, 21 oversized, 21 with a \
+         descriptor): logged at counts {logged1:?}, killed, exited {:?} after the kill, \
+         respawned (ready {:?} after); slot 0 sent 10: logged at {logged0:?}, not killed; \
+         master: {fds} fds, {null_fds} of them /dev/null; served by {:?}",
+        exited.since(&killing),
+        respawned.since(&exited),
+        ids.keys().collect::<Vec<_>>()
+    );
+    assert!(alive);
+    assert_eq!(logged1, vec![1, 2, 4, 8, 16, 32, 64]);
+    assert_eq!(logged0, vec![1, 2, 4, 8]);
+    assert!(
+        m.events("worker keeps sending garbage on its channel: killing it slot=0")
+            .is_empty(),
+        "slot 0 was killed below the limit"
+    );
+    assert!(m.events(&format!("worker exited pid={slot0}")).is_empty());
+    assert!(
+        null_fds <= 3,
+        "the master keeps {} of the 21 descriptors the worker sent it",
+        null_fds - 3
+    );
+    assert_eq!(ids[&0].pid, slot0);
+    assert_eq!(ids[&1].pid, respawned.pid());
+    // The master's descriptors are those of any 2-worker cluster: same after a reload.
+    let from = m.mark();
+    m.signal(Signal::SIGUSR2);
+    m.wait_event_after(from, "reload finished generation=2", DEADLINE);
+    let mut after = 0;
+    let settled = poll_until(DEADLINE, || {
+        after = fd_count(m.pid);
+        after == fds
+    });
+    assert!(settled, "master fds {fds} before a reload, {after} after");
+    terminate(&m, "garbage");
+    let _ = std::fs::remove_file(&mark);
+}
+
+#[test]
+fn garbage_and_oversized_datagrams_on_notify_socket_are_ignored_and_do_not_make_a_worker_ready() {
+    let Some(worker) = channel_worker() else {
+        return;
+    };
+    let m = Cluster::new()
+        .workers(2)
+        .args([
+            "--balance",
+            "rr",
+            "--listen",
+            "127.0.0.1:0",
+            "--ready-when",
+            "ready",
+            "--ready-timeout",
+            "1500ms",
+            "--respawn",
+            "100ms",
+        ])
+        // Both send 800 datagrams that are not READY=1 (8 KiB ones starting with
+        // `READY=1\n`, `READY=1x`, descriptors, …); only slot 0 then sends READY=1.
+        .env("NOTIFY_GARBAGE", "800")
+        .env("NOTIFY_READY_0", "1")
+        .command(&worker)
+        .spawn();
+    let addr = m.addr();
+    let ready0 = m.wait_event("worker ready slot=0", DEADLINE);
+    let late = m.wait_event("worker not ready in time slot=1", DEADLINE);
+    let first1 = m.events("worker spawned slot=1")[0].clone();
+    // While slot 1 never becomes ready, slot 0 serves everything.
+    let replies: Vec<Reply> = (0..50)
+        .map(|i| {
+            request_from(addr, None, false, Duration::from_secs(10))
+                .unwrap_or_else(|f| panic!("request {i}: {f:?}"))
+        })
+        .collect();
+    let ids: BTreeSet<usize> = replies.iter().map(|r| r.id).collect();
+    let null_fds = dev_null_fds(m.pid);
+    let spawned1 = m.events("worker spawned slot=1").len();
+    let cpu = cpu_time(m.pid).unwrap_or_default();
+    println!(
+        "notify garbage: 2 x 800 bad datagrams (100 of them with a descriptor); slot 0 ready after \
+         its READY=1; slot 1 not ready in time ({:?} after spawn), spawned {spawned1} times so \
+         far; 50 requests served by {ids:?}; master holds {null_fds} /dev/null fds, used {cpu:?} \
+         CPU; not-protocol warnings: {}",
+        late.since(&first1),
+        m.events("worker sent a message that is not protocol").len()
+    );
+    assert_eq!(ready0.slot(), 0);
+    assert!(
+        m.events("worker ready slot=1").is_empty(),
+        "garbage made slot 1 ready"
+    );
+    assert_eq!(ids, BTreeSet::from([0]));
+    assert!(
+        null_fds <= 3,
+        "the master keeps {} of the 200 descriptors sent to it",
+        null_fds - 3
+    );
+    assert!(pid_alive(m.pid));
+    terminate(&m, "notify garbage");
+}
+
+#[test]
+fn ready_from_a_foreign_process_on_a_workers_notify_socket_is_ignored() {
+    // The sender is this test process: another process group than any worker's.
+    let m = shared_cluster(1)
+        .args(["--ready-when", "ready", "--ready-timeout", "1s"])
+        .spawn();
+    let spawned = m.wait_event("worker spawned slot=0 generation=1", DEADLINE);
+    let pid = spawned.pid();
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).expect("worker environ");
+    let path = environ
+        .split(|&b| b == 0)
+        .find_map(|v| v.strip_prefix(b"NOTIFY_SOCKET="))
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .expect("NOTIFY_SOCKET in the worker's environment");
+    let sock = std::os::unix::net::UnixDatagram::unbound().expect("socket");
+    for _ in 0..10 {
+        sock.send_to(b"READY=1", &path).expect("send READY=1");
+    }
+    let late = m.wait_event(
+        &format!("worker not ready in time slot=0 pid={pid}"),
+        DEADLINE,
+    );
+    println!(
+        "10 x READY=1 from the test process (pid {}, group {:?}) to worker {pid}'s \
+         NOTIFY_SOCKET: ignored, the worker was not ready in time ({:?} after spawn)",
+        std::process::id(),
+        process_group(std::process::id()),
+        late.since(&spawned)
+    );
+    assert!(m.events(&format!("worker ready pid={pid}")).is_empty());
+    assert_ne!(process_group(std::process::id()), Some(pid));
+}
+
+// ---------------------------------------------------------------------------------
+// A new generation that never becomes ready
+// ---------------------------------------------------------------------------------
+
+#[test]
+fn a_generation_that_never_becomes_ready_is_retried_with_backoff_while_the_old_one_serves() {
+    let Some(worker) = channel_worker() else {
+        return;
+    };
+    let m = Cluster::new()
+        .workers(2)
+        .args([
+            "--balance",
+            "rr",
+            "--listen",
+            "127.0.0.1:0",
+            "--ready-timeout",
+            "1s",
+            "--respawn",
+            "100ms",
+            "--backoff",
+            "800ms",
+            "--timeout",
+            "1s",
+        ])
+        .env("NEVER_LISTEN_FROM_GEN", "2")
+        .command(&worker)
+        .spawn();
+    let addr = m.addr();
+    let old = m.wait_cluster_ready(2);
+    let load = Load::start(addr, 4);
+    load.wait_more_ok(50, DEADLINE);
+    let from = m.mark();
+    m.signal(Signal::SIGUSR2);
+    // Four attempts per slot: 1 s each, respawned after 100, 200, 400, 800 ms (later in
+    // the sequence if a first-generation worker was slow to start on a busy machine).
+    let attempts = |slot: usize| {
+        m.lines()[from..]
+            .iter()
+            .filter(|l| {
+                l.matches(&format!(
+                    "worker not ready in time slot={slot} generation=2"
+                ))
+            })
+            .count()
+    };
+    let enough = poll_until(Duration::from_secs(20), || {
+        attempts(0) >= 4 && attempts(1) >= 4
+    });
+    let during = load.ok_so_far();
+    let totals = load.stop();
+    let lines = m.lines()[from..].to_vec();
+    let delays = |slot: usize| -> Vec<u64> {
+        lines
+            .iter()
+            .filter(|l| l.matches(&format!("respawn scheduled slot={slot}")))
+            .map(|l| l.num("delay_ms"))
+            .collect()
+    };
+    // From one ready timeout of slot 0 to the next: the respawn delay, then 1 s.
+    let timeouts: Vec<&LogLine> = lines
+        .iter()
+        .filter(|l| l.matches("worker not ready in time slot=0 generation=2"))
+        .collect();
+    let gaps: Vec<Duration> = timeouts.windows(2).map(|w| w[1].since(w[0])).collect();
+    // Gen-2 workers still alive: at most the pending one per slot (and retiring ones).
+    let live_gen2 = lines
+        .iter()
+        .filter(|l| l.matches("worker spawned generation=2"))
+        .filter(|l| pid_alive(l.pid()))
+        .count();
+    println!(
+        "never-ready generation 2: {} + {} attempts; respawn delays (ms) slot 0 {:?} slot 1 \
+         {:?}; slot 0 from one ready timeout to the next {gaps:?}; old generation served {} \
+         ok, {} failed, \
+         generations seen {:?}; live gen-2 workers {live_gen2}",
+        attempts(0),
+        attempts(1),
+        delays(0),
+        delays(1),
+        totals.ok,
+        totals.failed(),
+        totals.by_gen,
+    );
+    assert!(enough, "fewer than 4 attempts per slot in 20 s");
+    assert!(during > 50);
+    assert_eq!(totals.failed(), 0, "{:?}", totals.first_failures);
+    assert_eq!(totals.by_gen.keys().copied().collect::<Vec<_>>(), vec![1]);
+    for (gap, delay) in gaps.iter().zip(delays(0)) {
+        let expected = Duration::from_millis(delay + 1000);
+        assert!(
+            *gap + Duration::from_millis(10) >= expected
+                && *gap < expected + Duration::from_secs(1),
+            "{gap:?} between ready timeouts, expected {expected:?} (respawn {delay} ms + 1 s)"
+        );
+    }
+    for slot in 0..2 {
+        let d = delays(slot);
+        assert!(d.len() >= 4, "slot {slot} delays {d:?}");
+        assert!(
+            [100, 200, 400, 800].contains(&d[0])
+                && d.windows(2).all(|w| w[1] == (w[0] * 2).min(800)),
+            "slot {slot}: respawn delays {d:?}, not doubling from 100 ms up to --backoff 800 ms"
+        );
+    }
+    assert!(live_gen2 <= 4, "{live_gen2} gen-2 workers alive");
+    // The old workers are the ones serving, untouched.
+    for (slot, pid) in &old {
+        assert!(pid_alive(*pid), "old worker of slot {slot} died");
+    }
+    terminate(&m, "never ready");
+}
+
+// ---------------------------------------------------------------------------------
+// A reload storm
+// ---------------------------------------------------------------------------------
+
+fn reload_storm(mode: &str) {
+    let workers = 3;
+    let tag = unique_tag("storm");
+    let cluster = Cluster::new()
+        .workers(workers)
+        .args(["--balance", mode, "--listen", "127.0.0.1:0"])
+        .env("FAULTS_TAG", &tag);
+    let (m, half_close) = if mode == "shared" {
+        (cluster.spawn(), false)
+    } else {
+        (cluster.command([echo()]).spawn(), true)
+    };
+    let addr = m.addr();
+    m.wait_cluster_ready(workers);
+    let load = Load::start_with(
+        addr,
+        4,
+        LoadOptions {
+            sources: 16,
+            half_close,
+        },
+    );
+    load.wait_more_ok(20, DEADLINE);
+    let fds_before = fd_count(m.pid);
+    let started = Instant::now();
+    for _ in 0..50 {
+        m.signal(Signal::SIGUSR2);
+        hold(Duration::from_millis(19));
+    }
+    let storm = started.elapsed();
+    // Settled: the last generation started has finished, and exactly N workers remain.
+    let last_started = || {
+        m.events("reload started")
+            .iter()
+            .map(|l| l.generation())
+            .max()
+            .unwrap_or(1)
+    };
+    let mut last = 0;
+    let mut children = Vec::new();
+    let settled = poll_until(Duration::from_secs(60), || {
+        last = last_started();
+        children = children_of(m.pid);
+        m.try_wait_event_after(
+            0,
+            &format!("reload finished generation={last}"),
+            Duration::ZERO,
+        )
+        .is_some()
+            && children.len() == workers
+    });
+    let settle = started.elapsed();
+    let mut fds_after = 0;
+    let fds_flat = poll_until(DEADLINE, || {
+        fds_after = fd_count(m.pid);
+        fds_after == fds_before
+    });
+    let totals = load.stop();
+    let replies: Vec<Reply> = (0..3 * workers)
+        .map(|_| request_from(addr, None, half_close, Duration::from_secs(10)).expect("request"))
+        .collect();
+    let mut tagged = pids_with_env("FAULTS_TAG", &tag);
+    tagged.retain(|&p| p != m.pid);
+    tagged.sort_unstable();
+    children.sort_unstable();
+    let spawned = m.spawned_pids();
+    let final_pids: BTreeSet<u32> = m.ready_workers(last).values().copied().collect();
+    let leaked: Vec<u32> = spawned
+        .iter()
+        .copied()
+        .filter(|p| !final_pids.contains(p) && pid_alive(*p))
+        .collect();
+    let gens: BTreeSet<u32> = replies.iter().map(|r| r.gen).collect();
+    println!(
+        "{mode}: 50 SIGUSR2 in {storm:?} -> {} reloads started, last generation {last}; settled \
+         {settle:?} after the first signal; {} workers spawned in all, {} alive: {children:?}; \
+         master fds {fds_before} before, {fds_after} after; load {} ok, {} failed; replies \
+         after from generations {gens:?}",
+        m.events("reload started").len(),
+        spawned.len(),
+        tagged.len(),
+        totals.ok,
+        totals.failed(),
+    );
+    assert!(settled, "not settled in 60 s\n{}", m.stderr_text());
+    assert!(last > 2, "the storm made only {} reloads", last - 1);
+    assert_eq!(
+        tagged, children,
+        "processes of this cluster vs the master's children"
+    );
+    assert_eq!(
+        children.iter().copied().collect::<BTreeSet<_>>(),
+        final_pids,
+        "the live workers are the last generation's"
+    );
+    assert!(
+        leaked.is_empty(),
+        "workers of older generations alive: {leaked:?}"
+    );
+    assert_eq!(gens, BTreeSet::from([last]));
+    assert!(
+        fds_flat,
+        "master fds {fds_before} before the storm, {fds_after} after"
+    );
+    assert_eq!(totals.failed(), 0, "{:?}", totals.first_failures);
+    terminate(&m, mode);
+    assert_no_tagged_process(&m, &tag, DEADLINE, mode);
+}
+
+#[test]
+fn rr_50_reloads_within_a_second_end_with_n_workers_of_the_last_generation_and_no_leak() {
+    reload_storm("rr");
+}
+
+#[test]
+fn shared_50_reloads_within_a_second_end_with_n_workers_of_the_last_generation_and_no_leak() {
+    reload_storm("shared");
+}
+
+// ---------------------------------------------------------------------------------
+// SIGTERM during a reload; SIGKILL of the master at a random moment
+// ---------------------------------------------------------------------------------
+
+#[test]
+fn sigterm_during_a_reload_exits_zero_and_leaves_no_worker() {
+    let tag = unique_tag("term-reload");
+    // Slow boots keep the reload in progress when SIGTERM comes.
+    let m = shared_cluster(3)
+        .env("FAULTS_TAG", &tag)
+        .env("TEST_WORKER_LISTEN_DELAY_MS", "400")
+        .spawn();
+    let addr = m.addr();
+    m.wait_cluster_ready(3);
+    let load = Load::start(addr, 4);
+    load.wait_more_ok(20, DEADLINE);
+    let from = m.mark();
+    m.signal(Signal::SIGUSR2);
+    m.wait_event_after(from, "worker spawned generation=2", DEADLINE);
+    let in_progress = m
+        .try_wait_event_after(from, "reload finished generation=2", Duration::ZERO)
+        .is_none();
+    let t0 = Instant::now();
+    m.signal(Signal::SIGTERM);
+    let exit = m.expect_exit(DEADLINE);
+    let exit_after = t0.elapsed();
+    let totals = load.stop();
+    let gone_after = assert_no_tagged_process(&m, &tag, Duration::from_secs(5), "SIGTERM");
+    let spawned = m.spawned_pids().len();
+    println!(
+        "SIGTERM during a reload (in progress: {in_progress}): exit {exit:?} after \
+         {exit_after:?}; {spawned} workers spawned, none left ({gone_after:?} after exit); load \
+         before: {} ok",
+        totals.ok
+    );
+    assert!(in_progress, "the reload finished before SIGTERM");
+    assert!(exit.success(), "{exit:?}\n{}", m.stderr_text());
+    assert!(exit_after < Duration::from_secs(5));
+}
+
+#[test]
+fn sigkill_of_the_master_at_random_moments_leaves_no_worker() {
+    let mut rng = Rng::from_env_or_clock();
+    let seed = rng.seed();
+    let mut figures = Vec::new();
+    for round in 0..6 {
+        let tag = unique_tag("kill-master");
+        let mode = ["rr", "shared", "sticky"][round % 3];
+        let cluster = Cluster::new()
+            .workers(3)
+            .args([
+                "--balance",
+                mode,
+                "--listen",
+                "127.0.0.1:0",
+                "--respawn",
+                "20ms",
+            ])
+            .env("FAULTS_TAG", &tag);
+        let m = if mode == "shared" {
+            cluster.spawn()
+        } else {
+            cluster.command([echo()]).spawn()
+        };
+        let start = Instant::now();
+        // A random moment in the first 1.5 s: before, during or after the first
+        // generation's start, with reloads going on (from the moment the master has its
+        // signal handlers: see the next test for before).
+        let moment = Duration::from_millis(rng.below(1500));
+        let mut reloads = 0;
+        let handlers = poll_until(moment, || {
+            m.try_wait_event_after(0, "listening", Duration::ZERO)
+                .is_some()
+        });
+        while handlers && start.elapsed() < moment {
+            hold(Duration::from_millis(rng.below(100)).min(moment.saturating_sub(start.elapsed())));
+            if start.elapsed() < moment && rng.below(3) == 0 {
+                m.signal(Signal::SIGUSR2);
+                reloads += 1;
+            }
+        }
+        m.signal(Signal::SIGKILL);
+        let exit = m.expect_exit(DEADLINE);
+        let spawned = m.spawned_pids().len();
+        let gone = assert_no_tagged_process(
+            &m,
+            &tag,
+            Duration::from_secs(5),
+            &format!("round {round} ({mode}, seed {seed})"),
+        );
+        assert_eq!(exit.signal, Some(libc::SIGKILL));
+        figures.push(format!(
+            "{mode} killed at {moment:?} ({reloads} reloads, {spawned} workers spawned): all gone {gone:?} after"
+        ));
+    }
+    println!(
+        "SIGKILL of the master (seed {seed}):\n  {}",
+        figures.join("\n  ")
+    );
+}
+
+/// Whether `signal` is in the `SigBlk` (blocked) or `SigCgt` (caught) mask of `pid`.
+fn signal_state(pid: u32, signal: Signal) -> (bool, bool) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let bit = 1u64 << (signal as i32 - 1);
+    let mask = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .is_some_and(|m| m & bit != 0)
+    };
+    (mask("SigBlk:"), mask("SigCgt:"))
+}
+
+/// A reload signal during the master's start-up, before its handlers exist, is held
+/// pending (the master blocks it first thing in `main`) and acted on once they do.
+/// The instant between exec and `main` (the dynamic loader) cannot be covered by any
+/// program; the test sends its signal once /proc shows the signal blocked.
+#[test]
+fn a_reload_signal_during_start_up_is_held_and_does_not_kill_the_master() {
+    let mut figures = Vec::new();
+    let mut caught_blocked = 0;
+    for _ in 0..10 {
+        let tag = unique_tag("early-usr2");
+        let m = shared_cluster(1).env("FAULTS_TAG", &tag).spawn();
+        // Watch the start-up: the moment SIGUSR2 shows as blocked, send it.
+        // A tight loop, not a timed poll: the window is well under a millisecond.
+        let mut sent_blocked = false;
+        let deadline = Instant::now() + DEADLINE;
+        while Instant::now() < deadline {
+            let (blocked, caught) = signal_state(m.pid, Signal::SIGUSR2);
+            if blocked && !caught {
+                m.signal(Signal::SIGUSR2);
+                sent_blocked = true;
+            }
+            if blocked || caught {
+                break;
+            }
+        }
+        if !sent_blocked {
+            m.signal(Signal::SIGUSR2);
+        }
+        caught_blocked += sent_blocked as usize;
+        let outcome = if m
+            .try_wait_event_after(0, "reload finished generation=2", DEADLINE)
+            .is_some()
+        {
+            terminate(&m, "early SIGUSR2");
+            "reloaded".to_string()
+        } else {
+            format!("{:?}", m.wait_exit(DEADLINE))
+        };
+        assert_no_tagged_process(&m, &tag, DEADLINE, "early SIGUSR2");
+        figures.push(outcome);
+    }
+    println!(
+        "SIGUSR2 during start-up, 10 rounds ({caught_blocked} sent while it was blocked): {figures:?}"
+    );
+    assert!(figures.iter().all(|o| o == "reloaded"), "{figures:?}");
+    assert!(
+        caught_blocked >= 1,
+        "never saw the start-up block: the test proved nothing"
+    );
+}
+
+// ---------------------------------------------------------------------------------
+// Clients that reset at once, or never send
+// ---------------------------------------------------------------------------------
+
+fn rude_clients(mode: &str) {
+    let m = Cluster::new()
+        .workers(2)
+        .args(["--balance", mode, "--listen", "127.0.0.1:0"])
+        .command([echo()])
+        .spawn();
+    let addr = m.addr();
+    let workers = m.wait_cluster_ready(2);
+    request_from(addr, None, true, DEADLINE).expect("warm-up");
+    let fds_master = fd_count(m.pid);
+    let fds_workers: BTreeMap<u32, usize> = workers.values().map(|&p| (p, fd_count(p))).collect();
+    let load = Load::start_with(
+        addr,
+        4,
+        LoadOptions {
+            sources: 16,
+            half_close: true,
+        },
+    );
+    load.wait_more_ok(20, DEADLINE);
+    // 300 clients that connect and never send, from 30 addresses, held open.
+    let idle: Vec<TcpStream> = (0..300)
+        .map(|i| {
+            let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                .expect("socket");
+            sock.bind(&SocketAddr::from((source_ip(100 + i % 30), 0)).into())
+                .expect("bind");
+            sock.connect_timeout(&addr.into(), Duration::from_secs(5))
+                .expect("idle connect");
+            sock.into()
+        })
+        .collect();
+    // 3000 that connect and reset at once.
+    let ok_before = load.ok_so_far();
+    let reset_started = Instant::now();
+    let mut resets = 0;
+    for i in 0..3000 {
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        sock.bind(&SocketAddr::from((source_ip(150 + i % 30), 0)).into())
+            .expect("bind");
+        if sock
+            .connect_timeout(&addr.into(), Duration::from_secs(5))
+            .is_ok()
+        {
+            let _ = sock.set_linger(Some(Duration::ZERO));
+            resets += 1;
+        }
+        drop(sock);
+    }
+    let reset_time = reset_started.elapsed();
+    // The others went on being served meanwhile, and still are.
+    let ok_during = load.ok_so_far() - ok_before;
+    load.wait_more_ok(100, DEADLINE);
+    let fds_workers_during: Vec<usize> = workers.values().map(|&p| fd_count(p)).collect();
+    let totals = load.stop();
+    // With the 300 idle clients still connected, the master holds none of them.
+    let mut fds_master_during = 0;
+    let master_holds_none = poll_until(DEADLINE, || {
+        fds_master_during = fd_count(m.pid);
+        fds_master_during == fds_master
+    });
+    drop(idle);
+    let mut now_master = 0;
+    let master_flat = poll_until(DEADLINE, || {
+        now_master = fd_count(m.pid);
+        now_master == fds_master
+    });
+    let mut now_workers = BTreeMap::new();
+    let workers_flat = poll_until(DEADLINE, || {
+        now_workers = fds_workers.keys().map(|&p| (p, fd_count(p))).collect();
+        now_workers == fds_workers
+    });
+    println!(
+        "{mode}: 300 idle clients held + {resets} connect-and-reset in {reset_time:?}: others \
+         served {ok_during} meanwhile, {} ok / {} failed in all; master fds {fds_master} -> \
+         {fds_master_during} (during) -> {now_master}; worker fds {:?} -> {fds_workers_during:?} \
+         -> {:?}",
+        totals.ok,
+        totals.failed(),
+        fds_workers.values().collect::<Vec<_>>(),
+        now_workers.values().collect::<Vec<_>>(),
+    );
+    assert_eq!(resets, 3000);
+    assert_eq!(totals.failed(), 0, "{:?}", totals.first_failures);
+    assert!(ok_during > 0, "nobody was served while clients reset");
+    assert!(
+        master_holds_none,
+        "the master holds idle clients: {fds_master_during} fds, {fds_master} before"
+    );
+    assert!(
+        master_flat,
+        "master fds {fds_master} before, {now_master} after"
+    );
+    assert!(
+        workers_flat,
+        "worker fds {fds_workers:?} before, {now_workers:?} after"
+    );
+    terminate(&m, mode);
+}
+
+#[test]
+fn rr_clients_that_reset_at_once_or_never_send_affect_no_one_and_leak_nothing() {
+    rude_clients("rr");
+}
+
+#[test]
+fn sticky_clients_that_reset_at_once_or_never_send_affect_no_one_and_leak_nothing() {
+    rude_clients("sticky");
+}
+
+// ---------------------------------------------------------------------------------
+// Out of file descriptors
+// ---------------------------------------------------------------------------------
+
+#[test]
+fn out_of_descriptors_the_master_neither_spins_nor_dies_and_serves_again_when_fds_free_up() {
+    let m = Cluster::new()
+        .workers(2)
+        .nofile(64)
+        .args(["--balance", "rr", "--listen", "127.0.0.1:0"])
+        .command([echo()])
+        .spawn();
+    let addr = m.addr();
+    m.wait_cluster_ready(2);
+    request_from(addr, None, true, DEADLINE).expect("warm-up");
+    let fds_before = fd_count(m.pid);
+    // No descriptor left: the lowest free number is the limit.
+    let limit = lowest_free_fd(m.pid);
+    let original = set_nofile(m.pid, limit);
+    let from = m.mark();
+    let load = Load::start_with(
+        addr,
+        8,
+        LoadOptions {
+            sources: 0,
+            half_close: true,
+        },
+    );
+    let first = m.wait_event_after(
+        from,
+        "accept failed: out of file descriptors; pausing accepts (raise ulimit -n)",
+        DEADLINE,
+    );
+    let ok0 = load.ok_so_far();
+    let cpu0 = cpu_time(m.pid).expect("master cpu");
+    let t0 = Instant::now();
+    hold(Duration::from_secs(2));
+    let window = t0.elapsed();
+    let cpu = cpu_time(m.pid).expect("master cpu") - cpu0;
+    let served_exhausted = load.ok_so_far() - ok0;
+    let warnings = m.lines()[from..]
+        .iter()
+        .filter(|l| {
+            l.message
+                .starts_with("accept failed: out of file descriptors")
+        })
+        .count();
+    let alive = pid_alive(m.pid);
+    // Descriptors free up.
+    set_nofile(m.pid, original);
+    let freed = Instant::now();
+    let ok1 = load.ok_so_far();
+    let recovered = poll_until(DEADLINE, || load.ok_so_far() > ok1);
+    let recovery = freed.elapsed();
+    load.wait_more_ok(500, DEADLINE);
+    let totals = load.stop();
+    let exhausted_for = freed.saturating_duration_since(first.at);
+    let fds_after = fd_count(m.pid);
+    terminate(&m, "fd exhaustion");
+    let b = m.balancer_totals(DEADLINE);
+    println!(
+        "out of fds (limit {limit} = lowest free fd, was {original}): master CPU {cpu:?} over \
+         {window:?} ({:.1} %), {served_exhausted} served meanwhile, {warnings} warnings, \
+         accept errors in all {}; alive {alive}; served again {recovery:?} after the limit was \
+         raised; load {} ok {} failed; master fds {fds_before} before, {fds_after} after \
+         (out of descriptors for {exhausted_for:?})",
+        cpu.as_secs_f64() * 100.0 / window.as_secs_f64(),
+        b.accept_errors,
+        totals.ok,
+        totals.failed(),
+    );
+    assert!(alive, "the master died");
+    assert!(
+        cpu < window / 10,
+        "the master used {cpu:?} of CPU in {window:?} without descriptors: spinning"
+    );
+    assert_eq!(served_exhausted, 0, "served without a free descriptor?");
+    assert!(
+        warnings <= 4,
+        "{warnings} warnings in ~2 s: at most one per second"
+    );
+    // A 100 ms pause per failure: about 10 accept errors a second, not thousands.
+    assert!(
+        b.accept_errors >= 10 && b.accept_errors <= 40,
+        "accept errors {} in ~2.5 s",
+        b.accept_errors
+    );
+    assert!(recovered, "not served again once descriptors were free");
+    assert!(
+        recovery < Duration::from_secs(2),
+        "served again only after {recovery:?}"
+    );
+    assert_eq!(totals.failed(), 0, "{:?}", totals.first_failures);
+    assert_eq!(fds_after, fds_before);
+}
