@@ -106,8 +106,14 @@ impl Checker {
                 WorkerState::Retiring => {}
             }
         }
-        assert!(ready.values().all(|&n| n <= 1), "two active in a slot: {live:?}");
-        assert!(starting.values().all(|&n| n <= 1), "two pending in a slot: {live:?}");
+        assert!(
+            ready.values().all(|&n| n <= 1),
+            "two active in a slot: {live:?}"
+        );
+        assert!(
+            starting.values().all(|&n| n <= 1),
+            "two pending in a slot: {live:?}"
+        );
         let active = self.sup.active_workers();
         for (slot, a) in active.iter().enumerate() {
             if let Some(a) = a {
