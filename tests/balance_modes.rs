@@ -8,8 +8,7 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Read;
-use std::net::{Ipv4Addr, Shutdown, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -18,7 +17,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use socket2::{Domain, Socket, Type};
 
 fn echo() -> String {
     example_bin("echo").display().to_string()
@@ -32,28 +30,10 @@ fn cluster(mode: &str, workers: usize, command: &[&str]) -> Master {
         .spawn()
 }
 
-/// One request from source address `src` (any when `None`): the worker's reply line.
+/// One request from source address `src` (any when `None`), half-closed so that echo
+/// workers answer and close: the worker's reply line.
 fn ask(addr: SocketAddr, src: Option<Ipv4Addr>) -> Result<Reply, String> {
-    let sock = Socket::new(Domain::IPV4, Type::STREAM, None).map_err(|e| e.to_string())?;
-    if let Some(ip) = src {
-        sock.bind(&SocketAddr::from((ip, 0)).into())
-            .map_err(|e| format!("bind {ip}: {e}"))?;
-    }
-    sock.connect_timeout(&addr.into(), Duration::from_secs(5))
-        .map_err(|e| format!("connect: {:?}", e.kind()))?;
-    let mut stream: std::net::TcpStream = sock.into();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(15)))
-        .map_err(|e| e.to_string())?;
-    // Half-close: echo workers answer, see EOF, and close.
-    let _ = stream.shutdown(Shutdown::Write);
-    let mut buf = Vec::new();
-    stream
-        .read_to_end(&mut buf)
-        .map_err(|e| format!("read: {:?}", e.kind()))?;
-    let text = String::from_utf8_lossy(&buf);
-    let line = text.lines().next().ok_or("eof without reply")?;
-    Reply::parse(line).ok_or_else(|| format!("malformed reply {text:?}"))
+    request_from(addr, src, true, Duration::from_secs(15)).map_err(|f| f.0)
 }
 
 fn source(i: usize) -> Ipv4Addr {
@@ -313,16 +293,6 @@ fn twenty_reloads_under_64_clients_fail_no_connection_in_rr() {
 #[test]
 fn twenty_reloads_under_64_clients_fail_no_connection_in_sticky() {
     reloads_under_load("sticky");
-}
-
-fn python3_with_recv_fds() -> Option<String> {
-    let py = which("python3")?;
-    let ok = std::process::Command::new(&py)
-        .args(["-c", "import socket; socket.recv_fds"])
-        .status()
-        .ok()?
-        .success();
-    ok.then(|| py.display().to_string())
 }
 
 #[test]

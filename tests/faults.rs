@@ -23,16 +23,6 @@ use common::*;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-fn python3_with_recv_fds() -> Option<String> {
-    let py = which("python3")?;
-    let ok = std::process::Command::new(&py)
-        .args(["-c", "import socket; socket.send_fds; socket.recv_fds"])
-        .status()
-        .ok()?
-        .success();
-    ok.then(|| py.display().to_string())
-}
-
 /// The Python channel worker's command line, or `None` (test skipped) without Python 3.9+.
 fn channel_worker() -> Option<Vec<String>> {
     let Some(py) = python3_with_recv_fds() else {

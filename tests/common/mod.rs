@@ -1161,6 +1161,17 @@ pub fn request_with(addr: SocketAddr, timeout: Duration) -> Result<Reply, Failur
 /// One request from source address `src` (any when `None`): connect, half-close when
 /// `half_close` (workers that echo until EOF, like `examples/echo`, answer and close),
 /// read the reply line until EOF, close.
+/// `python3`, if it has `socket.send_fds`/`recv_fds` (3.9+), for the Python workers.
+pub fn python3_with_recv_fds() -> Option<String> {
+    let py = which("python3")?;
+    let ok = std::process::Command::new(&py)
+        .args(["-c", "import socket; socket.send_fds; socket.recv_fds"])
+        .status()
+        .ok()?
+        .success();
+    ok.then(|| py.display().to_string())
+}
+
 pub fn request_from(
     addr: SocketAddr,
     src: Option<std::net::Ipv4Addr>,
