@@ -8,24 +8,30 @@
 //!
 //! The crate is a library first; the `recluster` binary is a thin layer over it.
 //!
-//! ```no_run
-//! use recluster::{Balance, Cluster, WorkerCommand};
+//! ```
+//! use recluster::{Balance, Cluster, Event, ReadyWhen, WorkerCommand};
 //!
-//! # async fn demo() -> Result<(), recluster::Error> {
-//! let cluster = Cluster::builder(WorkerCommand::new("./server").arg("--quiet"))
-//!     .workers(4)
-//!     .listen("127.0.0.1:8080".parse().unwrap())
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), recluster::Error> {
+//! // Two workers running `sleep 60`, ready as soon as started, on a free port.
+//! let cluster = Cluster::builder(WorkerCommand::new("sleep").arg("60"))
+//!     .workers(2)
+//!     .listen("127.0.0.1:0".parse().unwrap())
 //!     .balance(Balance::Shared)
+//!     .ready_when(ReadyWhen::Started)
 //!     .build()?;
 //! let handle = cluster.handle();
 //! let mut events = handle.events();
-//! tokio::spawn(async move {
-//!     while let Ok(event) = events.recv().await {
-//!         println!("{event:?}");
-//!     }
-//! });
-//! // Elsewhere: handle.reload(), handle.terminate(), handle.active_workers().
-//! cluster.run().await?;
+//! let running = tokio::spawn(cluster.run());
+//!
+//! // Wait for the first generation, look at it, reload it, then terminate.
+//! while !matches!(events.recv().await, Ok(Event::ClusterReady { .. })) {}
+//! assert!(handle.active_workers().iter().all(Option::is_some));
+//! handle.reload();
+//! while !matches!(events.recv().await, Ok(Event::ReloadFinished { generation: 2 })) {}
+//! handle.terminate(); // SIGTERM to every worker, SIGKILL after the timeout
+//! running.await.expect("the cluster task")?;
+//! assert!(handle.workers().is_empty());
 //! # Ok(())
 //! # }
 //! ```

@@ -161,8 +161,10 @@ impl Listener {
             // SAFETY: the socket-activation protocol hands fds 3..3+LISTEN_FDS to this
             // process; we take ownership once (from_env is once per process).
             let std = unsafe { std::net::TcpListener::from_raw_fd(fd) };
-            // Shared with the master and sibling workers: all of them accept non-blocking.
-            std.set_nonblocking(true)?;
+            // O_NONBLOCK lives on the open file description, which the master and the
+            // sibling workers share: they all see it. The master never accepts in
+            // `shared`, and siblings run this same library, so that is harmless here;
+            // a cluster mixing in a server that expects a blocking socket would not be.
             set_nonblocking_cloexec(&std)?;
             listeners.push(TcpListener::from_std(std)?);
         }
