@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use common::*;
 use nix::sys::signal::{kill, Signal};
@@ -18,7 +18,7 @@ fn pid_file(what: &str) -> PathBuf {
     p
 }
 
-fn read_pid(path: &PathBuf) -> u32 {
+fn read_pid(path: &Path) -> u32 {
     let mut pid = None;
     assert!(
         poll_until(DEADLINE, || {
@@ -33,23 +33,33 @@ fn read_pid(path: &PathBuf) -> u32 {
     pid.unwrap()
 }
 
-#[test]
-fn a_shell_wrapper_that_does_not_exec_stops_cleanly_and_leaves_no_grandchild() {
-    let helper = pid_file("helper");
-    // sh stays the worker; the server is its child; a helper that ignores SIGTERM is another.
-    let script = format!(
-        "trap '' TERM; sleep 300 & echo $! > {helper}; trap - TERM; \"$0\" & wait",
-        helper = helper.display()
-    );
+/// A `shared` cluster of one worker, `/bin/sh -c script test_worker`, with `args`.
+fn wrapped(script: &str, args: &[&str]) -> Master {
     let worker = test_worker();
-    let m = shared_cluster(1)
+    shared_cluster(1)
+        .args(args)
         .command([
             "/bin/sh".as_ref(),
             "-c".as_ref(),
-            script.as_str().as_ref(),
+            script.as_ref(),
             worker.as_os_str(),
         ])
-        .spawn();
+        .spawn()
+}
+
+/// sh stays the worker, the server is its child, and a helper that ignores SIGTERM
+/// (its pid appended to `helper`) is another.
+fn wrapper_with_helper(helper: &Path) -> String {
+    format!(
+        "trap '' TERM; sleep 300 & echo $! >> {}; trap - TERM; \"$0\" & wait",
+        helper.display()
+    )
+}
+
+#[test]
+fn a_shell_wrapper_that_does_not_exec_stops_cleanly_and_leaves_no_grandchild() {
+    let helper = pid_file("helper");
+    let m = wrapped(&wrapper_with_helper(&helper), &[]);
     let addr = m.addr();
     let shell = m.wait_cluster_ready(1)[&0];
     let server = request(addr).expect("served").pid;
@@ -81,19 +91,7 @@ fn a_shell_wrapper_that_does_not_exec_stops_cleanly_and_leaves_no_grandchild() {
 #[test]
 fn a_reload_takes_down_the_old_wrappers_children_too() {
     let helper = pid_file("reload-helper");
-    let script = format!(
-        "trap '' TERM; sleep 300 & echo $! >> {helper}; trap - TERM; \"$0\" & wait",
-        helper = helper.display()
-    );
-    let worker = test_worker();
-    let m = shared_cluster(1)
-        .command([
-            "/bin/sh".as_ref(),
-            "-c".as_ref(),
-            script.as_str().as_ref(),
-            worker.as_os_str(),
-        ])
-        .spawn();
+    let m = wrapped(&wrapper_with_helper(&helper), &[]);
     m.addr();
     let old = m.wait_cluster_ready(1)[&0];
     let old_helper = read_pid(&helper);
@@ -116,16 +114,7 @@ fn a_subreaper_master_adopts_and_reaps_a_grandchild_that_escaped_the_group() {
         "setsid sleep 300 & echo $! > {helper}; exec \"$0\"",
         helper = helper.display()
     );
-    let worker = test_worker();
-    let m = shared_cluster(1)
-        .arg("--subreaper")
-        .command([
-            "/bin/sh".as_ref(),
-            "-c".as_ref(),
-            script.as_str().as_ref(),
-            worker.as_os_str(),
-        ])
-        .spawn();
+    let m = wrapped(&script, &["--subreaper"]);
     m.addr();
     let worker_pid = m.wait_cluster_ready(1)[&0];
     let escaped = read_pid(&helper);

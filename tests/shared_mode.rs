@@ -127,6 +127,16 @@ fn assert_replaced_in_order(
 }
 
 /// Requests until slots `0..n` have all answered with `generation`; checks the pids.
+/// Each worker of `workers` became ready no sooner than `min` after it was spawned.
+fn assert_ready_no_sooner_than(m: &Master, workers: &BTreeMap<usize, u32>, min: Duration) {
+    for (slot, pid) in workers {
+        let spawned = m.wait_event(&format!("worker spawned slot={slot} pid={pid}"), DEADLINE);
+        let ready = m.wait_event(&format!("worker ready slot={slot} pid={pid}"), DEADLINE);
+        let waited = ready.since(&spawned);
+        assert!(waited >= min, "slot {slot} ready {waited:?} after spawn");
+    }
+}
+
 fn assert_served_by(addr: SocketAddr, workers: &BTreeMap<usize, u32>, generation: u32) {
     let mut seen = BTreeMap::new();
     requests_until(
@@ -542,16 +552,8 @@ fn ready_when_ready_waits_for_sd_notify() {
         .spawn();
     let addr = m.addr();
     let ready = m.wait_cluster_ready(2);
-    for (slot, pid) in &ready {
-        let spawned = m.wait_event(&format!("worker spawned slot={slot} pid={pid}"), DEADLINE);
-        let ready = m.wait_event(&format!("worker ready slot={slot} pid={pid}"), DEADLINE);
-        let waited = ready.since(&spawned);
-        // The worker accepts at once but says READY=1 only 400 ms later.
-        assert!(
-            waited >= Duration::from_millis(350),
-            "slot {slot} ready {waited:?} after spawn"
-        );
-    }
+    // The worker accepts at once but says READY=1 only 400 ms later.
+    assert_ready_no_sooner_than(&m, &ready, Duration::from_millis(350));
     assert_served_by(addr, &ready, 1);
     // The next generation is ready the same way.
     let new = reload(&m, Signal::SIGUSR2, 2, &ready);
@@ -638,15 +640,7 @@ fn ready_when_listening_waits_for_a_slow_worker_to_listen() {
         .spawn();
     let addr = m.addr();
     let old = m.wait_cluster_ready(2);
-    for (slot, pid) in &old {
-        let spawned = m.wait_event(&format!("worker spawned slot={slot} pid={pid}"), DEADLINE);
-        let ready = m.wait_event(&format!("worker ready slot={slot} pid={pid}"), DEADLINE);
-        let waited = ready.since(&spawned);
-        assert!(
-            waited >= Duration::from_millis(350),
-            "slot {slot} ready {waited:?} after spawn"
-        );
-    }
+    assert_ready_no_sooner_than(&m, &old, Duration::from_millis(350));
     let load = Load::start(addr, 16);
     load.wait_more_ok(200, DEADLINE);
     let mark = m.mark();

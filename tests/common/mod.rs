@@ -1130,32 +1130,7 @@ pub fn request(addr: SocketAddr) -> Result<Reply, Failure> {
 }
 
 pub fn request_with(addr: SocketAddr, timeout: Duration) -> Result<Reply, Failure> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-        .map_err(|e| Failure(format!("connect: {:?}", e.kind())))?;
-    stream
-        .set_read_timeout(Some(timeout))
-        .map_err(|e| Failure(format!("setsockopt: {:?}", e.kind())))?;
-    let mut buf = Vec::new();
-    let result = stream.read_to_end(&mut buf);
-    // Close with a reset: the worker has closed already, and this keeps loopback free of
-    // TIME_WAIT sockets under load.
-    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
-    drop(stream);
-    if let Err(e) = result {
-        return Err(Failure(format!(
-            "read: {:?}{}",
-            e.kind(),
-            if buf.is_empty() { "" } else { " (partial)" }
-        )));
-    }
-    let text = String::from_utf8_lossy(&buf);
-    if text.is_empty() {
-        return Err(Failure("eof without reply".into()));
-    }
-    if !text.ends_with('\n') {
-        return Err(Failure("truncated reply".into()));
-    }
-    Reply::parse(text.trim_end()).ok_or_else(|| Failure(format!("malformed reply {text:?}")))
+    request_from(addr, None, false, timeout)
 }
 
 /// One request from source address `src` (any when `None`): connect, half-close when
@@ -1206,10 +1181,12 @@ pub fn request_from(
         )));
     }
     let text = String::from_utf8_lossy(&buf);
-    let line = text
-        .lines()
-        .next()
-        .ok_or_else(|| Failure("eof without reply".into()))?;
+    if text.is_empty() {
+        return Err(Failure("eof without reply".into()));
+    }
+    let Some((line, _)) = text.split_once('\n') else {
+        return Err(Failure("truncated reply".into()));
+    };
     Reply::parse(line).ok_or_else(|| Failure(format!("malformed reply {text:?}")))
 }
 
