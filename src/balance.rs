@@ -194,9 +194,8 @@ impl Router {
 /// A connection waiting because its worker's queue was full.
 struct Parked {
     conn: Conn,
-    /// The slot it was meant for.
+    /// The slot it was meant for (`usize::MAX`: none was ready).
     slot: usize,
-    since: Instant,
 }
 
 /// The balancer task's state.
@@ -325,6 +324,7 @@ impl Balancer {
                         listener: index,
                         peer,
                         local,
+                        since: now,
                     };
                     self.dispatch(conn, now);
                 }
@@ -373,11 +373,7 @@ impl Balancer {
         let slot = match self.mode {
             Balance::Sticky => match self.router.preferred(conn.peer.ip()) {
                 Some(s) if full[s] => {
-                    self.parked.push_back(Parked {
-                        conn,
-                        slot: s,
-                        since: now,
-                    });
+                    self.parked.push_back(Parked { conn, slot: s });
                     return;
                 }
                 s => s,
@@ -394,7 +390,6 @@ impl Balancer {
             None => self.parked.push_back(Parked {
                 slot: usize::MAX,
                 conn,
-                since: now,
             }),
         }
     }
@@ -452,11 +447,7 @@ impl Balancer {
                 let mut batch = std::mem::take(&mut self.batches[slot]);
                 for conn in batch.drain(..) {
                     if self.mode == Balance::Sticky {
-                        self.parked.push_back(Parked {
-                            conn,
-                            slot,
-                            since: now,
-                        });
+                        self.parked.push_back(Parked { conn, slot });
                     } else {
                         self.dispatch(conn, now);
                     }
@@ -481,14 +472,15 @@ impl Balancer {
     }
 
     /// Tries again to hand out connections held back by full queues or missing workers.
+    ///
+    /// The slow path, taken only while queues are full or no worker is ready: each
+    /// connection is batched again (`sticky`: for its own slot until it has waited
+    /// [`STICKY_WAIT`], then for its next choice), and what fails to go out is parked
+    /// again by `flush`.
     fn retry_parked(&mut self) {
         let now = Instant::now();
-        let n = self.parked.len();
-        for _ in 0..n {
-            let Some(p) = self.parked.pop_front() else {
-                break;
-            };
-            let age = now.saturating_duration_since(p.since);
+        for p in std::mem::take(&mut self.parked) {
+            let age = now.saturating_duration_since(p.conn.since);
             if !self.router.has_ready() {
                 if age >= MAX_PARK {
                     BalanceStats::add(&self.stats.closed, 1);
@@ -498,38 +490,31 @@ impl Balancer {
                 }
                 continue;
             }
-            let slot = if self.mode == Balance::Sticky {
-                let wait_more =
-                    age < STICKY_WAIT && self.table.get(p.slot).is_some_and(|c| c.is_some());
-                if wait_more {
-                    Some(p.slot)
-                } else {
-                    let preferred = p.slot;
-                    let choice = self.router.choose(p.conn.peer.ip(), |s| s == preferred);
-                    if choice.is_some() && choice != self.router.preferred(p.conn.peer.ip()) {
+            let ip = p.conn.peer.ip();
+            let own_slot_ready = self.table.get(p.slot).is_some_and(Option::is_some);
+            let slot = match self.mode {
+                Balance::Sticky if age < STICKY_WAIT && own_slot_ready => Some(p.slot),
+                Balance::Sticky => {
+                    let next = self.router.choose(ip, |s| s == p.slot);
+                    let preferred = self.router.preferred(ip);
+                    if next.is_some() && next != preferred {
                         BalanceStats::add(&self.stats.fallbacks, 1);
                     }
-                    choice.or(self.router.preferred(p.conn.peer.ip()))
+                    next.or(preferred)
                 }
-            } else {
-                self.router.choose(p.conn.peer.ip(), |_| false)
+                _ => self.router.choose(ip, |_| false),
             };
-            let Some(slot) = slot else {
-                self.parked.push_back(p);
-                continue;
-            };
-            // One at a time: this is the slow path, taken only while queues are full.
-            self.batches[slot].push(p.conn);
-            let before = self.parked.len();
-            self.flush(slot, now);
-            if self.parked.len() > before {
-                // Went back to the queue: keep its original age.
-                if let Some(back) = self.parked.back_mut() {
-                    back.since = p.since;
+            match slot {
+                Some(slot) => {
+                    self.batches[slot].push(p.conn);
+                    if self.batches[slot].len() == MAX_FDS {
+                        self.flush(slot, now);
+                    }
                 }
+                None => self.parked.push_back(p),
             }
         }
-        self.full.iter_mut().for_each(|f| *f = false);
+        self.flush_all();
     }
 }
 

@@ -18,6 +18,7 @@ use std::os::fd::{AsFd, OwnedFd, RawFd};
 use std::sync::Mutex;
 
 use tokio::io::unix::AsyncFd;
+use tokio::time::Instant;
 
 use crate::channel::{self, MasterLine};
 use crate::fdpass::{self, FdBuf};
@@ -33,6 +34,8 @@ pub(crate) struct Conn {
     pub peer: SocketAddr,
     /// The local address it was accepted on.
     pub local: SocketAddr,
+    /// When the master took it (accept, or reclaim): how long it has waited for a worker.
+    pub since: Instant,
 }
 
 /// The master's side of one worker's channel.
@@ -139,6 +142,7 @@ impl WorkerChannel {
                             listener,
                             peer,
                             local,
+                            since: Instant::now(),
                         });
                     }
                 }
