@@ -119,8 +119,9 @@ fn rr_gives_each_of_four_workers_an_equal_share_of_sequential_connections() {
     let addr = m.addr();
     m.wait_cluster_ready(4);
     let mut per_id = BTreeMap::<usize, u32>::new();
-    for _ in 0..2000 {
-        let r = ask(addr, None).expect("request");
+    // Spread over source addresses: each half-closed client leaves a TIME_WAIT behind.
+    for i in 0..2000 {
+        let r = ask(addr, Some(source(i))).expect("request");
         *per_id.entry(r.id).or_default() += 1;
     }
     println!("rr, 2000 sequential connections over 4 workers: {per_id:?}");
@@ -406,7 +407,7 @@ fn the_master_holds_as_many_descriptors_after_10000_connections_as_before() {
     m.wait_cluster_ready(2);
     ask(addr, None).expect("warm-up request");
     let before = open_fds(m.pid);
-    let load = Load::start(addr, 8, 1);
+    let load = Load::start(addr, 8, 250);
     let enough = poll_until(Duration::from_secs(120), || load.ok() >= 10_000);
     let r = load.stop();
     assert!(enough, "only {} connections served in 120 s", r.ok);
@@ -487,5 +488,106 @@ fn a_worker_that_asks_to_be_replaced_retires_once_its_replacement_is_ready() {
     let r = ask(addr, None).expect("served after the replacement");
     assert_eq!(r.pid, ready.pid(), "the replacement serves");
     assert_eq!(r.gen, 1, "a replacement keeps the generation");
+    let _ = std::fs::remove_file(&mark);
+}
+
+#[test]
+fn sticky_clients_of_a_full_worker_wait_briefly_then_go_to_their_next_choice() {
+    let Some(py) = python3_with_recv_fds() else {
+        println!("skipped: no python3 with socket.recv_fds (3.9+) on this machine");
+        return;
+    };
+    let script = manifest_dir().join("tests/workers/channel_worker.py");
+    let mark = std::env::temp_dir().join(format!("recluster-full-{}", std::process::id()));
+    let _ = std::fs::remove_file(&mark);
+    let m = Cluster::new()
+        .workers(2)
+        .args(["--balance", "sticky", "--listen", "127.0.0.1:0"])
+        .env("STALL_SLOT", "1")
+        .env("STALL_ONCE", &mark)
+        .command([py, script.display().to_string()])
+        .spawn();
+    let addr = m.addr();
+    let ready = m.wait_cluster_ready(2);
+    // An address whose first choice is the stalled slot 1 (the mapping is fixed).
+    let mut router = recluster::balance::Router::new(recluster::Balance::Sticky);
+    router.set_ready(0, true);
+    router.set_ready(1, true);
+    // From 127.0.1.0/24, which no other test uses (its ports stay free for them).
+    let ip = (1..=250u8)
+        .map(|i| Ipv4Addr::new(127, 0, 1, i))
+        .find(|ip| router.preferred((*ip).into()) == Some(1))
+        .expect("some address prefers slot 1");
+    // More connections than slot 1's channel can queue, one at a time so that each is a
+    // message of its own: the channel fills up, and the rest wait up to 100 ms each and
+    // then go to slot 0.
+    let total = 2000;
+    let mut socks: Vec<std::net::TcpStream> = (0..total)
+        .map(|_| {
+            let s =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            s.bind(&SocketAddr::from((ip, 0)).into()).unwrap();
+            s.connect_timeout(&addr.into(), Duration::from_secs(5))
+                .expect("connect");
+            // No half-close: the Python worker answers and closes first, so the
+            // TIME_WAIT stays on its side and this test uses up no client ports.
+            let s: std::net::TcpStream = s.into();
+            s.set_nonblocking(true).unwrap();
+            s
+        })
+        .collect();
+    // Read replies as they come: a socket is done when it has a whole line.
+    let mut replies: Vec<Option<Reply>> = vec![None; total];
+    let mut bufs: Vec<Vec<u8>> = vec![Vec::new(); total];
+    let mut poll = |socks: &mut Vec<std::net::TcpStream>, replies: &mut Vec<Option<Reply>>| {
+        use std::io::Read;
+        for (i, s) in socks.iter_mut().enumerate() {
+            if replies[i].is_some() {
+                continue;
+            }
+            let mut chunk = [0u8; 256];
+            if let Ok(n) = s.read(&mut chunk) {
+                bufs[i].extend_from_slice(&chunk[..n]);
+                if let Some(line) = String::from_utf8_lossy(&bufs[i]).lines().next() {
+                    if bufs[i].contains(&b'\n') {
+                        replies[i] = Reply::parse(line);
+                    }
+                }
+            }
+        }
+        replies.iter().filter(|r| r.is_some()).count()
+    };
+    // Those that went to their next choice are served while slot 1 still stalls.
+    assert!(
+        poll_until(DEADLINE, || poll(&mut socks, &mut replies) >= 100),
+        "only {} of {total} served while slot 1 is full: never filled, or no fallback",
+        replies.iter().filter(|r| r.is_some()).count()
+    );
+    let early: Vec<&Reply> = replies.iter().flatten().collect();
+    assert!(
+        early.iter().all(|r| r.id == 0),
+        "served by the stalled worker?"
+    );
+    let early = early.len();
+    // Then slot 1 dies: what it had queued is reclaimed and served too.
+    kill(Pid::from_raw(ready[&1] as i32), Signal::SIGKILL).unwrap();
+    assert!(
+        poll_until(DEADLINE, || poll(&mut socks, &mut replies) == total),
+        "{} of {total} never served",
+        replies.iter().filter(|r| r.is_none()).count()
+    );
+    m.signal(Signal::SIGTERM);
+    let t = m.balancer_totals(DEADLINE);
+    println!(
+        "sticky, {total} connections from {ip} whose worker stalls: all served ({early} by \
+         the next choice while it stalled); full={} fallbacks={} reclaimed={} closed={}",
+        t.full, t.fallbacks, t.reclaimed, t.closed
+    );
+    assert!(
+        t.full >= 1,
+        "the channel never filled: the test proved nothing"
+    );
+    assert!(t.fallbacks >= 1);
+    assert_eq!(t.closed, 0);
     let _ = std::fs::remove_file(&mark);
 }
