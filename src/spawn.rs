@@ -28,7 +28,6 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::ptr;
-use std::sync::Once;
 
 /// Everything needed to start one worker process.
 pub(crate) struct SpawnSpec<'a> {
@@ -82,6 +81,8 @@ struct ChildPlan<'a> {
     nsig: libc::c_int,
     /// Empty signal set, installed as the child's mask just before exec.
     empty_mask: libc::sigset_t,
+    /// The descriptor limit: the fallback loop's bound where `close_range` is missing.
+    fd_limit: RawFd,
 }
 
 /// Forks and execs a worker; returns its pid once exec succeeded.
@@ -90,9 +91,9 @@ struct ChildPlan<'a> {
 /// `spec.fds[i]` at fd `3 + i` (without close-on-exec), leads its own process group,
 /// has an empty signal mask and default signal dispositions, and receives SIGKILL when
 /// the calling thread dies (see the module docs: call from a long-lived thread). Every
-/// other descriptor of the master must be close-on-exec, as Rust, tokio and socket2
-/// open them; the first call also marks the descriptors the master inherited from
-/// its own parent close-on-exec. An exec failure (missing program, permission, …) is
+/// other descriptor is closed at exec in the child (`close_range` with
+/// `CLOSE_RANGE_CLOEXEC`), even one the master holds without close-on-exec, and
+/// without touching the master's own flags. An exec failure (missing program, permission, …) is
 /// returned as the errno of `execve`, after the failed child has been reaped.
 pub(crate) fn spawn(spec: &SpawnSpec<'_>) -> io::Result<u32> {
     let mut argv: Vec<*const libc::c_char> = spec.args.iter().map(|a| a.as_ptr()).collect();
@@ -111,11 +112,6 @@ pub(crate) fn spawn(spec: &SpawnSpec<'_>) -> io::Result<u32> {
     };
     envp.push(ptr::null());
 
-    static INHERITED: Once = Once::new();
-    INHERITED.call_once(|| {
-        // Best effort: without /proc the master's own fds are still all CLOEXEC.
-        let _ = cloexec_inherited_fds();
-    });
     for &fd in spec.fds {
         // SAFETY: F_GETFD only queries the descriptor's flags.
         if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
@@ -159,6 +155,7 @@ pub(crate) fn spawn(spec: &SpawnSpec<'_>) -> io::Result<u32> {
         parent_pid: std::process::id() as libc::pid_t,
         nsig: libc::SIGRTMAX() + 1,
         empty_mask,
+        fd_limit: fd_limit(),
     };
 
     // Block every signal in this thread around the fork so that no handler of the
@@ -211,28 +208,14 @@ pub(crate) fn spawn(spec: &SpawnSpec<'_>) -> io::Result<u32> {
     }
 }
 
-/// Marks every descriptor from 3 up close-on-exec, so none leaks into workers.
-///
-/// Rust, tokio and socket2 open everything close-on-exec, but descriptors the master
-/// *inherited* from its own parent (a shell's stray fds, a CI runner's pipes) are not.
-/// [`spawn`] runs this once, before its first fork; afterwards every descriptor is
-/// close-on-exec and a worker receives exactly the descriptors it is given.
-fn cloexec_inherited_fds() -> io::Result<()> {
-    let fds: Vec<RawFd> = std::fs::read_dir("/proc/self/fd")?
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .filter(|&fd| fd >= FIRST_FD)
-        .collect();
-    for fd in fds {
-        // SAFETY: F_GETFD/F_SETFD only change the descriptor's flags; a descriptor
-        // that vanished in between (the directory's own) just fails with EBADF.
-        unsafe {
-            let flags = libc::fcntl(fd, libc::F_GETFD);
-            if flags >= 0 && flags & libc::FD_CLOEXEC == 0 {
-                libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
-            }
-        }
+/// The soft `RLIMIT_NOFILE`, capped, for the child's fallback loop.
+fn fd_limit() -> RawFd {
+    // SAFETY: getrlimit writes into the struct we own.
+    let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 1024;
     }
-    Ok(())
+    lim.rlim_cur.min(1 << 20) as RawFd
 }
 
 /// Creates a pipe whose both ends are close-on-exec.
@@ -356,6 +339,23 @@ unsafe fn exec_child(plan: &ChildPlan<'_>) -> ! {
         }
     }
 
+    // Everything above the targets is close-on-exec in the child, whatever the master
+    // left open without the flag (descriptors it inherited from its own parent, or a
+    // host program's): the worker gets 0, 1, 2 and its targets, nothing else. This
+    // changes only the child's descriptor table, never the master's.
+    let first_other = FIRST_FD + plan.fds.len() as RawFd;
+    if libc::syscall(
+        libc::SYS_close_range,
+        first_other as libc::c_uint,
+        libc::c_uint::MAX,
+        libc::CLOSE_RANGE_CLOEXEC,
+    ) != 0
+    {
+        // Kernels before 5.11: one fcntl per possible descriptor (EBADF for most).
+        for fd in first_other..plan.fd_limit {
+            libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+        }
+    }
     libc::sigprocmask(libc::SIG_SETMASK, &plan.empty_mask, ptr::null_mut());
     libc::execve(plan.program, plan.argv.as_ptr(), plan.envp.as_ptr());
     fail(err_pipe)
@@ -517,9 +517,37 @@ mod tests {
     }
 
     #[test]
+    fn a_descriptor_the_master_holds_without_cloexec_does_not_leak_and_keeps_its_flag() {
+        // SAFETY: a plain pipe2 without O_CLOEXEC into an array we own.
+        let mut raw = [0 as RawFd; 2];
+        assert_eq!(unsafe { libc::pipe2(raw.as_mut_ptr(), 0) }, 0);
+        // SAFETY: fresh descriptors, owned here alone.
+        let (leak_r, leak_w) =
+            unsafe { (OwnedFd::from_raw_fd(raw[0]), OwnedFd::from_raw_fd(raw[1])) };
+        let (out_r, out_w) = cloexec_pipe().unwrap();
+        let script = format!(
+            "exec 1>&3; if [ -e /proc/self/fd/{} ]; then echo leaked; else echo closed; fi",
+            leak_w.as_raw_fd()
+        );
+        let pid = sh(&script, &[out_w.as_raw_fd()], &[], false).unwrap();
+        drop(out_w);
+        let out = read_all(out_r);
+        assert_eq!(wait_exit(pid), 0);
+        assert_eq!(out.trim(), "closed");
+        // SAFETY: F_GETFD only reads the flags of a descriptor we own.
+        let flags = unsafe { libc::fcntl(leak_w.as_raw_fd(), libc::F_GETFD) };
+        assert_eq!(
+            flags & libc::FD_CLOEXEC,
+            0,
+            "the master's own flag is untouched"
+        );
+        drop(leak_r);
+    }
+
+    #[test]
     fn lays_out_fds_env_and_stdin() {
         // Whatever the harness inherited from its own parent must not leak either
-        // (`spawn` marks it close-on-exec before its first fork).
+        // (the child marks everything above its targets close-on-exec).
         let l1 = TcpListener::bind("127.0.0.1:0").unwrap();
         let l2 = TcpListener::bind("127.0.0.1:0").unwrap();
         let (out_r, out_w) = cloexec_pipe().unwrap();
