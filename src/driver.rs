@@ -59,6 +59,8 @@ struct Proc {
     reader: Option<tokio::task::JoinHandle<()>>,
     /// Bad messages received so far.
     garbage: u32,
+    /// Whether it has said anything on its worker channel.
+    spoke: bool,
 }
 
 /// What a worker's reader task reports.
@@ -334,6 +336,7 @@ impl Driver {
                         channel,
                         reader,
                         garbage: 0,
+                        spoke: false,
                     },
                 );
                 self.by_pid.insert(pid, id);
@@ -460,12 +463,10 @@ impl Driver {
     }
 
     fn worker_message(&mut self, id: WorkerId, msg: WorkerMsg) {
-        if self
-            .procs
-            .get(&id)
-            .is_some_and(|p| p.garbage >= GARBAGE_LIMIT)
-        {
-            return; // killed for garbage: what it queued before dying counts for nothing
+        match self.procs.get_mut(&id) {
+            Some(p) if p.garbage >= GARBAGE_LIMIT => return, // killed for garbage: ignore the rest
+            Some(p) => p.spoke = true,
+            None => {}
         }
         let ready_when = self.setup.ready_when;
         match msg {
@@ -529,6 +530,22 @@ impl Driver {
             Event::Retiring(w) => {
                 if let Some(p) = self.procs.get_mut(&w.id) {
                     p.probing = false;
+                }
+            }
+            Event::NotReadyInTime(w) => {
+                let silent = self
+                    .procs
+                    .get(&w.id)
+                    .is_some_and(|p| p.channel.is_some() && !p.spoke);
+                if silent {
+                    warn!(
+                        slot = w.slot,
+                        pid = w.pid,
+                        "the worker never spoke on its worker channel: in rr and sticky a worker \
+                         must use recluster's worker library or protocol (RECLUSTER_FD, see \
+                         docs/PROTOCOL.md); an unmodified socket-activation server needs \
+                         --balance shared"
+                    );
                 }
             }
             Event::ClusterReady { .. } => {

@@ -591,3 +591,24 @@ fn sticky_clients_of_a_full_worker_wait_briefly_then_go_to_their_next_choice() {
     assert_eq!(t.closed, 0);
     let _ = std::fs::remove_file(&mark);
 }
+
+#[test]
+fn an_unmodified_server_in_rr_is_told_to_use_shared() {
+    // test_worker is a socket-activation server: it never speaks on a worker channel.
+    let m = Cluster::new()
+        .workers(1)
+        .args([
+            "--balance",
+            "rr",
+            "--listen",
+            "127.0.0.1:0",
+            "--ready-timeout",
+            "500ms",
+        ])
+        .spawn();
+    let hint = m.wait_for("the hint to use --balance shared", DEADLINE, |l| {
+        l.message.contains("never spoke on its worker channel")
+            && l.message.contains("--balance shared")
+    });
+    assert_eq!(hint.level, "WARN");
+}
