@@ -594,7 +594,7 @@ fn sticky_clients_of_a_full_worker_wait_briefly_then_go_to_their_next_choice() {
 
 #[test]
 fn an_unmodified_server_in_rr_is_told_to_use_shared() {
-    // test_worker is a socket-activation server: it never speaks on a worker channel.
+    // A process that knows nothing of recluster: it never speaks on its worker channel.
     let m = Cluster::new()
         .workers(1)
         .args([
@@ -605,6 +605,7 @@ fn an_unmodified_server_in_rr_is_told_to_use_shared() {
             "--ready-timeout",
             "500ms",
         ])
+        .command(["sleep", "100"])
         .spawn();
     let hint = m.wait_for("the hint to use --balance shared", DEADLINE, |l| {
         l.message.contains("never spoke on its worker channel")
