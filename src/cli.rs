@@ -70,6 +70,10 @@ pub struct Options {
     #[arg(long, env = "RECLUSTER_SUBREAPER", num_args = 0..=1, default_missing_value = "true", require_equals = true)]
     pub subreaper: Option<bool>,
 
+    /// Unix socket for `status`, `reload` and `terminate` commands (mode 0600)
+    #[arg(long, env = "RECLUSTER_CONTROL", value_name = "PATH")]
+    pub control: Option<std::path::PathBuf>,
+
     /// Log level: error, warn, info, debug or trace (RUST_LOG, when set, wins)
     #[arg(long, env = "RECLUSTER_LOG_LEVEL", default_value = "info")]
     pub log_level: tracing::Level,
@@ -171,7 +175,7 @@ pub fn main() -> i32 {
             return 1;
         }
     };
-    match runtime.block_on(run(cluster)) {
+    match runtime.block_on(run(cluster, opts.control)) {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("recluster: {e}");
@@ -180,8 +184,16 @@ pub fn main() -> i32 {
     }
 }
 
-async fn run(cluster: Cluster) -> Result<(), crate::Error> {
+async fn run(cluster: Cluster, control: Option<std::path::PathBuf>) -> Result<(), crate::Error> {
     let handle = cluster.handle();
+    if let Some(path) = control {
+        let socket =
+            crate::control::ControlSocket::bind(&path).map_err(|source| crate::Error::Io {
+                context: "cannot create the control socket (--control)",
+                source,
+            })?;
+        tokio::spawn(socket.serve(handle.clone()));
+    }
     let io = |source| crate::Error::Io {
         context: "cannot install signal handlers",
         source,

@@ -50,6 +50,7 @@ pub mod channel;
 pub mod cli;
 mod cluster;
 pub mod config;
+pub mod control;
 mod driver;
 mod fdpass;
 mod journal;
