@@ -47,7 +47,7 @@ pub const STICKY_WAIT: Duration = Duration::from_millis(100);
 /// How long accepting pauses after `EMFILE`/`ENFILE`.
 pub const FD_PAUSE: Duration = Duration::from_millis(100);
 
-/// How long a connection may wait for any worker at all before it is closed.
+/// How long a connection may wait for a worker (none ready, or all full) before it is closed.
 pub const MAX_PARK: Duration = Duration::from_secs(30);
 
 /// Most connections held back (queues full) before accepting pauses.
@@ -347,8 +347,16 @@ impl Balancer {
                             }
                             break;
                         }
-                        // The client went away between SYN and accept: nothing to do.
-                        _ => debug!(error = %e, "accept failed"),
+                        // The client went away between SYN and accept: take the next one.
+                        Some(libc::ECONNABORTED | libc::EPROTO | libc::EINTR) => {
+                            debug!(error = %e, "accept failed");
+                        }
+                        // Anything else may persist (a broken listener): never spin on it.
+                        _ => {
+                            self.paused_until = Some(now + FD_PAUSE);
+                            warn!(error = %e, "accept failed; pausing accepts");
+                            break;
+                        }
                     }
                 }
             }
@@ -481,13 +489,14 @@ impl Balancer {
         let now = Instant::now();
         for p in std::mem::take(&mut self.parked) {
             let age = now.saturating_duration_since(p.conn.since);
+            if age >= MAX_PARK {
+                // No worker ready, or every one full, for that long: give the client up.
+                BalanceStats::add(&self.stats.closed, 1);
+                warn!(peer = %p.conn.peer, "no worker took the connection in {MAX_PARK:?}: closing it");
+                continue;
+            }
             if !self.router.has_ready() {
-                if age >= MAX_PARK {
-                    BalanceStats::add(&self.stats.closed, 1);
-                    warn!(peer = %p.conn.peer, "no worker ready for {MAX_PARK:?}: closing connection");
-                } else {
-                    self.parked.push_back(p);
-                }
+                self.parked.push_back(p);
                 continue;
             }
             let ip = p.conn.peer.ip();

@@ -253,7 +253,11 @@ impl Driver {
                     if let Some(p) = self.procs.get_mut(&id) {
                         p.probing = false;
                         if let Some(ch) = &p.channel {
-                            ch.stop();
+                            if !ch.stop() {
+                                // Its queue is full: `stop` follows as soon as it reads.
+                                let ch = ch.clone();
+                                tokio::spawn(async move { ch.stop_when_writable().await });
+                            }
                         }
                     }
                     self.signal(id, self.setup.stop_signal);
@@ -583,10 +587,9 @@ async fn read_worker(
             Ok(r) => r,
             Err(_) => return,
         };
-        if len == 0 && !bad {
-            return; // cannot happen while the channel keeps the worker's end; EOF all the same
-        }
-        if bad {
+        // An empty message is not EOF here (the master holds a copy of the worker's end,
+        // so EOF never comes): it is one more message that is not protocol.
+        if bad || len == 0 {
             let _ = tx.send((id, WorkerMsg::Garbage));
             continue;
         }

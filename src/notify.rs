@@ -36,8 +36,13 @@ use tokio::io::Interest;
 /// Largest datagram accepted; longer ones are truncated by the kernel and dropped.
 const MAX_DATAGRAM: usize = 4096;
 
-/// Most descriptors one datagram may carry that we still get to close.
-const MAX_FDS: usize = 16;
+/// Room for the most descriptors one datagram can carry (the kernel's SCM_MAX_FD).
+///
+/// Sized so that the control buffer can never be truncated: nix's `cmsgs()` refuses
+/// to iterate a truncated (`MSG_CTRUNC`) buffer, and the descriptors the kernel had
+/// installed could then not be found and closed. A sender cannot attach more than
+/// SCM_MAX_FD in total to one message (the kernel rejects it with EINVAL).
+const MAX_FDS: usize = 253;
 
 /// File name of the socket inside its private directory.
 const SOCKET_NAME: &str = "notify.sock";

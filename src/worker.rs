@@ -66,11 +66,8 @@ pub fn request_replacement() -> io::Result<()> {
 }
 
 fn send_to_master(line: &[u8], notify: &str) -> io::Result<()> {
-    if let Some(fd) = channel_fd() {
-        // SAFETY: the worker channel stays open for the life of the process (it is
-        // taken over by `Listener`, which never closes it), so borrowing it is sound.
-        let sock = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-        return fdpass::send(sock, line, &[], &mut FdBuf::new());
+    if let Some(ch) = channel() {
+        return fdpass::send(ch.as_fd(), line, &[], &mut FdBuf::new());
     }
     if let Some(path) = std::env::var_os("NOTIFY_SOCKET") {
         let sock = UnixDatagram::unbound()?;
@@ -79,14 +76,27 @@ fn send_to_master(line: &[u8], notify: &str) -> io::Result<()> {
     Ok(())
 }
 
-/// The worker channel's descriptor, once validated.
-fn channel_fd() -> Option<RawFd> {
-    static FD: OnceLock<Option<RawFd>> = OnceLock::new();
-    *FD.get_or_init(|| {
-        let fd: RawFd = env_number("RECLUSTER_FD")?;
-        // SAFETY: F_GETFD only reads the descriptor's flags; a bad fd gives EBADF.
-        (unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0).then_some(fd)
-    })
+/// The worker channel, owned by the process for its whole life once validated.
+///
+/// A static owner, shared with [`Listener`], so that `ready()` and
+/// `request_replacement()` can never write to a descriptor number that was closed and
+/// reused: the channel is never closed.
+fn channel() -> Option<&'static Arc<OwnedFd>> {
+    static CHANNEL: OnceLock<Option<Arc<OwnedFd>>> = OnceLock::new();
+    CHANNEL
+        .get_or_init(|| {
+            let fd: RawFd = env_number("RECLUSTER_FD")?;
+            // SAFETY: F_GETFD only reads the descriptor's flags; a bad fd gives EBADF.
+            if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+                return None;
+            }
+            // SAFETY: RECLUSTER_FD names the worker channel the master placed in this
+            // process; this static takes it over once and never closes it.
+            let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+            set_nonblocking_cloexec(&owned).ok()?;
+            Some(Arc::new(owned))
+        })
+        .as_ref()
 }
 
 /// Connections for this worker, however the master hands them over.
@@ -95,12 +105,14 @@ pub struct Listener {
     local: Option<SocketAddr>,
     /// Set by `stop`, EOF, or the stop signal (a task watches SIGTERM).
     stopped: Arc<watch::Sender<bool>>,
+    /// Set once `accept` has returned `None`: nothing received is left to hand out.
+    drained: watch::Sender<bool>,
 }
 
 enum Source {
     /// `rr`/`sticky`: descriptors arrive over the worker channel.
     Channel {
-        fd: AsyncFd<OwnedFd>,
+        fd: AsyncFd<Arc<OwnedFd>>,
         queue: VecDeque<(std::net::TcpStream, SocketAddr)>,
         buf: Vec<u8>,
         cbuf: FdBuf,
@@ -115,6 +127,12 @@ impl Listener {
     ///
     /// Must be called inside a tokio runtime, once per process.
     pub fn from_env() -> io::Result<Listener> {
+        static TAKEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if TAKEN.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return Err(io::Error::other(
+                "Listener::from_env takes over the inherited descriptors: call it once per process",
+            ));
+        }
         let stopped = Arc::new(watch::channel(false).0);
         // Handle SIGTERM from the start, so that it drains instead of killing.
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -124,19 +142,15 @@ impl Listener {
                 on_term.send_replace(true);
             }
         });
-        if let Some(fd) = channel_fd() {
+        if let Some(ch) = channel() {
             if env_number::<u32>("RECLUSTER_PROTOCOL").is_some_and(|v| v != channel::VERSION) {
                 return Err(io::Error::other(
                     "the master speaks another worker-channel protocol version: upgrade the worker library",
                 ));
             }
-            // SAFETY: RECLUSTER_FD names the worker channel the master placed in this
-            // process for us; from here on this Listener owns it (from_env is once per process).
-            let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-            set_nonblocking_cloexec(&owned)?;
             let listener = Listener {
                 source: Source::Channel {
-                    fd: fdpass::register(owned)?,
+                    fd: fdpass::register(ch.clone())?,
                     queue: VecDeque::new(),
                     buf: vec![0u8; channel::MAX_MASTER_MESSAGE],
                     cbuf: FdBuf::new(),
@@ -144,6 +158,7 @@ impl Listener {
                 },
                 local: None,
                 stopped,
+                drained: watch::channel(false).0,
             };
             send_to_master(b"listening\n", "")?;
             return Ok(listener);
@@ -173,16 +188,15 @@ impl Listener {
             source: Source::Shared(listeners),
             local,
             stopped,
+            drained: watch::channel(false).0,
         })
     }
 
     /// The next connection and its client's address; `None` once the master said stop.
     pub async fn accept(&mut self) -> io::Result<Option<(TcpStream, SocketAddr)>> {
         let mut stop = self.stopped.subscribe();
-        if *stop.borrow_and_update() {
-            return Ok(None);
-        }
-        match &mut self.source {
+        let next = match &mut self.source {
+            Source::Shared(_) if *stop.borrow_and_update() => Ok(None),
             Source::Shared(listeners) => {
                 tokio::select! {
                     biased;
@@ -197,15 +211,20 @@ impl Listener {
                 cbuf,
                 fds,
             } => loop {
+                // Connections already read off the channel are this worker's to serve,
+                // stop or not: nobody else can take them back.
                 if let Some((s, peer)) = queue.pop_front() {
                     s.set_nonblocking(true)?;
-                    return Ok(Some((TcpStream::from_std(s)?, peer)));
+                    break Ok(Some((TcpStream::from_std(s)?, peer)));
                 }
-                // On the stop signal, stop reading: what is still queued on the channel
-                // is taken back by the master once this process has exited.
+                // Once stopped, read no more: what is still queued on the channel is
+                // taken back by the master once this process has exited.
+                if *stop.borrow_and_update() {
+                    break Ok(None);
+                }
                 let mut guard = tokio::select! {
                     biased;
-                    _ = stop.changed() => return Ok(None),
+                    _ = stop.changed() => continue,
                     g = fd.readable() => g?,
                 };
                 let got = match guard.try_io(|f| fdpass::recv(f.as_fd(), buf, fds, cbuf)) {
@@ -214,9 +233,9 @@ impl Listener {
                 };
                 if got.len == 0 && fds.is_empty() {
                     self.stopped.send_replace(true); // EOF: the master is gone
-                    return Ok(None);
+                    break Ok(None);
                 }
-                let mut stop = false;
+                let mut got_stop = false;
                 let mut fd_iter = fds.drain(..);
                 for line in channel::lines(&buf[..got.len]) {
                     match channel::parse_master_line(line) {
@@ -226,22 +245,22 @@ impl Listener {
                                 queue.push_back((std::net::TcpStream::from(fd), peer));
                             }
                         }
-                        MasterLine::Stop => stop = true,
+                        MasterLine::Stop => got_stop = true,
                         MasterLine::Unknown(_) => {} // a newer master: ignore
                     }
                 }
                 drop(fd_iter); // closes descriptors without a record
-                if stop {
-                    // Connections before `stop` are ours to serve; nothing comes after it.
+                if got_stop {
+                    // Connections before `stop` are ours to serve (the loop hands them
+                    // out first); nothing comes after it.
                     self.stopped.send_replace(true);
-                    if let Some((s, peer)) = queue.pop_front() {
-                        s.set_nonblocking(true)?;
-                        return Ok(Some((TcpStream::from_std(s)?, peer)));
-                    }
-                    return Ok(None);
                 }
             },
+        };
+        if matches!(next, Ok(None)) {
+            self.drained.send_replace(true);
         }
+        next
     }
 
     /// The local address connections arrive on (known in `rr`/`sticky` after the first one).
@@ -249,9 +268,11 @@ impl Listener {
         self.local
     }
 
-    /// Resolves once this worker should stop: the master's `stop`, EOF, or the stop signal.
+    /// Resolves once this worker has nothing more to accept: after the master's `stop`,
+    /// EOF, or the stop signal, `accept` has handed out every connection already
+    /// received and returned `None`. Then drain the open connections and exit.
     pub fn shutdown(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let mut rx = self.stopped.subscribe();
+        let mut rx = self.drained.subscribe();
         async move {
             let _ = rx.wait_for(|s| *s).await;
         }

@@ -76,16 +76,35 @@ impl WorkerChannel {
         fdpass::send(self.fd.as_fd(), text, fds, cbuf)
     }
 
-    /// Sends `stop` once; from then on no connection is sent.
-    pub fn stop(&self) {
+    /// Marks the channel stopped (no connection is sent from now on) and sends `stop`.
+    ///
+    /// Returns false when the worker's queue was full and `stop` did not go out: then
+    /// call [`WorkerChannel::stop_when_writable`].
+    pub fn stop(&self) -> bool {
         let mut stopped = self.stopped.lock().unwrap_or_else(|e| e.into_inner());
-        if !*stopped {
-            *stopped = true;
-            let mut msg = Vec::with_capacity(8);
-            channel::encode_stop(&mut msg);
-            // A full queue or a dead worker: the stop signal and the process exit cover it.
-            let _ = fdpass::send(self.fd.as_fd(), &msg, &[], &mut FdBuf::new());
+        *stopped = true;
+        self.send_stop()
+    }
+
+    /// Sends `stop` once the worker has read enough of its queue to take it.
+    pub async fn stop_when_writable(&self) {
+        loop {
+            let Ok(mut guard) = self.fd.writable().await else {
+                return;
+            };
+            if self.send_stop() {
+                return;
+            }
+            guard.clear_ready();
         }
+    }
+
+    /// One `stop` message; false if the queue is full (a gone worker counts as done).
+    fn send_stop(&self) -> bool {
+        let mut msg = Vec::with_capacity(8);
+        channel::encode_stop(&mut msg);
+        let sent = fdpass::send(self.fd.as_fd(), &msg, &[], &mut FdBuf::new());
+        !matches!(sent, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 
     /// Receives the next message from the worker into `buf`; closes any descriptors it carried.
@@ -112,6 +131,12 @@ impl WorkerChannel {
     ///
     /// Records that do not parse have their descriptors closed.
     pub fn reclaim(&self) -> Vec<Conn> {
+        // Hold the send lock throughout, marked stopped: a batch the balancer sends
+        // (from another thread, on a multi-thread runtime) either went out before and is
+        // read back here, or fails with BrokenPipe and is re-dispatched. None can slip in
+        // between the last read and the end's close, where the kernel would drop it.
+        let mut stopped = self.stopped.lock().unwrap_or_else(|e| e.into_inner());
+        *stopped = true;
         let Some(end) = self
             .worker_end
             .lock()
