@@ -18,10 +18,6 @@ use common::*;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-fn echo() -> String {
-    example_bin("echo").display().to_string()
-}
-
 fn cluster(mode: &str, workers: usize, command: &[&str]) -> Master {
     Cluster::new()
         .workers(workers)
@@ -325,11 +321,9 @@ fn the_python_worker_serves_in_both_master_accept_modes_and_in_shared() {
 
 #[test]
 fn a_worker_that_stops_reading_its_channel_stalls_nobody_and_loses_nothing() {
-    let Some(py) = python3_with_recv_fds() else {
-        println!("skipped: no python3 with socket.recv_fds (3.9+) on this machine");
+    let Some(worker) = channel_worker() else {
         return;
     };
-    let script = manifest_dir().join("tests/workers/channel_worker.py");
     let mark = std::env::temp_dir().join(format!("recluster-stall-{}", std::process::id()));
     let _ = std::fs::remove_file(&mark);
     let m = Cluster::new()
@@ -344,7 +338,7 @@ fn a_worker_that_stops_reading_its_channel_stalls_nobody_and_loses_nothing() {
         ])
         .env("STALL_SLOT", "1")
         .env("STALL_ONCE", &mark)
-        .command([py, script.display().to_string()])
+        .command(worker)
         .spawn();
     let addr = m.addr();
     let ready = m.wait_cluster_ready(3);
@@ -493,11 +487,9 @@ fn a_worker_that_asks_to_be_replaced_retires_once_its_replacement_is_ready() {
 
 #[test]
 fn sticky_clients_of_a_full_worker_wait_briefly_then_go_to_their_next_choice() {
-    let Some(py) = python3_with_recv_fds() else {
-        println!("skipped: no python3 with socket.recv_fds (3.9+) on this machine");
+    let Some(worker) = channel_worker() else {
         return;
     };
-    let script = manifest_dir().join("tests/workers/channel_worker.py");
     let mark = std::env::temp_dir().join(format!("recluster-full-{}", std::process::id()));
     let _ = std::fs::remove_file(&mark);
     let m = Cluster::new()
@@ -505,7 +497,7 @@ fn sticky_clients_of_a_full_worker_wait_briefly_then_go_to_their_next_choice() {
         .args(["--balance", "sticky", "--listen", "127.0.0.1:0"])
         .env("STALL_SLOT", "1")
         .env("STALL_ONCE", &mark)
-        .command([py, script.display().to_string()])
+        .command(worker)
         .spawn();
     let addr = m.addr();
     let ready = m.wait_cluster_ready(2);

@@ -23,20 +23,6 @@ use common::*;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-/// The Python channel worker's command line, or `None` (test skipped) without Python 3.9+.
-fn channel_worker() -> Option<Vec<String>> {
-    let Some(py) = python3_with_recv_fds() else {
-        println!("skipped: no python3 with socket.recv_fds (3.9+) on this machine");
-        return None;
-    };
-    let script = manifest_dir().join("tests/workers/channel_worker.py");
-    Some(vec![py, script.display().to_string()])
-}
-
-fn echo() -> String {
-    example_bin("echo").display().to_string()
-}
-
 /// Lets `d` pass: the window of a measurement, not a synchronisation.
 fn hold(d: Duration) {
     let end = Instant::now() + d;

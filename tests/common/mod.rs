@@ -1147,6 +1147,22 @@ pub fn python3_with_recv_fds() -> Option<String> {
     ok.then(|| py.display().to_string())
 }
 
+/// The quick-start echo worker (`examples/echo.rs`), built by `cargo test`.
+pub fn echo() -> String {
+    example_bin("echo").display().to_string()
+}
+
+/// `tests/workers/channel_worker.py` under Python 3.9+, or `None` (the test says it
+/// is skipped) where there is none.
+pub fn channel_worker() -> Option<Vec<String>> {
+    let Some(py) = python3_with_recv_fds() else {
+        println!("skipped: no python3 with socket.recv_fds (3.9+) on this machine");
+        return None;
+    };
+    let script = manifest_dir().join("tests/workers/channel_worker.py");
+    Some(vec![py, script.display().to_string()])
+}
+
 pub fn request_from(
     addr: SocketAddr,
     src: Option<std::net::Ipv4Addr>,
