@@ -756,7 +756,12 @@ fn a_reload_signal_during_start_up_is_held_and_does_not_kill_the_master() {
             terminate(&m, "early SIGUSR2");
             "reloaded".to_string()
         } else {
-            format!("{:?}", m.wait_exit(DEADLINE))
+            // Say what happened: the exit (or none), whether it was sent while blocked,
+            // and the master's last lines.
+            let exit = m.wait_exit(DEADLINE);
+            let log = m.stderr_text();
+            let tail: Vec<&str> = log.lines().rev().take(6).collect();
+            format!("{exit:?} sent_blocked={sent_blocked} log tail: {tail:?}")
         };
         assert_no_tagged_process(&m, &tag, DEADLINE, "early SIGUSR2");
         figures.push(outcome);
