@@ -15,6 +15,7 @@ use nix::sys::signal::Signal;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::{self, Balance, ReadyWhen};
+use crate::stderr_log::StderrLog;
 use crate::{Cluster, WorkerCommand};
 
 /// Command-line options of `recluster`.
@@ -133,7 +134,9 @@ pub fn main() -> i32 {
             return code;
         }
     };
-    init_logging(opts.log_level);
+    // Every line to stderr from here on goes through `log`, which never blocks and
+    // never fails; dropping it, at any return below, flushes it (bounded).
+    let log = init_logging(opts.log_level);
     let mut command = opts.command.iter();
     let program = command.next().cloned().unwrap_or_default();
     let mut builder = Cluster::builder(WorkerCommand::new(program).args(command.cloned()))
@@ -155,11 +158,11 @@ pub fn main() -> i32 {
     let cluster = match builder.build() {
         Ok(c) => c,
         Err(crate::Error::Config(msg)) => {
-            eprintln!("recluster: {msg}");
+            log.line(format_args!("recluster: {msg}"));
             return 2;
         }
         Err(e) => {
-            eprintln!("recluster: {e}");
+            log.line(format_args!("recluster: {e}"));
             return 1;
         }
     };
@@ -171,14 +174,14 @@ pub fn main() -> i32 {
     {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("recluster: cannot start the runtime: {e}");
+            log.line(format_args!("recluster: cannot start the runtime: {e}"));
             return 1;
         }
     };
     match runtime.block_on(run(cluster, opts.control)) {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("recluster: {e}");
+            log.line(format_args!("recluster: {e}"));
             1
         }
     }
@@ -239,15 +242,23 @@ fn control_signals() -> nix::sys::signal::SigSet {
     set
 }
 
-fn init_logging(level: tracing::Level) {
+/// Logs to stderr through a [`StderrLog`], so that a broken stderr (a closed pipe, a
+/// hung-up terminal) or a stuck one never ends or stalls the master; returns the log,
+/// which flushes when dropped.
+fn init_logging(level: tracing::Level) -> StderrLog {
     use std::io::IsTerminal;
+    let log = StderrLog::start();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level.as_str()));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(log.queue())
         .with_ansi(std::io::stderr().is_terminal())
+        // A failed write is counted by the log and reported when stderr is back; the
+        // default reports it with `eprintln!`, which panics on the same broken stderr.
+        .log_internal_errors(false)
         .try_init();
+    log
 }
 
 #[cfg(test)]

@@ -60,6 +60,7 @@ mod probe;
 mod ratelimit;
 mod reap;
 mod spawn;
+mod stderr_log;
 pub mod supervisor;
 pub mod worker;
 mod worker_channel;
