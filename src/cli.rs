@@ -5,7 +5,8 @@
 //! turns errors into one line on stderr and an exit code: 2 for bad usage, 1 when the
 //! cluster cannot run.
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
+use std::io::Write;
 use std::net::SocketAddr;
 use std::str::FromStr;
 use std::time::Duration;
@@ -15,6 +16,7 @@ use nix::sys::signal::Signal;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::{self, Balance, ReadyWhen};
+use crate::pidfile::PidFile;
 use crate::stderr_log::StderrLog;
 use crate::{Cluster, WorkerCommand};
 
@@ -31,8 +33,15 @@ pub struct Options {
     #[arg(long, short = 'w', env = "RECLUSTER_WORKERS", value_parser = parse_workers)]
     pub workers: Option<usize>,
 
-    /// Address to listen on, host:port or \[v6\]:port; repeatable [default: 127.0.0.1:8080]
-    #[arg(long, short = 'l', env = "RECLUSTER_LISTEN", value_delimiter = ',', value_parser = parse_addr)]
+    /// Address to listen on, `host:port` or `[v6]:port`; repeatable [default: 127.0.0.1:8080]
+    #[arg(
+        long,
+        short = 'l',
+        env = "RECLUSTER_LISTEN",
+        value_delimiter = ',',
+        value_parser = parse_addr,
+        help = "Address to listen on, host:port or [v6]:port; repeatable [default: 127.0.0.1:8080]"
+    )]
     pub listen: Vec<SocketAddr>,
 
     /// How connections reach workers: rr, sticky or shared
@@ -74,6 +83,10 @@ pub struct Options {
     /// Unix socket for `status`, `reload` and `terminate` commands (mode 0600)
     #[arg(long, env = "RECLUSTER_CONTROL", value_name = "PATH")]
     pub control: Option<std::path::PathBuf>,
+
+    /// File to write the master's pid to (removed at exit), for `kill -USR2 $(cat FILE)`
+    #[arg(long, env = "RECLUSTER_PID_FILE", value_name = "FILE")]
+    pub pid_file: Option<std::path::PathBuf>,
 
     /// Log level: error, warn, info, debug or trace (RUST_LOG, when set, wins)
     #[arg(long, env = "RECLUSTER_LOG_LEVEL", default_value = "info")]
@@ -120,6 +133,48 @@ fn parse_signal(s: &str) -> Result<Signal, String> {
     Signal::from_str(&name).map_err(|_| err())
 }
 
+/// For a bad value that came from a `RECLUSTER_*` variable rather than the command
+/// line, clap's message with the variable named (clap names only the option).
+fn from_environment(e: &clap::Error, argv: impl Iterator<Item = OsString>) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue};
+    use clap::CommandFactory;
+    let (Some(ContextValue::String(shown)), Some(ContextValue::String(value))) = (
+        e.get(ContextKind::InvalidArg),
+        e.get(ContextKind::InvalidValue),
+    ) else {
+        return None;
+    };
+    let command = Options::command();
+    let arg = command.get_arguments().find(|a| {
+        a.get_long()
+            .is_some_and(|l| shown.split(['[', ' ']).next() == Some(&format!("--{l}")))
+    })?;
+    let env = arg.get_env()?;
+    if std::env::var_os(env).as_deref() != Some(OsStr::new(value)) {
+        return None;
+    }
+    let long = format!("--{}", arg.get_long()?);
+    let short = arg.get_short().map(|c| format!("-{c}"));
+    let on_command_line = argv.skip(1).take_while(|a| a != "--").any(|a| {
+        let a = a.to_string_lossy();
+        a == long
+            || a.starts_with(&format!("{long}="))
+            || short.as_deref().is_some_and(|s| a.starts_with(s))
+    });
+    if on_command_line {
+        return None;
+    }
+    let text = e.render().to_string();
+    Some(text.replacen(
+        &format!("for '{shown}'"),
+        &format!(
+            "in the environment variable {} (read for '{shown}')",
+            env.to_string_lossy()
+        ),
+        1,
+    ))
+}
+
 /// Runs the command line and returns the process exit code.
 pub fn main() -> i32 {
     // Until the handlers are installed, a reload or terminate signal would kill the
@@ -130,7 +185,14 @@ pub fn main() -> i32 {
         Ok(o) => o,
         Err(e) => {
             let code = e.exit_code();
-            let _ = e.print();
+            match from_environment(&e, std::env::args_os()) {
+                Some(text) => {
+                    let _ = write!(std::io::stderr(), "{text}");
+                }
+                None => {
+                    let _ = e.print();
+                }
+            }
             return code;
         }
     };
@@ -163,6 +225,18 @@ pub fn main() -> i32 {
         }
         Err(e) => {
             log.line(format_args!("recluster: {e}"));
+            return 1;
+        }
+    };
+    // Written once the sockets are bound, removed when `_pid_file` drops at the end.
+    let _pid_file = match opts.pid_file.as_deref().map(PidFile::create).transpose() {
+        Ok(f) => f,
+        Err(e) => {
+            let path = opts.pid_file.as_deref().unwrap_or(std::path::Path::new(""));
+            log.line(format_args!(
+                "recluster: cannot write the pid file {} (--pid-file): {e}",
+                path.display()
+            ));
             return 1;
         }
     };
@@ -294,5 +368,13 @@ mod tests {
             vec![OsString::from("srv"), OsString::from("-x")]
         );
         assert_eq!(ok.balance, Balance::RoundRobin);
+    }
+
+    #[test]
+    fn help_shows_v6_addresses_without_escapes() {
+        use clap::CommandFactory;
+        let help = Options::command().render_long_help().to_string();
+        assert!(help.contains("[v6]:port"), "{help}");
+        assert!(!help.contains('\\'), "{help}");
     }
 }

@@ -32,18 +32,22 @@ use crate::worker_channel::WorkerChannel;
 /// How often a starting worker is checked in /proc for listening (`shared` + `listening`).
 const PROBE_INTERVAL: Duration = Duration::from_millis(25);
 
-/// Variables the master sets for workers itself; inherited values are dropped.
+/// Variables the master sets for workers itself; inherited values are dropped, and so
+/// is every inherited `RECLUSTER_*` (the master's own settings, such as
+/// `RECLUSTER_LISTEN`, or those of a recluster this master runs under): a worker gets
+/// only the variables documented for it.
 const OWN_VARS: &[&str] = &[
     "LISTEN_FDS",
     "LISTEN_PID",
     "LISTEN_FDNAMES",
     "NOTIFY_SOCKET",
-    "RECLUSTER_FD",
     "WORKER_ID",
-    "RECLUSTER_WORKERS",
-    "RECLUSTER_GENERATION",
-    "RECLUSTER_BALANCE",
 ];
+
+/// Whether an inherited variable is withheld from workers.
+fn withheld(key: &std::ffi::OsStr) -> bool {
+    key.as_bytes().starts_with(b"RECLUSTER_") || OWN_VARS.iter().any(|v| key == *v)
+}
 
 /// Bad messages a worker may send before it is killed (and so replaced).
 const GARBAGE_LIMIT: u32 = 64;
@@ -82,6 +86,8 @@ struct Driver {
     argv: Vec<CString>,
     base_env: Vec<CString>,
     listen_fds: Vec<RawFd>,
+    /// The addresses the master listens on, for the advice to workers that fail to start.
+    addrs: Vec<std::net::SocketAddr>,
     procs: HashMap<WorkerId, Proc>,
     by_pid: HashMap<u32, WorkerId>,
     journal: Journal,
@@ -119,6 +125,7 @@ pub(crate) async fn run(setup: Setup) -> Result<(), Error> {
     while !driver.exit {
         let deadline = driver.sup.next_deadline();
         let probing = driver.procs.values().any(|p| p.probing);
+        let flush = driver.journal.next_flush();
         tokio::select! {
             _ = sigchld.recv() => driver.reap(),
             cmd = driver.setup.commands.recv() => driver.command(cmd),
@@ -130,10 +137,14 @@ pub(crate) async fn run(setup: Setup) -> Result<(), Error> {
                 driver.feed(Input::Tick);
             }
             _ = probe.tick(), if probing => driver.probe(),
+            _ = sleep_until(flush.unwrap_or_else(Instant::now)), if flush.is_some() => {
+                driver.journal.flush(Instant::now(), false);
+            }
             Some((id, msg)) = message_rx.recv() => driver.worker_message(id, msg),
         }
         driver.publish();
     }
+    driver.journal.flush(Instant::now(), true);
     match driver.fatal.take() {
         Some(e) => Err(e),
         None => {
@@ -172,9 +183,8 @@ impl Driver {
             .chain(setup.command.args.iter().cloned())
             .map(cstring)
             .collect();
-        let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
-            .filter(|(k, _)| !OWN_VARS.iter().any(|v| k == v))
-            .collect();
+        let mut env: Vec<(OsString, OsString)> =
+            std::env::vars_os().filter(|(k, _)| !withheld(k)).collect();
         for (k, v) in &setup.command.env {
             env.retain(|(ek, _)| ek != k);
             env.push((k.clone(), v.clone()));
@@ -184,6 +194,11 @@ impl Driver {
         base_env.push(assignment("RECLUSTER_BALANCE", setup.balance.as_str()));
         base_env.push(assignment("NOTIFY_SOCKET", notify.path().as_os_str()));
         let listen_fds: Vec<RawFd> = setup.listeners.iter().map(|l| l.as_raw_fd()).collect();
+        let addrs = setup
+            .listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect();
         let mut balancer = None;
         let mut balancer_task = None;
         if setup.balance == Balance::Shared {
@@ -222,6 +237,7 @@ impl Driver {
             argv,
             base_env,
             listen_fds,
+            addrs,
             procs: HashMap::new(),
             by_pid: HashMap::new(),
             journal: Journal::new(),
@@ -536,21 +552,31 @@ impl Driver {
                     p.probing = false;
                 }
             }
-            Event::NotReadyInTime(w) => {
+            Event::StartsFailing {
+                failures,
+                last,
+                worker,
+            } => {
                 let silent = self
                     .procs
-                    .get(&w.id)
+                    .get(&worker.id)
                     .is_some_and(|p| p.channel.is_some() && !p.spoke);
-                if silent {
-                    warn!(
-                        slot = w.slot,
-                        pid = w.pid,
-                        "the worker never spoke on its worker channel: in rr and sticky a worker \
-                         must use recluster's worker library or protocol (RECLUSTER_FD, see \
-                         docs/PROTOCOL.md); an unmodified socket-activation server needs \
-                         --balance shared"
-                    );
-                }
+                let text = crate::advice::advice(&crate::advice::Situation {
+                    balance: self.setup.balance,
+                    ready_when: self.setup.ready_when,
+                    addrs: &self.addrs,
+                    program: self.setup.command.program(),
+                    last: *last,
+                    failures: *failures,
+                    silent,
+                });
+                warn!(
+                    slot = worker.slot,
+                    pid = worker.pid,
+                    failures,
+                    balance = %self.setup.balance,
+                    "{text}"
+                );
             }
             Event::ClusterReady { .. } => {
                 if let Err(e) = crate::notify::notify_service_manager("READY=1") {

@@ -2,7 +2,8 @@
 //!
 //! Lines that a crash loop repeats (unexpected exits, respawns, failed spawns, and
 //! the spawns that follow them) are rate-limited per slot, with a `suppressed=` count
-//! on the next line that gets through, so a bad worker cannot fill the disk.
+//! on the next line that gets through, or on a line of its own when the window ends
+//! ([`Journal::flush`]), so a bad worker cannot fill the disk.
 
 use std::collections::HashSet;
 
@@ -13,7 +14,7 @@ use crate::ratelimit::RateLimit;
 use crate::supervisor::{Event, ExitStatus, WorkerState};
 
 /// What a rate-limited line is about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 enum Kind {
     Exit,
     Respawn,
@@ -43,6 +44,27 @@ impl Journal {
         self.limit
             .allow((slot, kind), Instant::now())
             .map(|n| (n > 0).then_some(n))
+    }
+
+    /// When [`Journal::flush`] next has a count to give.
+    pub fn next_flush(&self) -> Option<Instant> {
+        self.limit.next_flush()
+    }
+
+    /// Writes one line per kind of line whose window ended with lines suppressed (with
+    /// `all`, as the master exits: every kind with lines suppressed).
+    pub fn flush(&mut self, now: Instant, all: bool) {
+        let mut counts = self.limit.flush(now, all);
+        counts.sort_unstable();
+        for ((slot, kind), suppressed) in counts {
+            let lines = match kind {
+                Kind::Exit => "worker exited",
+                Kind::Respawn => "respawn scheduled",
+                Kind::Spawn => "worker spawned",
+                Kind::SpawnFailed => "spawn failed",
+            };
+            info!(slot, suppressed, lines, "log lines suppressed");
+        }
     }
 
     /// Writes the line for `event`; `workers` is the cluster's size.
@@ -149,6 +171,8 @@ impl Journal {
             Event::ReloadFinished { generation } => info!(generation, "reload finished"),
             Event::ClusterReady { generation } => info!(generation, workers, "cluster ready"),
             Event::Terminating => info!("terminating"),
+            // Logged by the driver, with advice that depends on the mode.
+            Event::StartsFailing { .. } => {}
         }
     }
 }

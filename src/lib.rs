@@ -45,6 +45,7 @@
 
 #![warn(missing_docs)]
 
+mod advice;
 pub mod balance;
 pub mod channel;
 pub mod cli;
@@ -56,6 +57,7 @@ mod fdpass;
 mod journal;
 mod listen;
 mod notify;
+mod pidfile;
 mod probe;
 mod ratelimit;
 mod reap;
@@ -67,4 +69,4 @@ mod worker_channel;
 
 pub use cluster::{BalanceCounts, Cluster, ClusterBuilder, ClusterHandle, Error, WorkerCommand};
 pub use config::{Balance, ReadyWhen, Timing};
-pub use supervisor::{Event, ExitStatus, WorkerId, WorkerInfo, WorkerState};
+pub use supervisor::{Event, ExitStatus, StartFailure, WorkerId, WorkerInfo, WorkerState};

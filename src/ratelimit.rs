@@ -2,7 +2,9 @@
 //!
 //! Each key (say, "slot 3 exited") may log a burst of lines per window; past that,
 //! lines are counted, not written, and the next line that gets through says how many
-//! were suppressed.
+//! were suppressed. If none comes, the count is given when the window ends
+//! ([`RateLimit::next_flush`], [`RateLimit::flush`]), so a crash loop that stops is
+//! never left looking smaller than it was.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -58,6 +60,29 @@ impl<K: Hash + Eq> RateLimit<K> {
     }
 }
 
+impl<K: Hash + Eq + Clone> RateLimit<K> {
+    /// When the earliest window holding suppressed lines ends.
+    pub fn next_flush(&self) -> Option<Instant> {
+        self.keys
+            .values()
+            .filter(|b| b.suppressed > 0)
+            .map(|b| b.since + WINDOW)
+            .min()
+    }
+
+    /// The keys whose window has ended (or every key, with `all`) with lines
+    /// suppressed, and how many; their counts start again from zero.
+    pub fn flush(&mut self, now: Instant, all: bool) -> Vec<(K, u64)> {
+        self.keys
+            .iter_mut()
+            .filter(|(_, b)| {
+                b.suppressed > 0 && (all || now.saturating_duration_since(b.since) >= WINDOW)
+            })
+            .map(|(k, b)| (k.clone(), std::mem::take(&mut b.suppressed)))
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -76,6 +101,28 @@ mod tests {
             r.allow("k", t0 + WINDOW),
             Some(2),
             "the next line says 2 were suppressed"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn suppressed_lines_are_flushed_when_the_window_ends_without_a_next_line() {
+        let mut r = RateLimit::new();
+        let t0 = Instant::now();
+        assert_eq!(r.next_flush(), None);
+        for _ in 0..BURST + 3 {
+            r.allow("k", t0);
+        }
+        r.allow("quiet", t0);
+        assert_eq!(r.next_flush(), Some(t0 + WINDOW));
+        assert!(r
+            .flush(t0 + WINDOW - Duration::from_millis(1), false)
+            .is_empty());
+        assert_eq!(r.flush(t0 + WINDOW, false), vec![("k", 3)]);
+        assert_eq!(r.next_flush(), None, "flushed once");
+        assert_eq!(
+            r.allow("k", t0 + WINDOW),
+            Some(0),
+            "nothing is counted twice"
         );
     }
 }

@@ -26,6 +26,14 @@
 //! * **Terminate**: every worker retires, no respawn happens any more, and
 //!   [`Action::Exit`] is returned once the last worker has exited.
 //!
+//! * **Failing starts**: a worker that exits before it is ready or within
+//!   [`QUICK_EXIT`] of its start (and was not told to stop), or is not ready in time,
+//!   failed to start. The third failed start in a row (a worker that lived longer
+//!   than [`QUICK_EXIT`] resets the count), or the first not ready in time, reports
+//!   [`Event::StartsFailing`], once in the cluster's life: the usual cause is a server
+//!   that binds the port itself or ignores what it was given, and the log says what a
+//!   worker must do instead.
+//!
 //! Readiness is counted per slot and generation: a `Ready` from a worker that is not
 //! its slot's pending worker (superseded, retired, unknown) is ignored. This is where
 //! recluster, which counts ready events globally, can retire workers early.
@@ -37,6 +45,21 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::config::Timing;
+
+/// A worker that exits within this time of its start (not told to stop) failed to start.
+pub const QUICK_EXIT: Duration = Duration::from_secs(5);
+
+/// Failed starts in a row that make the cluster report [`Event::StartsFailing`].
+pub const FAILED_STARTS_TO_REPORT: u32 = 3;
+
+/// Why a worker failed to start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartFailure {
+    /// It exited (before ready, or within [`QUICK_EXIT`] of its start).
+    Exited(ExitStatus),
+    /// It was not ready within the ready timeout.
+    NotReady,
+}
 
 /// Identifies one worker process for the life of a cluster (never reused, unlike slots and pids).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -224,6 +247,15 @@ pub enum Event {
         /// The generation.
         generation: u64,
     },
+    /// Workers keep failing to start (see the module docs); reported once per cluster.
+    StartsFailing {
+        /// Failed starts in a row so far.
+        failures: u32,
+        /// How the last one failed.
+        last: StartFailure,
+        /// The last one.
+        worker: WorkerInfo,
+    },
     /// Terminate started.
     Terminating,
 }
@@ -257,6 +289,10 @@ pub struct Supervisor {
     reloading: Option<u64>,
     cluster_ready: bool,
     exited: bool,
+    /// Failed starts since the last worker that lived past [`QUICK_EXIT`].
+    failed_starts: u32,
+    /// Whether [`Event::StartsFailing`] has been reported.
+    starts_failing_reported: bool,
 }
 
 impl Supervisor {
@@ -279,6 +315,8 @@ impl Supervisor {
             reloading: None,
             cluster_ready: false,
             exited: false,
+            failed_starts: 0,
+            starts_failing_reported: false,
         }
     }
 
@@ -532,17 +570,22 @@ impl Supervisor {
             return;
         };
         let slot = w.info.slot;
+        let uptime = now.saturating_duration_since(w.started_at);
         if let Some(status) = status {
             out.push(Action::Report(Event::Exited {
                 worker: w.info,
                 status,
             }));
+            if uptime >= QUICK_EXIT {
+                self.failed_starts = 0;
+            } else if w.info.state != WorkerState::Retiring && !self.terminating {
+                self.failed_start(w.info, StartFailure::Exited(status), out);
+            }
         }
         if self.terminating {
             return;
         }
         let s = &mut self.slots[slot];
-        let uptime = now.saturating_duration_since(w.started_at);
         if s.active == Some(id) {
             s.active = None;
             out.push(Action::Route { slot, worker: None });
@@ -606,6 +649,7 @@ impl Supervisor {
                 match info.state {
                     WorkerState::Starting => {
                         out.push(Action::Report(Event::NotReadyInTime(info)));
+                        self.failed_start(info, StartFailure::NotReady, out);
                         let slot = info.slot;
                         let was_pending = self.slots[slot].pending == Some(id);
                         if was_pending {
@@ -626,6 +670,20 @@ impl Supervisor {
             if !fired {
                 break;
             }
+        }
+    }
+
+    /// Counts a failed start; reports [`Event::StartsFailing`] the first time it is due.
+    fn failed_start(&mut self, worker: WorkerInfo, how: StartFailure, out: &mut Vec<Action>) {
+        self.failed_starts += 1;
+        let due = self.failed_starts >= FAILED_STARTS_TO_REPORT || how == StartFailure::NotReady;
+        if due && !self.starts_failing_reported {
+            self.starts_failing_reported = true;
+            out.push(Action::Report(Event::StartsFailing {
+                failures: self.failed_starts,
+                last: how,
+                worker,
+            }));
         }
     }
 

@@ -487,3 +487,78 @@ async fn zero_ready_timeout_means_no_deadline() {
     assert!(sim.sup.next_deadline().is_none());
     assert!(sim.wait(100_000 * MS).await.is_empty());
 }
+
+fn starts_failing(actions: &[Action]) -> Vec<(u32, StartFailure)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Report(Event::StartsFailing { failures, last, .. }) => Some((*failures, *last)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_third_quick_exit_in_a_row_reports_failing_starts_once() {
+    let (mut sim, out) = Sim::start(1, timing());
+    let mut id = ids(&out)[0];
+    let mut reports = Vec::new();
+    for _ in 0..6 {
+        // Ready (as `--ready-when started` would say), then dead within QUICK_EXIT.
+        sim.ready_all(&[id]);
+        advance(QUICK_EXIT - MS).await;
+        reports.extend(starts_failing(&sim.exit(id)));
+        let out = sim.wait(1000 * MS).await;
+        id = ids(&out)[0];
+    }
+    assert_eq!(
+        reports,
+        vec![(3, StartFailure::Exited(ExitStatus::Code(1)))],
+        "said at the third failed start, and never again"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_worker_that_lived_past_quick_exit_resets_the_count_and_retired_ones_never_count() {
+    let (mut sim, out) = Sim::start(2, timing());
+    let g1 = ids(&out);
+    sim.ready_all(&g1);
+    // Two quick deaths of slot 0's workers...
+    let mut id = g1[0];
+    for _ in 0..2 {
+        assert!(starts_failing(&sim.exit(id)).is_empty());
+        id = ids(&sim.wait(1000 * MS).await)[0];
+        sim.ready_all(&[id]);
+    }
+    // ...then slot 1's long-lived worker dies: the count starts again.
+    advance(QUICK_EXIT).await;
+    assert!(starts_failing(&sim.exit(g1[1])).is_empty());
+    let mut slot1 = ids(&sim.wait(1000 * MS).await)[0];
+    sim.ready_all(&[slot1]);
+    // Workers told to stop (a reload) that exit at once are no failed starts.
+    let out = sim.feed(Input::Reload);
+    let g2 = ids(&out);
+    let out = sim.ready_all(&g2);
+    for old in stopped(&out) {
+        assert!(starts_failing(&sim.exit(old)).is_empty());
+    }
+    slot1 = g2[1];
+    // Two more quick deaths do not reach three in a row; the third does.
+    assert!(starts_failing(&sim.exit(g2[0])).is_empty());
+    assert!(starts_failing(&sim.exit(slot1)).is_empty());
+    let next = ids(&sim.wait(1000 * MS).await);
+    assert_eq!(
+        starts_failing(&sim.exit(next[0])),
+        vec![(3, StartFailure::Exited(ExitStatus::Code(1)))]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_worker_never_ready_reports_failing_starts_at_its_ready_timeout() {
+    let (mut sim, _) = Sim::start(1, timing());
+    assert!(starts_failing(&sim.wait(4999 * MS).await).is_empty());
+    let out = sim.wait(MS).await;
+    assert_eq!(starts_failing(&out), vec![(1, StartFailure::NotReady)]);
+    // Its retry failing the same way says nothing more.
+    assert!(starts_failing(&sim.wait(5200 * MS).await).is_empty());
+}
