@@ -295,7 +295,7 @@ fn twenty_reloads_under_64_clients_fail_no_connection_in_sticky() {
 #[test]
 fn the_python_worker_serves_in_both_master_accept_modes_and_in_shared() {
     let Some(py) = python3_with_recv_fds() else {
-        println!("skipped: no python3 with socket.recv_fds (3.9+) on this machine");
+        skip("no python3 with socket.recv_fds (3.9+) on this machine");
         return;
     };
     let script = example_source("worker.py").display().to_string();
@@ -451,7 +451,7 @@ while True:
 #[test]
 fn a_worker_that_asks_to_be_replaced_retires_once_its_replacement_is_ready() {
     let Some(py) = python3_with_recv_fds() else {
-        println!("skipped: no python3 with socket.recv_fds (3.9+) on this machine");
+        skip("no python3 with socket.recv_fds (3.9+) on this machine");
         return;
     };
     let mark = std::env::temp_dir().join(format!("recluster-replace-{}", std::process::id()));

@@ -102,9 +102,49 @@ fn bad_value_from_the_environment() {
     assert_eq!(exit.code, Some(2), "stderr:\n{stderr}");
     let line = first_line(&stderr);
     assert!(
-        line.contains("--workers") || line.contains("RECLUSTER_WORKERS"),
-        "first line names neither --workers nor RECLUSTER_WORKERS:\n{stderr}"
+        line.contains("RECLUSTER_WORKERS") && line.contains("'abc'"),
+        "the first line does not name RECLUSTER_WORKERS:\n{stderr}"
     );
+    // The same variable beside a bad value on the command line: the flag is named.
+    let (exit, stderr) = run(Cluster::new().env("RECLUSTER_BALANCE", "sticky").args([
+        "--balance",
+        "bogus",
+        "--",
+        "true",
+    ]));
+    assert_eq!(exit.code, Some(2), "stderr:\n{stderr}");
+    let line = first_line(&stderr);
+    assert!(
+        line.contains("'--balance <BALANCE>'") && !line.contains("RECLUSTER_BALANCE"),
+        "{stderr}"
+    );
+    // An optional value (`--subreaper[=BOOL]`) from the environment.
+    let (exit, stderr) = run(Cluster::new()
+        .env("RECLUSTER_SUBREAPER", "maybe")
+        .args(["--", "true"]));
+    assert_eq!(exit.code, Some(2), "stderr:\n{stderr}");
+    assert!(
+        first_line(&stderr).contains("RECLUSTER_SUBREAPER"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn help_shows_addresses_as_typed() {
+    let (exit, stdout) = {
+        let out = std::process::Command::new(recluster_bin())
+            .arg("--help")
+            .output()
+            .unwrap();
+        (
+            out.status,
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    assert!(exit.success());
+    assert!(stdout.contains("host:port or [v6]:port"), "{stdout}");
+    assert!(!stdout.contains('\\'), "a backslash in --help:\n{stdout}");
+    assert!(stdout.contains("--pid-file"), "{stdout}");
 }
 
 #[test]

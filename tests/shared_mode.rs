@@ -517,7 +517,7 @@ fn worker_fds_are_exactly_stdio_and_the_listening_sockets() {
 #[test]
 fn ipv6_listen_address() {
     if std::net::TcpListener::bind("[::1]:0").is_err() {
-        println!("skipped: no IPv6 loopback here");
+        skip("no IPv6 loopback here");
         return;
     }
     let m = Cluster::new()
@@ -582,8 +582,7 @@ fn ready_when_ready_without_notify_times_out() {
 
 #[test]
 fn notify_from_another_pid_is_ignored() {
-    let Some(python) = which("python3") else {
-        println!("skipped: python3 is not on PATH");
+    let Some(python) = require("python3") else {
         return;
     };
     // A child of the worker's shell sends READY=1: not the worker's pid.
@@ -795,8 +794,7 @@ fn in_flight_requests_finish_when_their_worker_retires() {
 
 #[test]
 fn node_worker_on_fd3_distinct_ids_and_reload_without_failures() {
-    let Some(node) = which("node") else {
-        println!("skipped: node is not on PATH");
+    let Some(node) = require("node") else {
         return;
     };
     let script = example_source("fd3.js");

@@ -26,15 +26,6 @@ use nix::unistd::Pid;
 
 const WORKERS: usize = 2;
 
-/// A port that was free a moment ago (the kernel hands out ephemeral ports in turn,
-/// so another test is unlikely to take it before the master binds it).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
-}
-
 /// A control socket path unique to this call.
 fn control_path(what: &str) -> PathBuf {
     let path = std::env::temp_dir().join(format!("{}.sock", unique_tag(what)));

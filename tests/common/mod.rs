@@ -112,6 +112,35 @@ pub fn which(program: &str) -> Option<PathBuf> {
         })
 }
 
+/// `program` on PATH. A test that needs it and finds none is skipped on a developer's
+/// machine (it says so), but fails under `CI=true`: CI must not pass by skipping.
+pub fn require(program: &str) -> Option<PathBuf> {
+    let found = which(program);
+    if found.is_none() {
+        skip(&format!("{program} is not on PATH"));
+    }
+    found
+}
+
+/// Says why a test is skipped, on a developer's machine; under `CI=true` fails it
+/// instead, so that CI cannot pass by skipping (`.ci/run` installs what tests need).
+pub fn skip(why: &str) {
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "cannot run under CI=true: {why}; .ci/run must install it"
+    );
+    println!("skipped: {why}");
+}
+
+/// A port that was free a moment ago (the kernel hands out ephemeral ports in turn,
+/// so another test is unlikely to take it before the master binds it).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
 /// Calls `cond` until it returns true or `timeout` passes; returns its last answer.
 /// The pause between calls only paces the polling; it synchronises nothing.
 pub fn poll_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
@@ -1156,7 +1185,7 @@ pub fn echo() -> String {
 /// is skipped) where there is none.
 pub fn channel_worker() -> Option<Vec<String>> {
     let Some(py) = python3_with_recv_fds() else {
-        println!("skipped: no python3 with socket.recv_fds (3.9+) on this machine");
+        skip("no python3 with socket.recv_fds (3.9+) on this machine");
         return None;
     };
     let script = manifest_dir().join("tests/workers/channel_worker.py");
