@@ -464,11 +464,13 @@ type Results = Vec<Vec<Vec<Option<Report>>>>;
 fn main() {
     let o = match parse_args() {
         Ok(o) => o,
+        // `--help` asked for the usage: print it and succeed.
+        Err(e) if e.is_empty() => {
+            println!("{USAGE}");
+            std::process::exit(0);
+        }
         Err(e) => {
-            if !e.is_empty() {
-                eprintln!("compare: {e}");
-            }
-            eprintln!("{USAGE}");
+            eprintln!("compare: {e}\n{USAGE}");
             std::process::exit(2);
         }
     };

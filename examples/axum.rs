@@ -2,7 +2,7 @@
 //! comes from (feature `axum`).
 //!
 //! ```text
-//! cargo build --release --features axum --example axum
+//! cargo build --release --features axum --bin recluster --example axum
 //! target/release/recluster --listen 127.0.0.1:8080 -- target/release/examples/axum
 //! curl http://127.0.0.1:8080/      # -> hello from worker 1
 //! ```

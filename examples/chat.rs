@@ -14,7 +14,7 @@
 //! always reaches the same worker, also across reloads:
 //!
 //! ```text
-//! cargo build --release --examples
+//! cargo build --release --bin recluster --example chat
 //! target/release/recluster --balance sticky --listen 127.0.0.1:8080 -- target/release/examples/chat
 //! websocat ws://127.0.0.1:8080        # or, in a browser's devtools console:
 //! //   ws = new WebSocket('ws://127.0.0.1:8080'); ws.onmessage = e => console.log(e.data)

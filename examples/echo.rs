@@ -2,7 +2,7 @@
 //! then echoes what the client sends.
 //!
 //! ```text
-//! cargo build --release --examples
+//! cargo build --release --bin recluster --example echo
 //! target/release/recluster --listen 127.0.0.1:8080 -- target/release/examples/echo
 //! nc 127.0.0.1 8080     # -> id=1 pid=4242 gen=1 peer=127.0.0.1
 //! ```

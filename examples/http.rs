@@ -8,6 +8,7 @@
 //!   [`recluster::worker::Listener`]:
 //!
 //!   ```text
+//!   cargo build --release --bin recluster --example http
 //!   target/release/recluster --workers 2 --listen 127.0.0.1:8080 -- target/release/examples/http
 //!   ```
 //!
