@@ -342,7 +342,7 @@ impl Balancer {
                                 .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
                             {
                                 self.last_emfile_log = Some(now);
-                                warn!(error = %e, pause_ms = FD_PAUSE.as_millis() as u64,
+                                warn!(event = "accept_paused_fds", error = %e, pause_ms = FD_PAUSE.as_millis() as u64,
                                     "accept failed: out of file descriptors; pausing accepts (raise ulimit -n)");
                             }
                             break;
@@ -354,7 +354,7 @@ impl Balancer {
                         // Anything else may persist (a broken listener): never spin on it.
                         _ => {
                             self.paused_until = Some(now + FD_PAUSE);
-                            warn!(error = %e, "accept failed; pausing accepts");
+                            warn!(event = "accept_paused", error = %e, "accept failed; pausing accepts");
                             break;
                         }
                     }
@@ -470,6 +470,7 @@ impl Balancer {
         let held = self.parked.len() + self.batches.iter().map(Vec::len).sum::<usize>();
         if held > 0 {
             warn!(
+                event = "closing_unhanded",
                 count = held,
                 "closing connections no worker took before the end"
             );
@@ -492,7 +493,7 @@ impl Balancer {
             if age >= MAX_PARK {
                 // No worker ready, or every one full, for that long: give the client up.
                 BalanceStats::add(&self.stats.closed, 1);
-                warn!(peer = %p.conn.peer, "no worker took the connection in {MAX_PARK:?}: closing it");
+                warn!(event = "connection_closed", peer = %p.conn.peer, "no worker took the connection in {MAX_PARK:?}: closing it");
                 continue;
             }
             if !self.router.has_ready() {

@@ -70,7 +70,7 @@ impl ControlSocket {
                     });
                 }
                 Err(e) => {
-                    warn!(error = %e, "control socket accept failed");
+                    warn!(event = "control_failed", error = %e, "control socket accept failed");
                     // Out of descriptors, most likely: let some free up.
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 }

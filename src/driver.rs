@@ -112,7 +112,7 @@ pub(crate) async fn run(setup: Setup) -> Result<(), Error> {
     let notify = NotifySocket::bind().map_err(io("cannot create the notify socket"))?;
     for (index, l) in setup.listeners.iter().enumerate() {
         if let Ok(addr) = l.local_addr() {
-            info!(addr = %addr, index, balance = %setup.balance, "listening");
+            info!(event = "listening", addr = %addr, index, balance = %setup.balance, "listening");
         }
     }
     let (messages, mut message_rx) = mpsc::unbounded_channel();
@@ -131,7 +131,7 @@ pub(crate) async fn run(setup: Setup) -> Result<(), Error> {
             cmd = driver.setup.commands.recv() => driver.command(cmd),
             msg = driver.notify.recv() => match msg {
                 Ok(msg) => driver.notified(msg),
-                Err(e) => warn!(error = %e, "notify socket receive failed"),
+                Err(e) => warn!(event = "notify_failed", error = %e, "notify socket receive failed"),
             },
             _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
                 driver.feed(Input::Tick);
@@ -155,6 +155,7 @@ pub(crate) async fn run(setup: Setup) -> Result<(), Error> {
                 }
                 let c = crate::BalanceCounts::from(&*driver.setup.stats);
                 info!(
+                    event = "balancer_totals",
                     accepted = c.accepted,
                     handed = c.handed,
                     closed = c.closed,
@@ -165,7 +166,7 @@ pub(crate) async fn run(setup: Setup) -> Result<(), Error> {
                     "balancer totals"
                 );
             }
-            info!("terminated");
+            info!(event = "terminated", "terminated");
             Ok(())
         }
     }
@@ -442,6 +443,7 @@ impl Driver {
                 let conns = ch.reclaim();
                 if !conns.is_empty() {
                     info!(
+                        event = "reclaimed",
                         slot,
                         pid,
                         count = conns.len(),
@@ -506,6 +508,7 @@ impl Driver {
                 let slot = self.sup.info(id).map(|w| w.slot);
                 if n.is_power_of_two() {
                     warn!(
+                        event = "worker_garbage",
                         slot,
                         pid,
                         count = n,
@@ -514,8 +517,8 @@ impl Driver {
                 }
                 if n == GARBAGE_LIMIT {
                     warn!(
-                        slot,
-                        pid, "worker keeps sending garbage on its channel: killing it"
+                        event = "worker_garbage_killed",
+                        slot, pid, "worker keeps sending garbage on its channel: killing it"
                     );
                     self.signal(id, Signal::SIGKILL);
                 }
@@ -570,7 +573,7 @@ impl Driver {
                     failures: *failures,
                     silent,
                 });
-                warn!(
+                warn!(event = "starts_failing",
                     slot = worker.slot,
                     pid = worker.pid,
                     failures,
@@ -580,7 +583,7 @@ impl Driver {
             }
             Event::ClusterReady { .. } => {
                 if let Err(e) = crate::notify::notify_service_manager("READY=1") {
-                    warn!(error = %e, "cannot tell the service manager we are ready");
+                    warn!(event = "service_notify_failed", error = %e, "cannot tell the service manager we are ready");
                 }
             }
             Event::Terminating => {

@@ -63,7 +63,10 @@ impl Journal {
                 Kind::Spawn => "worker spawned",
                 Kind::SpawnFailed => "spawn failed",
             };
-            info!(slot, suppressed, lines, "log lines suppressed");
+            info!(
+                event = "log_suppressed",
+                slot, suppressed, lines, "log lines suppressed"
+            );
         }
     }
 
@@ -76,6 +79,7 @@ impl Journal {
                         return;
                     };
                     info!(
+                        event = "worker_spawned",
                         slot = w.slot,
                         pid = w.pid,
                         generation = w.generation,
@@ -84,6 +88,7 @@ impl Journal {
                     );
                 } else {
                     info!(
+                        event = "worker_spawned",
                         slot = w.slot,
                         pid = w.pid,
                         generation = w.generation,
@@ -97,11 +102,12 @@ impl Journal {
                 error,
             } => {
                 if let Some(suppressed) = self.allow(*slot, Kind::SpawnFailed) {
-                    error!(slot, generation, suppressed, error = %error, "spawn failed");
+                    error!(event = "spawn_failed", slot, generation, suppressed, error = %error, "spawn failed");
                 }
             }
             Event::Ready(w) => {
                 info!(
+                    event = "worker_ready",
                     slot = w.slot,
                     pid = w.pid,
                     generation = w.generation,
@@ -110,6 +116,7 @@ impl Journal {
             }
             Event::Retiring(w) => {
                 info!(
+                    event = "worker_retiring",
                     slot = w.slot,
                     pid = w.pid,
                     generation = w.generation,
@@ -123,6 +130,7 @@ impl Journal {
                 };
                 if w.state == WorkerState::Retiring {
                     info!(
+                        event = "worker_exited",
                         slot = w.slot,
                         pid = w.pid,
                         generation = w.generation,
@@ -132,6 +140,7 @@ impl Journal {
                     );
                 } else if let Some(suppressed) = self.allow(w.slot, Kind::Exit) {
                     warn!(
+                        event = "worker_exited",
                         slot = w.slot,
                         pid = w.pid,
                         generation = w.generation,
@@ -146,31 +155,44 @@ impl Journal {
                 self.respawning.insert(*slot);
                 if let Some(suppressed) = self.allow(*slot, Kind::Respawn) {
                     let delay_ms = delay.as_millis() as u64;
-                    info!(slot, delay_ms, suppressed, "respawn scheduled");
+                    info!(
+                        event = "respawn_scheduled",
+                        slot, delay_ms, suppressed, "respawn scheduled"
+                    );
                 }
             }
             Event::NotReadyInTime(w) => warn!(
+                event = "worker_not_ready_in_time",
                 slot = w.slot,
                 pid = w.pid,
                 generation = w.generation,
                 "worker not ready in time"
             ),
             Event::KilledAfterTimeout(w) => warn!(
+                event = "worker_killed_after_timeout",
                 slot = w.slot,
                 pid = w.pid,
                 generation = w.generation,
                 "worker killed after timeout"
             ),
             Event::ReplaceStarted(w) => info!(
+                event = "worker_replace_requested",
                 slot = w.slot,
                 pid = w.pid,
                 generation = w.generation,
                 "worker asked to be replaced"
             ),
-            Event::ReloadStarted { generation } => info!(generation, "reload started"),
-            Event::ReloadFinished { generation } => info!(generation, "reload finished"),
-            Event::ClusterReady { generation } => info!(generation, workers, "cluster ready"),
-            Event::Terminating => info!("terminating"),
+            Event::ReloadStarted { generation } => {
+                info!(event = "reload_started", generation, "reload started")
+            }
+            Event::ReloadFinished { generation } => {
+                info!(event = "reload_finished", generation, "reload finished")
+            }
+            Event::ClusterReady { generation } => info!(
+                event = "cluster_ready",
+                generation, workers, "cluster ready"
+            ),
+            Event::Terminating => info!(event = "terminating", "terminating"),
             // Logged by the driver, with advice that depends on the mode.
             Event::StartsFailing { .. } => {}
         }
