@@ -45,28 +45,25 @@
 
 #![warn(missing_docs)]
 
-mod advice;
 pub mod balance;
 pub mod channel;
 pub mod cli;
 mod cluster;
 pub mod config;
-pub mod control;
-mod driver;
+mod error;
 mod fdpass;
-mod journal;
 mod listen;
 mod notify;
-mod pidfile;
 mod probe;
-mod ratelimit;
-mod reap;
-mod spawn;
-mod stderr_log;
+mod runtime;
 pub mod supervisor;
+mod via;
 pub mod worker;
-mod worker_channel;
 
-pub use cluster::{BalanceCounts, Cluster, ClusterBuilder, ClusterHandle, Error, WorkerCommand};
+pub use balance::BalanceCounts;
+pub use cluster::{Cluster, ClusterBuilder};
 pub use config::{Balance, ReadyWhen, Timing};
+pub use error::Error;
+pub use runtime::handle::ClusterHandle;
+pub use runtime::launch::WorkerCommand;
 pub use supervisor::{Event, ExitStatus, StartFailure, WorkerId, WorkerInfo, WorkerState};

@@ -143,7 +143,7 @@ fn children(pid: u32) -> Vec<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spawn::{spawn, SpawnSpec};
+    use crate::runtime::launch::{spawn, SpawnSpec};
     use std::ffi::CString;
     use std::net::TcpListener;
     use std::os::fd::{AsRawFd, OwnedFd};

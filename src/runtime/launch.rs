@@ -724,3 +724,49 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
+
+/// The program each worker runs, with its arguments and extra environment.
+#[derive(Debug, Clone)]
+pub struct WorkerCommand {
+    pub(crate) program: OsString,
+    pub(crate) args: Vec<OsString>,
+    pub(crate) env: Vec<(OsString, OsString)>,
+}
+
+impl WorkerCommand {
+    /// A command running `program` (looked up in `PATH` when it has no `/`).
+    pub fn new(program: impl Into<OsString>) -> WorkerCommand {
+        WorkerCommand {
+            program: program.into(),
+            args: Vec::new(),
+            env: Vec::new(),
+        }
+    }
+
+    /// Adds one argument.
+    pub fn arg(mut self, arg: impl Into<OsString>) -> WorkerCommand {
+        self.args.push(arg.into());
+        self
+    }
+
+    /// Adds several arguments.
+    pub fn args<I, S>(mut self, args: I) -> WorkerCommand
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Sets an environment variable for the workers, on top of the master's environment.
+    pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> WorkerCommand {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// The program as given.
+    pub fn program(&self) -> &OsStr {
+        &self.program
+    }
+}

@@ -21,7 +21,7 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -36,7 +36,13 @@ use tracing::{debug, warn};
 use crate::channel;
 use crate::config::Balance;
 use crate::fdpass::{FdBuf, MAX_FDS};
-use crate::worker_channel::{Conn, WorkerChannel};
+use crate::via::channel::{Conn, WorkerChannel};
+
+mod router;
+mod sticky;
+
+pub use router::Router;
+pub use sticky::ip_hash;
 
 /// Most connections accepted per listener wake-up before the others get a turn.
 pub const ACCEPT_BATCH: usize = 256;
@@ -93,101 +99,37 @@ pub(crate) enum Update {
     Reclaimed(Vec<Conn>),
 }
 
-/// Fixed seeds: the same IP maps to the same slot across reloads and master restarts.
-const SEEDS: [u64; 4] = [
-    0x243f_6a88_85a3_08d3,
-    0x1319_8a2e_0370_7344,
-    0xa409_3822_299f_31d0,
-    0x082e_fa98_ec4e_6c89,
-];
-
-/// The hash of a client IP used by `sticky`: IPv4-mapped IPv6 counts as IPv4.
-pub fn ip_hash(ip: IpAddr) -> u64 {
-    let state = ahash::RandomState::with_seeds(SEEDS[0], SEEDS[1], SEEDS[2], SEEDS[3]);
-    match ip {
-        IpAddr::V4(v4) => state.hash_one(u32::from(v4)),
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => state.hash_one(u32::from(v4)),
-            None => state.hash_one(u128::from(v6)),
-        },
-    }
+/// A snapshot of the balancer's counters: where every accepted connection went.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BalanceCounts {
+    /// Connections accepted by the master.
+    pub accepted: u64,
+    /// Connections handed to a worker.
+    pub handed: u64,
+    /// Connections closed because no worker was ready for a long time.
+    pub closed: u64,
+    /// Sends that found a worker's queue full (the worker was skipped or waited for).
+    pub full: u64,
+    /// `sticky` connections that went to their second choice.
+    pub fallbacks: u64,
+    /// Connections taken back from an exited worker and handed out again.
+    pub reclaimed: u64,
+    /// Accept errors, fd exhaustion included.
+    pub accept_errors: u64,
 }
 
-/// The rendezvous weight of `slot` for a client whose IP hashed to `h`.
-fn weight(h: u64, slot: usize) -> u64 {
-    // splitmix64 finaliser over the pair: cheap, and every bit of both inputs matters.
-    let mut z = h
-        ^ (slot as u64)
-            .wrapping_add(1)
-            .wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-/// Chooses slots among the ready ones: round robin, or rendezvous over a client-IP hash.
-#[derive(Debug)]
-pub struct Router {
-    mode: Balance,
-    ready: Vec<usize>,
-    next: usize,
-}
-
-impl Router {
-    /// A router with no ready slot.
-    pub fn new(mode: Balance) -> Router {
-        Router {
-            mode,
-            ready: Vec::new(),
-            next: 0,
+impl From<&BalanceStats> for BalanceCounts {
+    fn from(s: &BalanceStats) -> Self {
+        use std::sync::atomic::Ordering::Relaxed;
+        BalanceCounts {
+            accepted: s.accepted.load(Relaxed),
+            handed: s.handed.load(Relaxed),
+            closed: s.closed.load(Relaxed),
+            full: s.full.load(Relaxed),
+            fallbacks: s.fallbacks.load(Relaxed),
+            reclaimed: s.reclaimed.load(Relaxed),
+            accept_errors: s.accept_errors.load(Relaxed),
         }
-    }
-
-    /// Marks `slot` ready or not.
-    pub fn set_ready(&mut self, slot: usize, ready: bool) {
-        match (self.ready.binary_search(&slot), ready) {
-            (Err(i), true) => self.ready.insert(i, slot),
-            (Ok(i), false) => {
-                self.ready.remove(i);
-            }
-            _ => {}
-        }
-    }
-
-    /// Whether any slot is ready.
-    pub fn has_ready(&self) -> bool {
-        !self.ready.is_empty()
-    }
-
-    /// The slot for a client at `ip`, skipping slots for which `skip` is true.
-    pub fn choose(&mut self, ip: IpAddr, skip: impl Fn(usize) -> bool) -> Option<usize> {
-        match self.mode {
-            Balance::Sticky => {
-                let h = ip_hash(ip);
-                self.ready
-                    .iter()
-                    .copied()
-                    .filter(|&s| !skip(s))
-                    .max_by_key(|&s| weight(h, s))
-            }
-            _ => {
-                let n = self.ready.len();
-                for i in 0..n {
-                    let slot = self.ready[(self.next + i) % n];
-                    if !skip(slot) {
-                        self.next = (self.next + i + 1) % n;
-                        return Some(slot);
-                    }
-                }
-                None
-            }
-        }
-    }
-
-    /// The slot a client at `ip` prefers among all ready slots (`sticky`), if any is ready.
-    pub fn preferred(&self, ip: IpAddr) -> Option<usize> {
-        let h = ip_hash(ip);
-        self.ready.iter().copied().max_by_key(|&s| weight(h, s))
     }
 }
 
@@ -201,7 +143,7 @@ struct Parked {
 /// The balancer task's state.
 pub(crate) struct Balancer {
     mode: Balance,
-    listeners: Vec<Listener>,
+    listeners: Vec<Acceptor>,
     router: Router,
     table: Vec<Option<Arc<WorkerChannel>>>,
     updates: mpsc::UnboundedReceiver<Update>,
@@ -217,7 +159,8 @@ pub(crate) struct Balancer {
     last_emfile_log: Option<Instant>,
 }
 
-struct Listener {
+/// A listening socket the balancer accepts on.
+struct Acceptor {
     fd: AsyncFd<TcpListener>,
     /// The local address when it is the same for every connection (not a wildcard).
     fixed_local: Option<SocketAddr>,
@@ -238,7 +181,7 @@ impl Balancer {
                 l.set_nonblocking(true)?;
                 let local = l.local_addr()?;
                 let fixed_local = (!local.ip().is_unspecified()).then_some(local);
-                Ok(Listener {
+                Ok(Acceptor {
                     fd: crate::fdpass::register(l)?,
                     fixed_local,
                 })
@@ -529,7 +472,7 @@ impl Balancer {
 }
 
 /// Waits until one of the listeners has a connection; returns its index.
-async fn poll_listeners(listeners: &[Listener]) -> usize {
+async fn poll_listeners(listeners: &[Acceptor]) -> usize {
     std::future::poll_fn(|cx| {
         for (i, l) in listeners.iter().enumerate() {
             if let Poll::Ready(Ok(mut guard)) = l.fd.poll_read_ready(cx) {
@@ -541,97 +484,4 @@ async fn poll_listeners(listeners: &[Listener]) -> usize {
         Poll::Pending
     })
     .await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn ip(s: &str) -> IpAddr {
-        s.parse().unwrap()
-    }
-
-    #[test]
-    fn round_robin_rotates_over_ready_slots_and_skips_full_ones() {
-        let mut r = Router::new(Balance::RoundRobin);
-        assert_eq!(r.choose(ip("127.0.0.1"), |_| false), None);
-        for s in 0..4 {
-            r.set_ready(s, true);
-        }
-        let picks: Vec<_> = (0..8)
-            .map(|_| r.choose(ip("127.0.0.1"), |_| false).unwrap())
-            .collect();
-        assert_eq!(picks, vec![0, 1, 2, 3, 0, 1, 2, 3]);
-        r.set_ready(2, false);
-        let picks: Vec<_> = (0..3)
-            .map(|_| r.choose(ip("127.0.0.1"), |_| false).unwrap())
-            .collect();
-        assert_eq!(picks.len(), 3);
-        assert!(!picks.contains(&2));
-        assert!(r
-            .choose(ip("127.0.0.1"), |s| s != 3)
-            .is_some_and(|s| s == 3));
-        assert_eq!(r.choose(ip("127.0.0.1"), |_| true), None);
-    }
-
-    #[test]
-    fn sticky_ignores_the_port_and_normalises_mapped_ipv6() {
-        assert_eq!(ip_hash(ip("10.1.2.3")), ip_hash(ip("::ffff:10.1.2.3")));
-        assert_ne!(ip_hash(ip("10.1.2.3")), ip_hash(ip("10.1.2.4")));
-        let mut r = Router::new(Balance::Sticky);
-        for s in 0..8 {
-            r.set_ready(s, true);
-        }
-        let a = r.choose(ip("127.0.0.7"), |_| false);
-        assert_eq!(a, r.choose(ip("::ffff:127.0.0.7"), |_| false));
-        assert_eq!(a, r.preferred(ip("127.0.0.7")));
-    }
-
-    #[test]
-    fn sticky_moves_only_the_clients_of_a_slot_that_goes_away_and_they_come_back() {
-        let mut r = Router::new(Balance::Sticky);
-        for s in 0..8 {
-            r.set_ready(s, true);
-        }
-        let ips: Vec<IpAddr> = (0..2000u32)
-            .map(|i| IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i)))
-            .collect();
-        let before: Vec<usize> = ips.iter().map(|&i| r.preferred(i).unwrap()).collect();
-        let mut counts = [0usize; 8];
-        before.iter().for_each(|&s| counts[s] += 1);
-        // Every slot's share is within ±30 % of the mean.
-        assert!(
-            counts.iter().all(|&c| (175..=325).contains(&c)),
-            "{counts:?}"
-        );
-        r.set_ready(3, false);
-        let during: Vec<usize> = ips.iter().map(|&i| r.preferred(i).unwrap()).collect();
-        for (b, d) in before.iter().zip(&during) {
-            if *b != 3 {
-                assert_eq!(b, d, "clients of other slots stay put");
-            } else {
-                assert_ne!(*d, 3);
-            }
-        }
-        r.set_ready(3, true);
-        let after: Vec<usize> = ips.iter().map(|&i| r.preferred(i).unwrap()).collect();
-        assert_eq!(before, after, "they come back when the slot is ready again");
-    }
-
-    #[test]
-    fn the_sticky_mapping_is_fixed_across_processes() {
-        // Fixed seeds: this pins the mapping, so a master restart keeps affinity.
-        let mut r = Router::new(Balance::Sticky);
-        for s in 0..4 {
-            r.set_ready(s, true);
-        }
-        let picks: Vec<usize> = (1..=8)
-            .map(|i| r.preferred(IpAddr::from([127, 0, 0, i])).unwrap())
-            .collect();
-        let again: Vec<usize> = (1..=8)
-            .map(|i| r.preferred(IpAddr::from([127, 0, 0, i])).unwrap())
-            .collect();
-        assert_eq!(picks, again);
-        assert_eq!(ip_hash(ip("127.0.0.1")), ip_hash(ip("127.0.0.1")));
-    }
 }

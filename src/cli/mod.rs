@@ -15,10 +15,13 @@ use clap::Parser;
 use nix::sys::signal::Signal;
 use tokio::signal::unix::{signal, SignalKind};
 
+use crate::cli::pidfile::PidFile;
+use crate::cli::stderr_log::StderrLog;
 use crate::config::{self, Balance, ReadyWhen};
-use crate::pidfile::PidFile;
-use crate::stderr_log::StderrLog;
 use crate::{Cluster, WorkerCommand};
+
+mod pidfile;
+mod stderr_log;
 
 /// Command-line options of `recluster`.
 #[derive(Debug, Parser)]
@@ -264,11 +267,12 @@ pub fn main() -> i32 {
 async fn run(cluster: Cluster, control: Option<std::path::PathBuf>) -> Result<(), crate::Error> {
     let handle = cluster.handle();
     if let Some(path) = control {
-        let socket =
-            crate::control::ControlSocket::bind(&path).map_err(|source| crate::Error::Io {
+        let socket = crate::runtime::control::ControlSocket::bind(&path).map_err(|source| {
+            crate::Error::Io {
                 context: "cannot create the control socket (--control)",
                 source,
-            })?;
+            }
+        })?;
         tokio::spawn(socket.serve(handle.clone()));
     }
     let io = |source| crate::Error::Io {

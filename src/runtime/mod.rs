@@ -7,8 +7,10 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::ffi::{CString, OsString};
+use std::net::TcpListener;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,13 +23,37 @@ use tracing::{debug, info, warn};
 
 use crate::balance::{Balancer, Update};
 use crate::channel::{self, WorkerLine};
-use crate::cluster::{Command, Error, Setup, Snapshot};
-use crate::config::{Balance, ReadyWhen};
+use crate::config::{Balance, ReadyWhen, Timing};
+use crate::error::Error;
 use crate::fdpass::FdBuf;
-use crate::journal::Journal;
 use crate::notify::{NotifyMessage, NotifySocket};
 use crate::supervisor::{Action, Event, ExitStatus, Input, Supervisor, WorkerId};
-use crate::worker_channel::WorkerChannel;
+use crate::via::channel::WorkerChannel;
+use handle::{Command, Snapshot};
+use journal::Journal;
+use launch::WorkerCommand;
+
+mod advice;
+pub(crate) mod control;
+pub(crate) mod handle;
+mod journal;
+pub(crate) mod launch;
+mod ratelimit;
+mod reap;
+
+/// Everything the runtime needs to run a cluster, checked and bound by the builder.
+pub(crate) struct Setup {
+    pub program: PathBuf,
+    pub command: WorkerCommand,
+    pub workers: usize,
+    pub balance: Balance,
+    pub ready_when: ReadyWhen,
+    pub timing: Timing,
+    pub stop_signal: Signal,
+    pub subreaper: bool,
+    pub listeners: Vec<TcpListener>,
+    pub ends: handle::Ends,
+}
 
 /// How often a starting worker is checked in /proc for listening (`shared` + `listening`).
 const PROBE_INTERVAL: Duration = Duration::from_millis(25);
@@ -107,7 +133,7 @@ pub(crate) async fn run(setup: Setup) -> Result<(), Error> {
     let io = |context| move |source| Error::Io { context, source };
     let mut sigchld = signal(SignalKind::child()).map_err(io("cannot watch SIGCHLD"))?;
     if setup.subreaper {
-        crate::reap::become_subreaper().map_err(io("cannot become a child subreaper"))?;
+        crate::runtime::reap::become_subreaper().map_err(io("cannot become a child subreaper"))?;
     }
     let notify = NotifySocket::bind().map_err(io("cannot create the notify socket"))?;
     for (index, l) in setup.listeners.iter().enumerate() {
@@ -128,7 +154,7 @@ pub(crate) async fn run(setup: Setup) -> Result<(), Error> {
         let flush = driver.journal.next_flush();
         tokio::select! {
             _ = sigchld.recv() => driver.reap(),
-            cmd = driver.setup.commands.recv() => driver.command(cmd),
+            cmd = driver.setup.ends.commands.recv() => driver.command(cmd),
             msg = driver.notify.recv() => match msg {
                 Ok(msg) => driver.notified(msg),
                 Err(e) => warn!(event = "notify_failed", error = %e, "notify socket receive failed"),
@@ -153,7 +179,7 @@ pub(crate) async fn run(setup: Setup) -> Result<(), Error> {
                 if let Some(task) = driver.balancer_task.take() {
                     let _ = task.await;
                 }
-                let c = crate::BalanceCounts::from(&*driver.setup.stats);
+                let c = crate::balance::BalanceCounts::from(&*driver.setup.ends.stats);
                 info!(
                     event = "balancer_totals",
                     accepted = c.accepted,
@@ -221,7 +247,7 @@ impl Driver {
                 listeners,
                 setup.workers,
                 rx,
-                setup.stats.clone(),
+                setup.ends.stats.clone(),
             )
             .map_err(|source| Error::Io {
                 context: "cannot set up the balancer",
@@ -296,7 +322,7 @@ impl Driver {
                 }
                 Action::Report(event) => {
                     self.report(&event);
-                    let _ = self.setup.events.send(event);
+                    let _ = self.setup.ends.events.send(event);
                     Vec::new()
                 }
                 Action::Exit => {
@@ -331,7 +357,7 @@ impl Driver {
             }
         };
         let channel_fd = worker_end.as_ref().map(|e| [e.as_raw_fd()]);
-        let spec = crate::spawn::SpawnSpec {
+        let spec = crate::runtime::launch::SpawnSpec {
             program: &self.program,
             args: &self.argv,
             env: &env,
@@ -341,7 +367,7 @@ impl Driver {
             },
             listen_pid: shared,
         };
-        let spawned = crate::spawn::spawn(&spec);
+        let spawned = crate::runtime::launch::spawn(&spec);
         drop(worker_end); // the worker has its copy; the channel keeps one for reclaiming
         match spawned {
             Ok(pid) => {
@@ -405,7 +431,7 @@ impl Driver {
         let mut exited: Vec<(u32, ExitStatus)> = Vec::new();
         if self.setup.subreaper {
             // A subreaper inherits orphans: reap every child, ours or not.
-            while let Some((pid, status)) = crate::reap::reap_any() {
+            while let Some((pid, status)) = crate::runtime::reap::reap_any() {
                 if !self.by_pid.contains_key(&pid) {
                     debug!(pid, %status, "reaped an orphaned process");
                 }
@@ -416,7 +442,7 @@ impl Driver {
             exited.extend(
                 self.procs
                     .values()
-                    .filter_map(|p| crate::reap::try_reap(p.pid).map(|s| (p.pid, s))),
+                    .filter_map(|p| crate::runtime::reap::try_reap(p.pid).map(|s| (p.pid, s))),
             );
         }
         for (pid, status) in exited {
@@ -564,7 +590,7 @@ impl Driver {
                     .procs
                     .get(&worker.id)
                     .is_some_and(|p| p.channel.is_some() && !p.spoke);
-                let text = crate::advice::advice(&crate::advice::Situation {
+                let text = crate::runtime::advice::advice(&crate::runtime::advice::Situation {
                     balance: self.setup.balance,
                     ready_when: self.setup.ready_when,
                     addrs: &self.addrs,
@@ -599,7 +625,7 @@ impl Driver {
             active: self.sup.active_workers(),
             workers: self.sup.workers(),
         };
-        self.setup.state.send_replace(Arc::new(snapshot));
+        self.setup.ends.state.send_replace(Arc::new(snapshot));
     }
 }
 

@@ -10,7 +10,7 @@ use std::collections::HashSet;
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
-use crate::ratelimit::RateLimit;
+use crate::runtime::ratelimit::RateLimit;
 use crate::supervisor::{Event, ExitStatus, WorkerState};
 
 /// What a rate-limited line is about.
