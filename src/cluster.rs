@@ -179,6 +179,12 @@ impl Cluster {
     ///
     /// Fails only when the cluster cannot work at all: the first workers cannot be
     /// executed, or the master cannot set up its own sockets and signals.
+    ///
+    /// Workers are forked from the thread that polls this future, and the kernel ties
+    /// each worker's `PR_SET_PDEATHSIG` to that *thread*: poll it from a thread that
+    /// lives as long as the cluster (a tokio runtime's own threads do; a
+    /// `spawn_blocking` thread, retired when idle, does not). Accepting runs on a
+    /// thread of its own, so forking never delays it.
     pub async fn run(self) -> Result<(), Error> {
         crate::runtime::run(self.setup).await
     }

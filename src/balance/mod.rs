@@ -168,7 +168,7 @@ struct Acceptor {
 
 impl Balancer {
     /// A balancer over `listeners` (set non-blocking here) for `slots` slots.
-    pub fn new(
+    fn new(
         mode: Balance,
         listeners: Vec<TcpListener>,
         slots: usize,
@@ -206,7 +206,7 @@ impl Balancer {
     }
 
     /// Runs until the driver drops its end of the update channel.
-    pub async fn run(mut self) {
+    async fn run(mut self) {
         loop {
             let now = Instant::now();
             if self.paused_until.is_some_and(|t| t <= now) {
@@ -469,6 +469,56 @@ impl Balancer {
         }
         self.flush_all();
     }
+}
+
+/// The balancer running on a thread of its own (see [`start`]).
+pub(crate) struct Running {
+    /// Fires when the balancer has finished, its last counts in.
+    pub done: tokio::sync::oneshot::Receiver<()>,
+}
+
+/// Starts the balancer on a dedicated thread with a runtime of its own, so that
+/// nothing the supervisor's loop does (forking a worker, writing the log, reaping)
+/// ever delays accepting. It ends when the sender of `updates` is dropped.
+pub(crate) fn start(
+    mode: Balance,
+    listeners: Vec<TcpListener>,
+    slots: usize,
+    updates: mpsc::UnboundedReceiver<Update>,
+    stats: Arc<BalanceStats>,
+) -> io::Result<Running> {
+    let (built_tx, built_rx) = std::sync::mpsc::sync_channel(1);
+    let (done_tx, done) = tokio::sync::oneshot::channel();
+    // Log lines from the balancer go where the caller's go.
+    let dispatch = tracing::dispatcher::get_default(Clone::clone);
+    std::thread::Builder::new()
+        .name("recluster-balance".into())
+        .spawn(move || {
+            tracing::dispatcher::with_default(&dispatch, || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build();
+                let runtime = match runtime {
+                    Ok(r) => r,
+                    Err(e) => return drop(built_tx.send(Err(e))),
+                };
+                // The listeners register with this thread's runtime, so it builds them.
+                let balancer = runtime
+                    .block_on(async { Balancer::new(mode, listeners, slots, updates, stats) });
+                match balancer {
+                    Ok(b) => {
+                        let _ = built_tx.send(Ok(()));
+                        runtime.block_on(b.run());
+                    }
+                    Err(e) => return drop(built_tx.send(Err(e))),
+                }
+                let _ = done_tx.send(());
+            })
+        })?;
+    built_rx
+        .recv()
+        .map_err(|_| io::Error::other("the balancer thread ended before it started"))??;
+    Ok(Running { done })
 }
 
 /// Waits until one of the listeners has a connection; returns its index.

@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
 use tracing::{debug, info, warn};
 
-use crate::balance::{Balancer, Update};
+use crate::balance::Update;
 use crate::channel::{self, WorkerLine};
 use crate::config::{Balance, ReadyWhen, Timing};
 use crate::error::Error;
@@ -119,8 +119,8 @@ struct Driver {
     journal: Journal,
     /// Route updates to the balancer (`rr`/`sticky`).
     balancer: Option<mpsc::UnboundedSender<Update>>,
-    /// The balancer task, awaited at the end so its last counts are in.
-    balancer_task: Option<tokio::task::JoinHandle<()>>,
+    /// Fires when the balancer has ended, awaited at the end so its last counts are in.
+    balancer_task: Option<tokio::sync::oneshot::Receiver<()>>,
     messages: mpsc::UnboundedSender<(WorkerId, WorkerMsg)>,
     /// Set once any worker has become ready: from then on spawn errors are retried, not fatal.
     served: bool,
@@ -242,7 +242,7 @@ impl Driver {
             ));
             let (tx, rx) = mpsc::unbounded_channel();
             let listeners = std::mem::take(&mut setup.listeners);
-            let b = Balancer::new(
+            let running = crate::balance::start(
                 setup.balance,
                 listeners,
                 setup.workers,
@@ -253,7 +253,7 @@ impl Driver {
                 context: "cannot set up the balancer",
                 source,
             })?;
-            balancer_task = Some(tokio::spawn(b.run()));
+            balancer_task = Some(running.done);
             balancer = Some(tx);
         }
         Ok(Driver {
