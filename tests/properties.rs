@@ -8,7 +8,8 @@ use std::time::Duration;
 use proptest::prelude::*;
 use recluster::channel::{self, MasterLine};
 use recluster::supervisor::{
-    Action, Event, ExitStatus, Input, Supervisor, WorkerId, WorkerInfo, WorkerState,
+    Action, Event, ExitStatus, Input, SpawnError, SpawnStep, Supervisor, WorkerId, WorkerInfo,
+    WorkerState,
 };
 use recluster::Timing;
 use tokio::time::Instant;
@@ -77,7 +78,10 @@ impl Checker {
                 let reply = if self.fail_spawns {
                     Input::SpawnFailed {
                         id,
-                        error: "EAGAIN".into(),
+                        error: SpawnError {
+                            step: SpawnStep::Launch,
+                            errno: libc::EAGAIN,
+                        },
                     }
                 } else {
                     self.next_pid += 1;

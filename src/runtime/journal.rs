@@ -193,6 +193,22 @@ impl Journal {
                 generation, workers, "cluster ready"
             ),
             Event::Terminating => info!(event = "terminating", "terminating"),
+            Event::CannotExecute { error } => {
+                error!(event = "cannot_execute", error = %error, "the command cannot be executed: giving up")
+            }
+            Event::Garbage { worker: w, count } => warn!(
+                event = "worker_garbage",
+                slot = w.slot,
+                pid = w.pid,
+                count,
+                "worker sent a message that is not protocol"
+            ),
+            Event::KilledForGarbage(w) => warn!(
+                event = "worker_garbage_killed",
+                slot = w.slot,
+                pid = w.pid,
+                "worker keeps sending garbage on its channel: killing it"
+            ),
             // Logged by the driver, with advice that depends on the mode.
             Event::StartsFailing { .. } => {}
         }

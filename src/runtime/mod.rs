@@ -27,7 +27,9 @@ use crate::config::{Balance, ReadyWhen, Timing};
 use crate::error::Error;
 use crate::fdpass::FdBuf;
 use crate::notify::{NotifyMessage, NotifySocket};
-use crate::supervisor::{Action, Event, ExitStatus, Input, Supervisor, WorkerId};
+use crate::supervisor::{
+    Action, Event, ExitStatus, Input, SpawnError, SpawnStep, Supervisor, WorkerId,
+};
 use crate::via::channel::WorkerChannel;
 use handle::{Command, Snapshot};
 use journal::Journal;
@@ -75,9 +77,6 @@ fn withheld(key: &std::ffi::OsStr) -> bool {
     key.as_bytes().starts_with(b"RECLUSTER_") || OWN_VARS.iter().any(|v| key == *v)
 }
 
-/// Bad messages a worker may send before it is killed (and so replaced).
-const GARBAGE_LIMIT: u32 = 64;
-
 /// A live worker process as the driver knows it.
 struct Proc {
     pid: u32,
@@ -87,20 +86,6 @@ struct Proc {
     channel: Option<Arc<WorkerChannel>>,
     /// The task reading the worker's messages.
     reader: Option<tokio::task::JoinHandle<()>>,
-    /// Bad messages received so far.
-    garbage: u32,
-    /// Whether it has said anything on its worker channel.
-    spoke: bool,
-}
-
-/// What a worker's reader task reports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum WorkerMsg {
-    Listening,
-    Ready,
-    Replace,
-    /// A message that is not protocol: too long, unknown, or carrying descriptors.
-    Garbage,
 }
 
 /// The driver's state besides the supervisor core.
@@ -121,9 +106,8 @@ struct Driver {
     balancer: Option<mpsc::UnboundedSender<Update>>,
     /// Fires when the balancer has ended, awaited at the end so its last counts are in.
     balancer_task: Option<tokio::sync::oneshot::Receiver<()>>,
-    messages: mpsc::UnboundedSender<(WorkerId, WorkerMsg)>,
-    /// Set once any worker has become ready: from then on spawn errors are retried, not fatal.
-    served: bool,
+    /// Worker messages, as supervisor inputs, from the channel readers.
+    messages: mpsc::UnboundedSender<Input>,
     fatal: Option<Error>,
     exit: bool,
 }
@@ -166,7 +150,7 @@ pub(crate) async fn run(setup: Setup) -> Result<(), Error> {
             _ = sleep_until(flush.unwrap_or_else(Instant::now)), if flush.is_some() => {
                 driver.journal.flush(Instant::now(), false);
             }
-            Some((id, msg)) = message_rx.recv() => driver.worker_message(id, msg),
+            Some(input) = message_rx.recv() => driver.feed(input),
         }
         driver.publish();
     }
@@ -202,7 +186,7 @@ impl Driver {
     fn new(
         mut setup: Setup,
         notify: NotifySocket,
-        messages: mpsc::UnboundedSender<(WorkerId, WorkerMsg)>,
+        messages: mpsc::UnboundedSender<Input>,
     ) -> Result<Driver, Error> {
         let program = CString::new(setup.program.as_os_str().as_bytes())
             .unwrap_or_else(|_| CString::from(c"/nonexistent-nul-in-path"));
@@ -257,7 +241,7 @@ impl Driver {
             balancer = Some(tx);
         }
         Ok(Driver {
-            sup: Supervisor::new(setup.workers, setup.timing),
+            sup: Supervisor::new(setup.workers, setup.timing).with_ready_when(setup.ready_when),
             setup,
             notify,
             program,
@@ -271,7 +255,6 @@ impl Driver {
             balancer,
             balancer_task,
             messages,
-            served: false,
             fatal: None,
             exit: false,
         })
@@ -346,13 +329,8 @@ impl Driver {
             match WorkerChannel::new() {
                 Ok((ch, end)) => (Some(Arc::new(ch)), Some(end)),
                 Err(e) => {
-                    return self.sup.handle(
-                        Input::SpawnFailed {
-                            id,
-                            error: format!("cannot create the worker channel: {e}"),
-                        },
-                        now,
-                    )
+                    let error = spawn_error(SpawnStep::Channel, &e);
+                    return self.sup.handle(Input::SpawnFailed { id, error }, now);
                 }
             }
         };
@@ -382,40 +360,14 @@ impl Driver {
                         probing,
                         channel,
                         reader,
-                        garbage: 0,
-                        spoke: false,
                     },
                 );
                 self.by_pid.insert(pid, id);
-                let mut out = self.sup.handle(Input::Spawned { id, pid }, now);
-                if self.setup.ready_when == ReadyWhen::Started {
-                    out.extend(self.sup.handle(Input::Ready { id }, now));
-                }
-                out
+                self.sup.handle(Input::Spawned { id, pid }, now)
             }
             Err(e) => {
-                let fatal = !self.served
-                    && matches!(
-                        e.raw_os_error(),
-                        Some(libc::ENOENT | libc::EACCES | libc::ENOEXEC | libc::ENOTDIR)
-                    );
-                let out = self.sup.handle(
-                    Input::SpawnFailed {
-                        id,
-                        error: e.to_string(),
-                    },
-                    now,
-                );
-                if fatal && self.fatal.is_none() {
-                    self.fatal = Some(Error::Command(format!(
-                        "cannot execute {}: {e}",
-                        self.setup.program.display()
-                    )));
-                    let mut out = out;
-                    out.extend(self.sup.handle(Input::KillAll, now));
-                    return out;
-                }
-                out
+                let error = spawn_error(SpawnStep::Launch, &e);
+                self.sup.handle(Input::SpawnFailed { id, error }, now)
             }
         }
     }
@@ -502,53 +454,11 @@ impl Driver {
             );
             return;
         };
-        if msg.ready && self.setup.ready_when != ReadyWhen::Started {
+        if msg.ready {
             self.feed(Input::Ready { id });
         }
         if msg.replace {
             self.feed(Input::ReplaceRequested { id });
-        }
-    }
-
-    fn worker_message(&mut self, id: WorkerId, msg: WorkerMsg) {
-        match self.procs.get_mut(&id) {
-            Some(p) if p.garbage >= GARBAGE_LIMIT => return, // killed for garbage: ignore the rest
-            Some(p) => p.spoke = true,
-            None => {}
-        }
-        let ready_when = self.setup.ready_when;
-        match msg {
-            WorkerMsg::Listening if ready_when == ReadyWhen::Listening => {
-                self.feed(Input::Ready { id })
-            }
-            WorkerMsg::Listening => {}
-            WorkerMsg::Ready if ready_when != ReadyWhen::Started => self.feed(Input::Ready { id }),
-            WorkerMsg::Ready => {}
-            WorkerMsg::Replace => self.feed(Input::ReplaceRequested { id }),
-            WorkerMsg::Garbage => {
-                let Some(p) = self.procs.get_mut(&id) else {
-                    return;
-                };
-                p.garbage += 1;
-                let (pid, n) = (p.pid, p.garbage);
-                let slot = self.sup.info(id).map(|w| w.slot);
-                if n.is_power_of_two() {
-                    warn!(
-                        event = "worker_garbage",
-                        slot,
-                        pid,
-                        count = n,
-                        "worker sent a message that is not protocol"
-                    );
-                }
-                if n == GARBAGE_LIMIT {
-                    warn!(
-                        event = "worker_garbage_killed",
-                        slot, pid, "worker keeps sending garbage on its channel: killing it"
-                    );
-                    self.signal(id, Signal::SIGKILL);
-                }
-            }
         }
     }
 
@@ -567,7 +477,7 @@ impl Driver {
             })
             .collect();
         for id in listening {
-            self.feed(Input::Ready { id });
+            self.feed(Input::Listening { id });
         }
     }
 
@@ -575,21 +485,24 @@ impl Driver {
     fn report(&mut self, event: &Event) {
         self.journal.record(event, self.setup.workers);
         match event {
-            Event::Ready(_) => self.served = true,
             Event::Retiring(w) => {
                 if let Some(p) = self.procs.get_mut(&w.id) {
                     p.probing = false;
                 }
             }
+            Event::CannotExecute { error } if self.fatal.is_none() => {
+                self.fatal = Some(Error::Command(format!(
+                    "cannot execute {}: {error}",
+                    self.setup.program.display()
+                )));
+            }
             Event::StartsFailing {
                 failures,
                 last,
                 worker,
+                heard,
             } => {
-                let silent = self
-                    .procs
-                    .get(&worker.id)
-                    .is_some_and(|p| p.channel.is_some() && !p.spoke);
+                let silent = self.setup.balance != Balance::Shared && !heard;
                 let text = crate::runtime::advice::advice(&crate::runtime::advice::Situation {
                     balance: self.setup.balance,
                     ready_when: self.setup.ready_when,
@@ -630,11 +543,7 @@ impl Driver {
 }
 
 /// Reads one worker's channel and forwards its messages to the driver.
-async fn read_worker(
-    id: WorkerId,
-    ch: Arc<WorkerChannel>,
-    tx: mpsc::UnboundedSender<(WorkerId, WorkerMsg)>,
-) {
+async fn read_worker(id: WorkerId, ch: Arc<WorkerChannel>, tx: mpsc::UnboundedSender<Input>) {
     let mut buf = [0u8; channel::MAX_WORKER_MESSAGE];
     let mut cbuf = FdBuf::new();
     loop {
@@ -645,20 +554,28 @@ async fn read_worker(
         // An empty message is not EOF here (the master holds a copy of the worker's end,
         // so EOF never comes): it is one more message that is not protocol.
         if bad || len == 0 {
-            let _ = tx.send((id, WorkerMsg::Garbage));
+            let _ = tx.send(Input::Garbage { id });
             continue;
         }
         for line in channel::lines(&buf[..len]) {
-            let msg = match channel::parse_worker_line(line) {
-                WorkerLine::Listening => WorkerMsg::Listening,
-                WorkerLine::Ready => WorkerMsg::Ready,
-                WorkerLine::Replace => WorkerMsg::Replace,
-                WorkerLine::Unknown(_) => WorkerMsg::Garbage,
+            let input = match channel::parse_worker_line(line) {
+                WorkerLine::Listening => Input::Listening { id },
+                WorkerLine::Ready => Input::Ready { id },
+                WorkerLine::Replace => Input::ReplaceRequested { id },
+                WorkerLine::Unknown(_) => Input::Garbage { id },
             };
-            if tx.send((id, msg)).is_err() {
+            if tx.send(input).is_err() {
                 return;
             }
         }
+    }
+}
+
+/// A failed step of starting a worker, as the supervisor core takes it.
+fn spawn_error(step: SpawnStep, e: &std::io::Error) -> SpawnError {
+    SpawnError {
+        step,
+        errno: e.raw_os_error().unwrap_or(libc::EINVAL),
     }
 }
 

@@ -34,6 +34,19 @@
 //!   that binds the port itself or ignores what it was given, and the log says what a
 //!   worker must do instead.
 //!
+//! * **Readiness** follows `--ready-when`: `started` makes a worker ready once it is
+//!   spawned; `listening` on [`Input::Listening`] (the worker library says so, or /proc
+//!   shows it) or on an explicit [`Input::Ready`]; `ready` on [`Input::Ready`] alone.
+//! * **Garbage**: a worker that sends what is not protocol ([`Input::Garbage`]) is
+//!   reported at the 1st, 2nd, 4th, 8th … message, and killed at the
+//!   [`GARBAGE_LIMIT`]th (then respawned as any dead worker is).
+//! * **A command that cannot run**: when a spawn fails because the program cannot be
+//!   executed ([`SpawnError::cannot_execute`]) before any worker was ever ready, the
+//!   cluster gives up ([`Event::CannotExecute`]): every worker is killed and the run
+//!   ends with that error, instead of respawning forever. Once a worker has been
+//!   ready, the same failure (say, a deploy that removed the binary mid-reload) is
+//!   retried with backoff while the old workers keep serving.
+//!
 //! Readiness is counted per slot and generation: a `Ready` from a worker that is not
 //! its slot's pending worker (superseded, retired, unknown) is ignored. This is where
 //! recluster, which counts ready events globally, can retire workers early.
@@ -44,13 +57,57 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::config::Timing;
+use crate::config::{ReadyWhen, Timing};
 
 /// A worker that exits within this time of its start (not told to stop) failed to start.
 pub const QUICK_EXIT: Duration = Duration::from_secs(5);
 
 /// Failed starts in a row that make the cluster report [`Event::StartsFailing`].
 pub const FAILED_STARTS_TO_REPORT: u32 = 3;
+
+/// Messages that are not protocol after which a worker is killed (and so replaced);
+/// a power of two, so the last report comes with the kill.
+pub const GARBAGE_LIMIT: u32 = 64;
+
+/// Why a worker process could not be started: the errno, and the step that failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpawnError {
+    /// The step that failed.
+    pub step: SpawnStep,
+    /// The operating system's error number.
+    pub errno: i32,
+}
+
+/// The step of starting a worker that can fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpawnStep {
+    /// Creating the worker channel (`rr`/`sticky`).
+    Channel,
+    /// Forking and executing the command.
+    Launch,
+}
+
+impl SpawnError {
+    /// The command itself cannot be executed (missing, not executable, not a program),
+    /// so retrying cannot help.
+    pub fn cannot_execute(&self) -> bool {
+        self.step == SpawnStep::Launch
+            && matches!(
+                self.errno,
+                libc::ENOENT | libc::EACCES | libc::ENOEXEC | libc::ENOTDIR
+            )
+    }
+}
+
+impl fmt::Display for SpawnError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let os = std::io::Error::from_raw_os_error(self.errno);
+        match self.step {
+            SpawnStep::Channel => write!(f, "cannot create the worker channel: {os}"),
+            SpawnStep::Launch => write!(f, "{os}"),
+        }
+    }
+}
 
 /// Why a worker failed to start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,11 +194,21 @@ pub enum Input {
     SpawnFailed {
         /// The worker the spawn was for.
         id: WorkerId,
-        /// What went wrong, for the report.
-        error: String,
+        /// What went wrong.
+        error: SpawnError,
     },
-    /// The worker is ready by the configured readiness rule.
+    /// The worker listens: its library said so, or /proc shows it accepting.
+    Listening {
+        /// The worker.
+        id: WorkerId,
+    },
+    /// The worker says it is ready (`ready` on its channel, `READY=1` on sd_notify).
     Ready {
+        /// The worker.
+        id: WorkerId,
+    },
+    /// The worker sent a message that is not protocol.
+    Garbage {
         /// The worker.
         id: WorkerId,
     },
@@ -206,8 +273,22 @@ pub enum Event {
         /// Its generation.
         generation: u64,
         /// Why.
-        error: String,
+        error: SpawnError,
     },
+    /// The command cannot be executed and no worker was ever ready: the cluster gives up.
+    CannotExecute {
+        /// Why.
+        error: SpawnError,
+    },
+    /// A worker sent a message that is not protocol (reported at counts 1, 2, 4, 8, …).
+    Garbage {
+        /// The worker.
+        worker: WorkerInfo,
+        /// Messages that were not protocol so far.
+        count: u32,
+    },
+    /// A worker sent [`GARBAGE_LIMIT`] messages that are not protocol and is killed.
+    KilledForGarbage(WorkerInfo),
     /// A worker became ready and active in its slot.
     Ready(WorkerInfo),
     /// A worker was told to stop.
@@ -255,6 +336,9 @@ pub enum Event {
         last: StartFailure,
         /// The last one.
         worker: WorkerInfo,
+        /// Whether the last one ever said anything (a message on its channel or its
+        /// notify socket, protocol or not).
+        heard: bool,
     },
     /// Terminate started.
     Terminating,
@@ -266,6 +350,12 @@ struct Worker {
     started_at: Instant,
     /// While starting: the ready deadline. While retiring: the kill deadline.
     deadline: Option<Instant>,
+    /// It has said something (any message on its channel or notify socket).
+    heard: bool,
+    /// Messages it sent that were not protocol.
+    garbage: u32,
+    /// Killed before its pid was known: kill it as soon as it is.
+    kill_pending: bool,
 }
 
 #[derive(Debug)]
@@ -281,6 +371,7 @@ struct Slot {
 #[derive(Debug)]
 pub struct Supervisor {
     timing: Timing,
+    ready_when: ReadyWhen,
     slots: Vec<Slot>,
     workers: BTreeMap<WorkerId, Worker>,
     generation: u64,
@@ -293,6 +384,8 @@ pub struct Supervisor {
     failed_starts: u32,
     /// Whether [`Event::StartsFailing`] has been reported.
     starts_failing_reported: bool,
+    /// Whether any worker has ever been ready.
+    served: bool,
 }
 
 impl Supervisor {
@@ -300,6 +393,7 @@ impl Supervisor {
     pub fn new(slots: usize, timing: Timing) -> Supervisor {
         Supervisor {
             timing,
+            ready_when: ReadyWhen::default(),
             slots: (0..slots)
                 .map(|_| Slot {
                     active: None,
@@ -317,7 +411,14 @@ impl Supervisor {
             exited: false,
             failed_starts: 0,
             starts_failing_reported: false,
+            served: false,
         }
+    }
+
+    /// The readiness rule (`--ready-when`; the default is `listening`).
+    pub fn with_ready_when(mut self, ready_when: ReadyWhen) -> Supervisor {
+        self.ready_when = ready_when;
+        self
     }
 
     /// Starts the first generation: a worker in every slot.
@@ -339,17 +440,19 @@ impl Supervisor {
             Input::Tick => {}
             Input::Reload => self.reload(now, &mut out),
             Input::Terminate => self.terminate(now, &mut out),
-            Input::KillAll => {
-                self.terminate(now, &mut out);
-                for w in self.workers.values_mut() {
-                    w.deadline = None;
-                    out.push(Action::Kill { id: w.info.id });
-                }
-            }
+            Input::KillAll => self.kill_all(now, &mut out),
             Input::Spawned { id, pid } => {
                 if let Some(w) = self.workers.get_mut(&id) {
                     w.info.pid = Some(pid);
                     out.push(Action::Report(Event::Spawned(w.info)));
+                    if w.kill_pending {
+                        out.push(Action::Kill { id });
+                    } else if w.info.state == WorkerState::Retiring {
+                        // Told to stop before its pid was known: tell it now.
+                        out.push(Action::Stop { id });
+                    } else if self.ready_when == ReadyWhen::Started {
+                        self.ready(id, now, &mut out);
+                    }
                 }
             }
             Input::SpawnFailed { id, error } => {
@@ -361,9 +464,28 @@ impl Supervisor {
                     }));
                 }
                 self.gone(id, None, now, &mut out);
+                if error.cannot_execute() && !self.served && !self.terminating {
+                    out.push(Action::Report(Event::CannotExecute { error }));
+                    self.kill_all(now, &mut out);
+                }
             }
-            Input::Ready { id } => self.ready(id, now, &mut out),
-            Input::ReplaceRequested { id } => self.replace(id, now, &mut out),
+            Input::Listening { id } => {
+                self.heard(id);
+                if self.ready_when == ReadyWhen::Listening {
+                    self.ready(id, now, &mut out);
+                }
+            }
+            Input::Ready { id } => {
+                self.heard(id);
+                if self.ready_when != ReadyWhen::Started {
+                    self.ready(id, now, &mut out);
+                }
+            }
+            Input::Garbage { id } => self.garbage(id, &mut out),
+            Input::ReplaceRequested { id } => {
+                self.heard(id);
+                self.replace(id, now, &mut out)
+            }
             Input::Exited { id, status } => self.gone(id, Some(status), now, &mut out),
         }
         self.fire_timers(now, &mut out);
@@ -429,6 +551,9 @@ impl Supervisor {
                 // Zero means no ready deadline, as systemd's TimeoutStartSec=0.
                 deadline: (!self.timing.ready_timeout.is_zero())
                     .then(|| now + self.timing.ready_timeout),
+                heard: false,
+                garbage: 0,
+                kill_pending: false,
             },
         );
         let s = &mut self.slots[slot];
@@ -506,6 +631,7 @@ impl Supervisor {
         }
         w.info.state = WorkerState::Ready;
         w.deadline = None;
+        self.served = true;
         let info = w.info;
         let s = &mut self.slots[slot];
         s.pending = None;
@@ -579,7 +705,7 @@ impl Supervisor {
             if uptime >= QUICK_EXIT {
                 self.failed_starts = 0;
             } else if w.info.state != WorkerState::Retiring && !self.terminating {
-                self.failed_start(w.info, StartFailure::Exited(status), out);
+                self.failed_start(w.info, w.heard, StartFailure::Exited(status), out);
             }
         }
         if self.terminating {
@@ -649,7 +775,8 @@ impl Supervisor {
                 match info.state {
                     WorkerState::Starting => {
                         out.push(Action::Report(Event::NotReadyInTime(info)));
-                        self.failed_start(info, StartFailure::NotReady, out);
+                        let heard = w.heard;
+                        self.failed_start(info, heard, StartFailure::NotReady, out);
                         let slot = info.slot;
                         let was_pending = self.slots[slot].pending == Some(id);
                         if was_pending {
@@ -673,8 +800,54 @@ impl Supervisor {
         }
     }
 
+    fn kill_all(&mut self, now: Instant, out: &mut Vec<Action>) {
+        self.terminate(now, out);
+        for w in self.workers.values_mut() {
+            w.deadline = None;
+            if w.info.pid.is_some() {
+                out.push(Action::Kill { id: w.info.id });
+            } else {
+                w.kill_pending = true;
+            }
+        }
+    }
+
+    fn heard(&mut self, id: WorkerId) {
+        if let Some(w) = self.workers.get_mut(&id) {
+            w.heard = true;
+        }
+    }
+
+    fn garbage(&mut self, id: WorkerId, out: &mut Vec<Action>) {
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
+        w.heard = true;
+        if w.garbage >= GARBAGE_LIMIT {
+            return; // already killed for it: the rest is noise
+        }
+        w.garbage += 1;
+        let count = w.garbage;
+        if count.is_power_of_two() {
+            out.push(Action::Report(Event::Garbage {
+                worker: w.info,
+                count,
+            }));
+        }
+        if count == GARBAGE_LIMIT {
+            out.push(Action::Report(Event::KilledForGarbage(w.info)));
+            out.push(Action::Kill { id });
+        }
+    }
+
     /// Counts a failed start; reports [`Event::StartsFailing`] the first time it is due.
-    fn failed_start(&mut self, worker: WorkerInfo, how: StartFailure, out: &mut Vec<Action>) {
+    fn failed_start(
+        &mut self,
+        worker: WorkerInfo,
+        heard: bool,
+        how: StartFailure,
+        out: &mut Vec<Action>,
+    ) {
         self.failed_starts += 1;
         let due = self.failed_starts >= FAILED_STARTS_TO_REPORT || how == StartFailure::NotReady;
         if due && !self.starts_failing_reported {
@@ -683,6 +856,7 @@ impl Supervisor {
                 failures: self.failed_starts,
                 last: how,
                 worker,
+                heard,
             }));
         }
     }

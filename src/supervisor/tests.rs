@@ -463,7 +463,10 @@ async fn a_failed_spawn_is_retried_with_backoff() {
     let out = sup.handle(
         Input::SpawnFailed {
             id,
-            error: "EMFILE".into(),
+            error: SpawnError {
+                step: SpawnStep::Launch,
+                errno: libc::EMFILE,
+            },
         },
         Instant::now(),
     );
@@ -561,4 +564,148 @@ async fn a_worker_never_ready_reports_failing_starts_at_its_ready_timeout() {
     assert_eq!(starts_failing(&out), vec![(1, StartFailure::NotReady)]);
     // Its retry failing the same way says nothing more.
     assert!(starts_failing(&sim.wait(5200 * MS).await).is_empty());
+}
+
+fn launch_error(errno: i32) -> SpawnError {
+    SpawnError {
+        step: SpawnStep::Launch,
+        errno,
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn readiness_follows_ready_when() {
+    // `started`: ready once spawned, and later messages change nothing.
+    let mut sup = Supervisor::new(1, timing()).with_ready_when(ReadyWhen::Started);
+    let id = ids(&sup.start(Instant::now()))[0];
+    let out = sup.handle(Input::Spawned { id, pid: 7 }, Instant::now());
+    assert!(has(&out, &Event::ClusterReady { generation: 1 }));
+    // `listening`: the listening message or an explicit ready.
+    for (input, ready) in [(0, true), (1, true)] {
+        let mut sup = Supervisor::new(1, timing());
+        let id = ids(&sup.start(Instant::now()))[0];
+        assert!(
+            sup.handle(Input::Spawned { id, pid: 7 }, Instant::now())
+                .len()
+                == 1
+        );
+        let msg = [Input::Listening { id }, Input::Ready { id }][input].clone();
+        let out = sup.handle(msg, Instant::now());
+        assert_eq!(has(&out, &Event::ClusterReady { generation: 1 }), ready);
+    }
+    // `ready`: only the explicit ready.
+    let mut sup = Supervisor::new(1, timing()).with_ready_when(ReadyWhen::Ready);
+    let id = ids(&sup.start(Instant::now()))[0];
+    sup.handle(Input::Spawned { id, pid: 7 }, Instant::now());
+    assert!(sup
+        .handle(Input::Listening { id }, Instant::now())
+        .is_empty());
+    let out = sup.handle(Input::Ready { id }, Instant::now());
+    assert!(has(&out, &Event::ClusterReady { generation: 1 }));
+}
+
+#[tokio::test(start_paused = true)]
+async fn garbage_is_reported_at_powers_of_two_and_kills_at_the_limit() {
+    let (mut sim, out) = Sim::start(1, timing());
+    let id = ids(&out)[0];
+    sim.ready_all(&[id]);
+    let mut reported = Vec::new();
+    let mut kills = Vec::new();
+    for _ in 0..GARBAGE_LIMIT + 10 {
+        let out = sim.feed(Input::Garbage { id });
+        kills.extend(killed(&out));
+        for a in out {
+            if let Action::Report(Event::Garbage { count, .. }) = a {
+                reported.push(count);
+            }
+        }
+    }
+    assert_eq!(reported, [1, 2, 4, 8, 16, 32, 64]);
+    assert_eq!(kills, [id], "killed once, at the limit");
+    // Then it is replaced as any dead worker is.
+    assert_eq!(respawn_delays(&sim.exit(id)), [100 * MS]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_command_that_cannot_execute_ends_the_cluster_before_any_ready_but_not_after() {
+    let mut sup = Supervisor::new(2, timing());
+    let first = ids(&sup.start(Instant::now()));
+    sup.handle(
+        Input::Spawned {
+            id: first[0],
+            pid: 7,
+        },
+        Instant::now(),
+    );
+    let out = sup.handle(
+        Input::SpawnFailed {
+            id: first[1],
+            error: launch_error(libc::ENOENT),
+        },
+        Instant::now(),
+    );
+    assert!(has(
+        &out,
+        &Event::CannotExecute {
+            error: launch_error(libc::ENOENT)
+        }
+    ));
+    assert_eq!(killed(&out), [first[0]], "the one that did start is killed");
+    assert!(sup.is_terminating());
+    let out = sup.handle(
+        Input::Exited {
+            id: first[0],
+            status: ExitStatus::Signal(9),
+        },
+        Instant::now(),
+    );
+    assert!(out.contains(&Action::Exit));
+
+    // Once a worker has been ready, the same failure is retried with backoff.
+    let (mut sim, out) = Sim::start(1, timing());
+    sim.ready_all(&ids(&out));
+    let new = ids(&sim.feed(Input::Reload))[0];
+    let out = sim.sup.handle(
+        Input::SpawnFailed {
+            id: new,
+            error: launch_error(libc::ENOENT),
+        },
+        Instant::now(),
+    );
+    assert!(!out
+        .iter()
+        .any(|a| matches!(a, Action::Report(Event::CannotExecute { .. }))));
+    assert_eq!(respawn_delays(&out), [100 * MS]);
+    // And resource errors never end the cluster.
+    assert!(!launch_error(libc::EMFILE).cannot_execute());
+    assert!(!SpawnError {
+        step: SpawnStep::Channel,
+        errno: libc::ENOENT
+    }
+    .cannot_execute());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_worker_stopped_or_killed_before_its_pid_is_known_is_told_once_it_is() {
+    let mut sup = Supervisor::new(2, timing());
+    let first = ids(&sup.start(Instant::now()));
+    // Terminate while both launches are in flight: no pid yet to signal.
+    sup.handle(Input::Terminate, Instant::now());
+    let out = sup.handle(
+        Input::Spawned {
+            id: first[0],
+            pid: 7,
+        },
+        Instant::now(),
+    );
+    assert_eq!(stopped(&out), [first[0]]);
+    sup.handle(Input::KillAll, Instant::now());
+    let out = sup.handle(
+        Input::Spawned {
+            id: first[1],
+            pid: 8,
+        },
+        Instant::now(),
+    );
+    assert_eq!(killed(&out), [first[1]]);
 }
