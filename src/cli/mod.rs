@@ -5,7 +5,7 @@
 //! turns errors into one line on stderr and an exit code: 2 for bad usage, 1 when the
 //! cluster cannot run.
 
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsString;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::str::FromStr;
@@ -110,6 +110,7 @@ fn parse_workers(s: &str) -> Result<usize, String> {
 
 fn parse_addr(s: &str) -> Result<SocketAddr, String> {
     use std::net::ToSocketAddrs;
+    let s = s.trim(); // `a, b` in a list
     if let Ok(a) = s.parse() {
         return Ok(a);
     }
@@ -153,7 +154,11 @@ fn from_environment(e: &clap::Error, argv: impl Iterator<Item = OsString>) -> Op
             .is_some_and(|l| shown.split(['[', ' ']).next() == Some(&format!("--{l}")))
     })?;
     let env = arg.get_env()?;
-    if std::env::var_os(env).as_deref() != Some(OsStr::new(value)) {
+    // The whole value, or one element of a list (`RECLUSTER_LISTEN=a,b`).
+    let from_env = std::env::var(env).is_ok_and(|v| {
+        v == *value || (arg.get_value_delimiter().is_some() && v.split(',').any(|e| e == value))
+    });
+    if !from_env {
         return None;
     }
     let long = format!("--{}", arg.get_long()?);

@@ -5,8 +5,16 @@
 //! is written whole or not at all (a temporary file renamed over it), as nginx and
 //! gunicorn do, once the listening sockets are bound; it is removed when the master
 //! exits, unless another process has written its own pid there since.
+//!
+//! Like gunicorn, a master refuses a pid file that names another running recluster:
+//! two masters sharing one file would signal each other's clusters. A file naming a
+//! dead process (a master that was SIGKILLed) is stale and replaced. The temporary
+//! file is created exclusively (`O_EXCL`, which never follows a symbolic link), so a
+//! link planted at its name cannot make the master write through it.
 
 use std::io::{self, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// A pid file holding this process's pid, removed when dropped.
@@ -17,13 +25,29 @@ pub struct PidFile {
 }
 
 impl PidFile {
-    /// Writes this process's pid (and a newline) to `path`, replacing what was there.
+    /// Writes this process's pid (and a newline) to `path`, replacing a stale file;
+    /// fails if the file names another recluster that is running.
     pub fn create(path: &Path) -> io::Result<PidFile> {
         let pid = std::process::id();
+        if let Some(other) = running_master(path).filter(|&p| p != pid) {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!(
+                    "it names recluster {other}, which is running: stop that master, or give \
+                     this one another --pid-file"
+                ),
+            ));
+        }
         let mut tmp = path.as_os_str().to_owned();
         tmp.push(format!(".{pid}.tmp"));
         let tmp = PathBuf::from(tmp);
-        let written = std::fs::File::create(&tmp)
+        // A leftover (or planted) entry at the temporary name is removed, not followed.
+        let _ = std::fs::remove_file(&tmp);
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(&tmp)
             .and_then(|mut f| writeln!(f, "{pid}").and_then(|()| f.sync_all()))
             .and_then(|()| std::fs::rename(&tmp, path));
         if let Err(e) = written {
@@ -35,6 +59,15 @@ impl PidFile {
             pid,
         })
     }
+}
+
+/// The pid in the file at `path`, if it names a running recluster.
+fn running_master(path: &Path) -> Option<u32> {
+    let pid: u32 = std::fs::read_to_string(path).ok()?.trim().parse().ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let argv0 = cmdline.split(|&b| b == 0).next()?;
+    let name = Path::new(std::ffi::OsStr::from_bytes(argv0)).file_name()?;
+    name.as_bytes().starts_with(b"recluster").then_some(pid)
 }
 
 impl Drop for PidFile {

@@ -44,12 +44,21 @@ pub(crate) fn advice(s: &Situation) -> String {
         .join(", ");
     let mut text = match s.last {
         StartFailure::Exited(status) => format!(
-            "workers keep exiting soon after they start ({} in a row, the last with {}). ",
+            "workers keep exiting before they are ready ({} in a row, the last with {}); \
+             their own output above says why. ",
             s.failures,
             status.to_string().replace('=', " ")
         ),
         StartFailure::NotReady => "a worker was not ready within --ready-timeout. ".to_string(),
     };
+    if s.last == StartFailure::NotReady && s.ready_when == ReadyWhen::Ready {
+        text.push_str(
+            "With --ready-when ready a worker is ready only once it says so: the ready message \
+             on its worker channel (recluster::worker::ready()), or the readiness message of \
+             sd_notify on NOTIFY_SOCKET; a worker that only listens needs --ready-when \
+             listening. ",
+        );
+    }
     if s.silent {
         text.push_str("It never spoke on its worker channel. ");
     }
@@ -125,6 +134,7 @@ mod tests {
         let exited = StartFailure::Exited(ExitStatus::Code(1));
         let rr = situation(Balance::RoundRobin, "./server", exited);
         assert!(rr.contains("3 in a row, the last with code 1"), "{rr}");
+        assert!(rr.contains("their own output above"), "{rr}");
         assert!(rr.contains("RECLUSTER_FD") && rr.contains("--balance shared"));
         assert!(!rr.contains("Node"), "{rr}");
         let node = situation(Balance::Sticky, "/usr/bin/node", exited);
@@ -132,7 +142,18 @@ mod tests {
         let shared = situation(Balance::Shared, "python3", StartFailure::NotReady);
         assert!(shared.contains("LISTEN_FDS") && shared.contains("127.0.0.1:8080"));
         assert!(shared.contains("--ready-when ready"), "{shared}");
-        for text in [rr, node, shared] {
+        let addrs = ["127.0.0.1:8080".parse().unwrap()];
+        let ready = advice(&Situation {
+            balance: Balance::Shared,
+            ready_when: ReadyWhen::Ready,
+            addrs: &addrs,
+            program: OsStr::new("./server"),
+            last: StartFailure::NotReady,
+            failures: 1,
+            silent: false,
+        });
+        assert!(ready.contains("--ready-when listening") && ready.contains("sd_notify"));
+        for text in [rr, node, shared, ready] {
             assert!(text.contains("Will my server work?"));
             assert!(
                 !text.split_whitespace().any(|t| t.contains('=')),

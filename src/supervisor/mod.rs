@@ -26,13 +26,14 @@
 //! * **Terminate**: every worker retires, no respawn happens any more, and
 //!   [`Action::Exit`] is returned once the last worker has exited.
 //!
-//! * **Failing starts**: a worker that exits before it is ready or within
-//!   [`QUICK_EXIT`] of its start (and was not told to stop), or is not ready in time,
-//!   failed to start. The third failed start in a row (a worker that lived longer
-//!   than [`QUICK_EXIT`] resets the count), or the first not ready in time, reports
-//!   [`Event::StartsFailing`], once in the cluster's life: the usual cause is a server
-//!   that binds the port itself or ignores what it was given, and the log says what a
-//!   worker must do instead.
+//! * **Failing starts**: a worker that exits before it is ready (and was not told to
+//!   stop), or is not ready in time, failed to start; under `--ready-when started`,
+//!   where readiness says nothing, a worker that exits within [`QUICK_EXIT`] of its
+//!   start. A worker that gets ready ends the streak (under `started`: one that lives
+//!   past [`QUICK_EXIT`]). The third failed start in a row, or the first not ready in
+//!   time, reports [`Event::StartsFailing`], once in the cluster's life: the usual
+//!   cause is a server that binds the port itself or ignores what it was given, and
+//!   the log says what a worker must do instead.
 //!
 //! * **Readiness** follows `--ready-when`: `started` makes a worker ready once it is
 //!   spawned; `listening` on [`Input::Listening`] (the worker library says so, or /proc
@@ -59,7 +60,8 @@ use tokio::time::Instant;
 
 use crate::config::{ReadyWhen, Timing};
 
-/// A worker that exits within this time of its start (not told to stop) failed to start.
+/// Under `--ready-when started`, a worker that exits within this time of its start
+/// (not told to stop) failed to start.
 pub const QUICK_EXIT: Duration = Duration::from_secs(5);
 
 /// Failed starts in a row that make the cluster report [`Event::StartsFailing`].
@@ -112,7 +114,7 @@ impl fmt::Display for SpawnError {
 /// Why a worker failed to start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StartFailure {
-    /// It exited (before ready, or within [`QUICK_EXIT`] of its start).
+    /// It exited before it was ready (under `started`: within [`QUICK_EXIT`]).
     Exited(ExitStatus),
     /// It was not ready within the ready timeout.
     NotReady,
@@ -380,7 +382,7 @@ pub struct Supervisor {
     reloading: Option<u64>,
     cluster_ready: bool,
     exited: bool,
-    /// Failed starts since the last worker that lived past [`QUICK_EXIT`].
+    /// Failed starts in a row (see the module docs).
     failed_starts: u32,
     /// Whether [`Event::StartsFailing`] has been reported.
     starts_failing_reported: bool,
@@ -632,6 +634,9 @@ impl Supervisor {
         w.info.state = WorkerState::Ready;
         w.deadline = None;
         self.served = true;
+        if self.ready_when != ReadyWhen::Started {
+            self.failed_starts = 0;
+        }
         let info = w.info;
         let s = &mut self.slots[slot];
         s.pending = None;
@@ -702,9 +707,15 @@ impl Supervisor {
                 worker: w.info,
                 status,
             }));
-            if uptime >= QUICK_EXIT {
+            let started_mode = self.ready_when == ReadyWhen::Started;
+            if started_mode && uptime >= QUICK_EXIT {
                 self.failed_starts = 0;
-            } else if w.info.state != WorkerState::Retiring && !self.terminating {
+            }
+            let failed = match self.ready_when {
+                ReadyWhen::Started => uptime < QUICK_EXIT,
+                _ => w.info.state == WorkerState::Starting,
+            };
+            if failed && w.info.state != WorkerState::Retiring && !self.terminating {
                 self.failed_start(w.info, w.heard, StartFailure::Exited(status), out);
             }
         }

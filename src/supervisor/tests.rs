@@ -502,14 +502,13 @@ fn starts_failing(actions: &[Action]) -> Vec<(u32, StartFailure)> {
 }
 
 #[tokio::test(start_paused = true)]
-async fn the_third_quick_exit_in_a_row_reports_failing_starts_once() {
+async fn the_third_exit_before_ready_in_a_row_reports_failing_starts_once() {
     let (mut sim, out) = Sim::start(1, timing());
     let mut id = ids(&out)[0];
     let mut reports = Vec::new();
     for _ in 0..6 {
-        // Ready (as `--ready-when started` would say), then dead within QUICK_EXIT.
-        sim.ready_all(&[id]);
-        advance(QUICK_EXIT - MS).await;
+        // However long it took: it never got ready.
+        advance(QUICK_EXIT * 2).await;
         reports.extend(starts_failing(&sim.exit(id)));
         let out = sim.wait(1000 * MS).await;
         id = ids(&out)[0];
@@ -522,36 +521,58 @@ async fn the_third_quick_exit_in_a_row_reports_failing_starts_once() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_worker_that_lived_past_quick_exit_resets_the_count_and_retired_ones_never_count() {
+async fn a_ready_worker_ends_the_streak_and_ready_or_retired_workers_never_count() {
     let (mut sim, out) = Sim::start(2, timing());
     let g1 = ids(&out);
-    sim.ready_all(&g1);
-    // Two quick deaths of slot 0's workers...
+    sim.ready_all(&g1[1..]);
+    // Two failed starts of slot 0...
     let mut id = g1[0];
     for _ in 0..2 {
         assert!(starts_failing(&sim.exit(id)).is_empty());
         id = ids(&sim.wait(1000 * MS).await)[0];
-        sim.ready_all(&[id]);
     }
-    // ...then slot 1's long-lived worker dies: the count starts again.
-    advance(QUICK_EXIT).await;
+    // ...then it gets ready: the streak ends, and a ready worker that crashes at once
+    // (a bug in a request handler) is no failed start.
+    sim.ready_all(&[id]);
+    assert!(starts_failing(&sim.exit(id)).is_empty());
     assert!(starts_failing(&sim.exit(g1[1])).is_empty());
-    let mut slot1 = ids(&sim.wait(1000 * MS).await)[0];
-    sim.ready_all(&[slot1]);
-    // Workers told to stop (a reload) that exit at once are no failed starts.
-    let out = sim.feed(Input::Reload);
-    let g2 = ids(&out);
-    let out = sim.ready_all(&g2);
-    for old in stopped(&out) {
+    // Workers told to stop (a reload) that exit at once are no failed starts either.
+    let mut slots = ids(&sim.wait(1000 * MS).await);
+    sim.ready_all(&slots);
+    let g2 = ids(&sim.feed(Input::Reload));
+    for old in stopped(&sim.ready_all(&g2)) {
         assert!(starts_failing(&sim.exit(old)).is_empty());
     }
-    slot1 = g2[1];
-    // Two more quick deaths do not reach three in a row; the third does.
-    assert!(starts_failing(&sim.exit(g2[0])).is_empty());
-    assert!(starts_failing(&sim.exit(slot1)).is_empty());
-    let next = ids(&sim.wait(1000 * MS).await);
+    // Two failed starts do not make three in a row; the third does.
+    let g3 = ids(&sim.feed(Input::Reload));
+    assert!(starts_failing(&sim.exit(g3[0])).is_empty());
+    assert!(starts_failing(&sim.exit(g3[1])).is_empty());
+    slots = ids(&sim.wait(1000 * MS).await);
     assert_eq!(
-        starts_failing(&sim.exit(next[0])),
+        starts_failing(&sim.exit(slots[0])),
+        vec![(3, StartFailure::Exited(ExitStatus::Code(1)))]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn under_ready_when_started_quick_exits_are_failed_starts() {
+    let mut sim = Sim {
+        sup: Supervisor::new(1, timing()).with_ready_when(ReadyWhen::Started),
+        next_pid: 1000,
+    };
+    let first = sim.sup.start(Instant::now());
+    let mut id = ids(&sim.answer_spawns(first))[0];
+    // A worker that lived past QUICK_EXIT is no failed start.
+    advance(QUICK_EXIT).await;
+    assert!(starts_failing(&sim.exit(id)).is_empty());
+    let mut reports = Vec::new();
+    for _ in 0..3 {
+        id = ids(&sim.wait(1000 * MS).await)[0];
+        advance(QUICK_EXIT - MS).await;
+        reports.extend(starts_failing(&sim.exit(id)));
+    }
+    assert_eq!(
+        reports,
         vec![(3, StartFailure::Exited(ExitStatus::Code(1)))]
     );
 }
