@@ -166,7 +166,7 @@ fn sticky_sends_each_client_address_to_one_worker_and_keeps_it_across_a_reload()
 
     let from = m.mark();
     m.signal(Signal::SIGUSR2);
-    m.wait_event_after(from, "reload finished generation=2", DEADLINE);
+    m.wait_event_after(from, "reload_finished generation=2", DEADLINE);
     for (ip, ids) in &owner {
         let r = ask(addr, Some(*ip)).expect("request after reload");
         assert_eq!(r.gen, 2, "served by the new generation");
@@ -180,6 +180,11 @@ fn sticky_sends_each_client_address_to_one_worker_and_keeps_it_across_a_reload()
 
 #[test]
 fn sticky_clients_of_a_killed_worker_are_served_by_others_then_come_back() {
+    // Slot 1's replacement waits, before it becomes the echo worker, for as long as the
+    // file `hold` exists: the test decides when slot 1 is back, not a timer.
+    // (A replacement is never declared late meanwhile: --ready-timeout 1h.)
+    let hold = std::env::temp_dir().join(unique_tag("recluster-sticky-hold"));
+    let echo = echo();
     let m = Cluster::new()
         .workers(3)
         .args([
@@ -188,9 +193,17 @@ fn sticky_clients_of_a_killed_worker_are_served_by_others_then_come_back() {
             "--listen",
             "127.0.0.1:0",
             "--respawn",
-            "3s",
+            "100ms",
+            "--ready-timeout",
+            "1h",
         ])
-        .command([echo()])
+        .env("HOLD", &hold)
+        .command([
+            "sh",
+            "-c",
+            r#"while [ "$WORKER_ID" = 1 ] && [ -e "$HOLD" ]; do sleep 0.05; done; exec "$0""#,
+            echo.as_str(),
+        ])
         .spawn();
     let addr = m.addr();
     let ready = m.wait_cluster_ready(3);
@@ -207,28 +220,46 @@ fn sticky_clients_of_a_killed_worker_are_served_by_others_then_come_back() {
         .collect();
     assert!(!victim_ips.is_empty());
 
+    std::fs::write(&hold, b"").expect("create the hold file");
     let from = m.mark();
-    kill(Pid::from_raw(ready[&victim_slot] as i32), Signal::SIGKILL).unwrap();
-    m.wait_event_after(from, &format!("worker exited slot={victim_slot}"), DEADLINE);
-    // While slot 1 waits for its respawn, its clients go to their second choice; nobody else moves.
-    for (ip, id) in &before {
-        let r = ask(addr, Some(*ip)).unwrap_or_else(|e| panic!("{ip} while slot 1 is down: {e}"));
-        if *id == victim_slot {
-            assert_ne!(r.id, victim_slot);
-        } else {
-            assert_eq!(r.id, *id, "{ip} moved although its worker is up");
+    let victim = ready[&victim_slot];
+    kill(Pid::from_raw(victim as i32), Signal::SIGKILL).unwrap();
+    m.wait_event_after(
+        from,
+        &format!("worker_exited slot={victim_slot} pid={victim}"),
+        DEADLINE,
+    );
+    // While slot 1 is down, its clients go to their second choice; nobody else moves.
+    // Once while its respawn is due or starting, once when its replacement runs but is
+    // not ready.
+    let check_while_down = |when: &str| {
+        for (ip, id) in &before {
+            let r = ask(addr, Some(*ip)).unwrap_or_else(|e| panic!("{ip} {when}: {e}"));
+            if *id == victim_slot {
+                assert_ne!(r.id, victim_slot, "{ip} {when}");
+            } else {
+                assert_eq!(r.id, *id, "{ip} moved although its worker is up ({when})");
+            }
         }
-    }
+    };
+    check_while_down("right after slot 1 died");
+    let spawned = m.wait_for_after(from, "slot 1's replacement spawned", DEADLINE, |l| {
+        l.matches(&format!("worker_spawned slot={victim_slot}")) && l.pid() != victim
+    });
+    check_while_down("while slot 1's replacement is not ready");
     assert!(
         m.try_wait_event_after(
             from,
-            &format!("worker ready slot={victim_slot}"),
+            &format!("worker_ready slot={victim_slot}"),
             Duration::ZERO
         )
         .is_none(),
-        "the respawn came before the check ended: raise --respawn"
+        "slot 1's replacement was ready while it waited for the hold file\n{}",
+        m.stderr_text()
     );
-    m.wait_event_after(from, &format!("worker ready slot={victim_slot}"), DEADLINE);
+    std::fs::remove_file(&hold).expect("remove the hold file");
+    let back = m.wait_event_after(from, &format!("worker_ready slot={victim_slot}"), DEADLINE);
+    assert_eq!(back.pid(), spawned.pid(), "{}", back.raw);
     for ip in &victim_ips {
         assert_eq!(
             ask(addr, Some(*ip)).unwrap().id,
@@ -248,7 +279,7 @@ fn reloads_under_load(mode: &str) {
         m.signal(Signal::SIGUSR2);
         m.wait_event_after(
             from,
-            &format!("reload finished generation={generation}"),
+            &format!("reload_finished generation={generation}"),
             DEADLINE,
         );
     }
@@ -375,11 +406,7 @@ fn a_worker_that_stops_reading_its_channel_stalls_nobody_and_loses_nothing() {
     let results: Vec<_> = clients.into_iter().map(|c| c.join().unwrap()).collect();
     let failed: Vec<_> = results.iter().filter(|r| r.is_err()).collect();
     assert!(failed.is_empty(), "lost connections: {failed:?}");
-    let reclaimed = m.wait_event_after(
-        from,
-        "reclaimed connections the worker never read",
-        DEADLINE,
-    );
+    let reclaimed = m.wait_event_after(from, "reclaimed", DEADLINE);
     println!(
         "stalled worker: {total} clients all served; {} reclaimed from the killed worker",
         reclaimed.num("count")
@@ -468,15 +495,15 @@ fn a_worker_that_asks_to_be_replaced_retires_once_its_replacement_is_ready() {
     assert_eq!(ask(addr, None).unwrap().pid, first);
     m.wait_event_after(
         from,
-        &format!("worker asked to be replaced slot=0 pid={first}"),
+        &format!("worker_replace_requested slot=0 pid={first}"),
         DEADLINE,
     );
     let ready = m.wait_for_after(from, "a replacement ready", DEADLINE, |l| {
-        l.matches("worker ready slot=0") && l.pid() != first
+        l.matches("worker_ready slot=0") && l.pid() != first
     });
     m.wait_event_after(
         from,
-        &format!("worker retiring slot=0 pid={first}"),
+        &format!("worker_retiring slot=0 pid={first}"),
         DEADLINE,
     );
     let r = ask(addr, None).expect("served after the replacement");
@@ -599,9 +626,15 @@ fn an_unmodified_server_in_rr_is_told_to_use_shared() {
         ])
         .command(["sleep", "100"])
         .spawn();
-    let hint = m.wait_for("the hint to use --balance shared", DEADLINE, |l| {
-        l.message.contains("never spoke on its worker channel")
-            && l.message.contains("--balance shared")
-    });
+    // Found by its event; its words are what a user must read, so they are checked.
+    let hint = m.wait_event("starts_failing", DEADLINE);
     assert_eq!(hint.level, "WARN");
+    assert_eq!(hint.field("balance"), Some("rr"), "{}", hint.raw);
+    for needed in ["never spoke on its worker channel", "--balance shared"] {
+        assert!(
+            hint.message.contains(needed),
+            "no {needed:?} in {}",
+            hint.raw
+        );
+    }
 }

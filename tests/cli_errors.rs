@@ -170,7 +170,7 @@ fn assert_command_error(cluster: Cluster, program: &str) {
         "stderr does not name {program}:\n{stderr}"
     );
     assert!(
-        !stderr.contains("respawn scheduled"),
+        events_in(&stderr, "respawn_scheduled").is_empty(),
         "{program}: a respawn loop:\n{stderr}"
     );
 }

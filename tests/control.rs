@@ -38,7 +38,7 @@ fn status_reload_and_terminate_over_the_control_socket() {
 
     let from = m.mark();
     assert_eq!(command(&path, "reload"), ["ok", "end"]);
-    m.wait_event_after(from, "reload finished generation=2", DEADLINE);
+    m.wait_event_after(from, "reload_finished generation=2", DEADLINE);
     let ready_after = poll_until(DEADLINE, || {
         let s = command(&path, "status");
         s[0] == "generation=2 workers=2"

@@ -97,8 +97,8 @@ fn a_reload_takes_down_the_old_wrappers_children_too() {
     let old_helper = read_pid(&helper);
     let from = m.mark();
     m.signal(Signal::SIGUSR2);
-    m.wait_event_after(from, "reload finished generation=2", DEADLINE);
-    m.wait_event_after(from, &format!("worker exited slot=0 pid={old}"), DEADLINE);
+    m.wait_event_after(from, "reload_finished generation=2", DEADLINE);
+    m.wait_event_after(from, &format!("worker_exited slot=0 pid={old}"), DEADLINE);
     assert!(
         poll_until(DEADLINE, || !pid_alive(old_helper)),
         "the old generation's helper (SIGTERM ignored) survived the reload"

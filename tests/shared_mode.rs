@@ -70,18 +70,18 @@ fn reload(
     master.signal(signal);
     master.wait_event_after(
         mark,
-        &format!("reload started generation={generation}"),
+        &format!("reload_started generation={generation}"),
         DEADLINE,
     );
     master.wait_event_after(
         mark,
-        &format!("reload finished generation={generation}"),
+        &format!("reload_finished generation={generation}"),
         DEADLINE,
     );
     for (slot, pid) in old {
         master.wait_event_after(
             mark,
-            &format!("worker exited slot={slot} pid={pid}"),
+            &format!("worker_exited slot={slot} pid={pid}"),
             DEADLINE,
         );
     }
@@ -109,12 +109,12 @@ fn assert_replaced_in_order(
     for (slot, pid) in old {
         let ready = master.wait_event_after(
             from,
-            &format!("worker ready slot={slot} generation={generation}"),
+            &format!("worker_ready slot={slot} generation={generation}"),
             DEADLINE,
         );
         let retiring = master.wait_event_after(
             from,
-            &format!("worker retiring slot={slot} pid={pid}"),
+            &format!("worker_retiring slot={slot} pid={pid}"),
             DEADLINE,
         );
         assert!(
@@ -130,8 +130,8 @@ fn assert_replaced_in_order(
 /// Each worker of `workers` became ready no sooner than `min` after it was spawned.
 fn assert_ready_no_sooner_than(m: &Master, workers: &BTreeMap<usize, u32>, min: Duration) {
     for (slot, pid) in workers {
-        let spawned = m.wait_event(&format!("worker spawned slot={slot} pid={pid}"), DEADLINE);
-        let ready = m.wait_event(&format!("worker ready slot={slot} pid={pid}"), DEADLINE);
+        let spawned = m.wait_event(&format!("worker_spawned slot={slot} pid={pid}"), DEADLINE);
+        let ready = m.wait_event(&format!("worker_ready slot={slot} pid={pid}"), DEADLINE);
         let waited = ready.since(&spawned);
         assert!(waited >= min, "slot {slot} ready {waited:?} after spawn");
     }
@@ -221,13 +221,13 @@ fn reload_under_load_replaces_every_worker_without_failed_connections() {
     for (slot, pid) in &old {
         m.wait_event_after(
             mark,
-            &format!("worker retiring slot={slot} pid={pid} generation=1"),
+            &format!("worker_retiring slot={slot} pid={pid} generation=1"),
             DEADLINE,
         );
         // Retired gracefully: the stop signal, not the timeout.
         m.wait_event_after(
             mark,
-            &format!("worker exited slot={slot} pid={pid} code=0"),
+            &format!("worker_exited slot={slot} pid={pid} code=0"),
             DEADLINE,
         );
     }
@@ -261,7 +261,7 @@ fn twenty_reloads_in_a_row_under_load_without_failed_connections() {
         m.signal(Signal::SIGUSR2);
         m.wait_event_after(
             mark,
-            &format!("reload finished generation={generation}"),
+            &format!("reload_finished generation={generation}"),
             DEADLINE,
         );
         workers = m.ready_workers(generation);
@@ -281,7 +281,7 @@ fn twenty_reloads_in_a_row_under_load_without_failed_connections() {
     let totals = load.stop();
     println!(
         "20 reloads: {} workers killed after timeout",
-        m.events("worker killed after timeout").len()
+        m.events("worker_killed_after_timeout").len()
     );
     assert_no_failures("20 reloads under load", &totals, &m);
     assert!(pids(&first).is_disjoint(&last));
@@ -308,16 +308,16 @@ fn killed_worker_is_respawned_in_its_slot() {
     kill(Pid::from_raw(victim as i32), Signal::SIGKILL).unwrap();
     let exited = m.wait_event_after(
         mark,
-        &format!("worker exited slot=1 pid={victim} signal=9"),
+        &format!("worker_exited slot=1 pid={victim} signal=9"),
         DEADLINE,
     );
-    let scheduled = m.wait_event_after(mark, "respawn scheduled slot=1", DEADLINE);
+    let scheduled = m.wait_event_after(mark, "respawn_scheduled slot=1", DEADLINE);
     assert_eq!(scheduled.num("delay_ms"), 100, "{}", scheduled.raw);
     let spawned = m.wait_for_after(
         mark,
         "`worker spawned slot=1` with a new pid",
         DEADLINE,
-        |l| l.matches("worker spawned slot=1") && l.pid() != victim,
+        |l| l.matches("worker_spawned slot=1") && l.pid() != victim,
     );
     let new = spawned.pid();
     assert_eq!(
@@ -333,7 +333,7 @@ fn killed_worker_is_respawned_in_its_slot() {
     );
     m.wait_event_after(
         mark,
-        &format!("worker ready slot=1 pid={new} generation=1"),
+        &format!("worker_ready slot=1 pid={new} generation=1"),
         DEADLINE,
     );
 
@@ -358,20 +358,20 @@ fn crash_looping_slot_backs_off_while_the_others_serve() {
         ])
         .spawn();
     let addr = m.addr();
-    let slot0 = m.wait_event("worker ready slot=0", DEADLINE).pid();
-    let slot2 = m.wait_event("worker ready slot=2", DEADLINE).pid();
+    let slot0 = m.wait_event("worker_ready slot=0", DEADLINE).pid();
+    let slot2 = m.wait_event("worker_ready slot=2", DEADLINE).pid();
 
     let load = Load::start(addr, 4);
     let mut delays = Vec::new();
     let mut from = 0;
     while delays.len() < 7 {
-        let line = m.wait_event_after(from, "respawn scheduled slot=1", DEADLINE);
+        let line = m.wait_event_after(from, "respawn_scheduled slot=1", DEADLINE);
         delays.push(line.num("delay_ms"));
         from = line.index + 1;
     }
     let expected: Vec<u64> = (0..7).map(|i| (50u64 << i).min(400)).collect();
     assert_eq!(delays, expected, "respawn delays of the crash-looping slot");
-    assert!(!m.events("worker exited slot=1 code=1").is_empty());
+    assert!(!m.events("worker_exited slot=1 code=1").is_empty());
     load.wait_more_ok(100, DEADLINE);
     let totals = load.stop();
     assert_no_failures("crash-looping slot 1", &totals, &m);
@@ -382,11 +382,11 @@ fn crash_looping_slot_backs_off_while_the_others_serve() {
     );
     assert_eq!(totals.pids, BTreeSet::from([slot0, slot2]));
     assert!(
-        m.events("cluster ready").is_empty(),
+        m.events("cluster_ready").is_empty(),
         "slot 1 is never ready"
     );
-    assert_eq!(m.events("worker spawned slot=0").len(), 1);
-    assert_eq!(m.events("worker spawned slot=2").len(), 1);
+    assert_eq!(m.events("worker_spawned slot=0").len(), 1);
+    assert_eq!(m.events("worker_spawned slot=2").len(), 1);
 }
 
 #[test]
@@ -413,7 +413,7 @@ fn sigterm_exits_zero_and_leaves_no_worker() {
     for (slot, pid) in &ready {
         m.wait_event_after(
             mark,
-            &format!("worker exited slot={slot} pid={pid} code=0"),
+            &format!("worker_exited slot={slot} pid={pid} code=0"),
             DEADLINE,
         );
         // The master reaped them all before exiting.
@@ -435,9 +435,18 @@ fn sigint_terminates_gracefully_and_a_second_sigint_kills_at_once() {
     let mark = m.mark();
     m.signal(Signal::SIGINT);
     m.wait_event_after(mark, "terminating", DEADLINE);
+    for pid in ready.values() {
+        m.wait_event_after(mark, &format!("worker_retiring pid={pid}"), DEADLINE);
+    }
+    // The workers ignore the stop signal: the master waits for them (a window that
+    // running late can only lengthen, never fail).
     assert!(
         m.wait_exit(Duration::from_millis(300)).is_none(),
         "exited before its workers"
+    );
+    assert!(
+        ready.values().all(|&p| pid_alive(p)),
+        "a worker died of SIGTERM"
     );
     m.signal(Signal::SIGINT);
     m.expect_exit(DEADLINE);
@@ -456,7 +465,7 @@ fn sigint_alone_is_graceful() {
     let exit = m.expect_exit(DEADLINE);
     assert_eq!(exit.code, Some(0), "\n{}", m.stderr_text());
     for pid in ready.values() {
-        m.wait_event(&format!("worker exited pid={pid} code=0"), DEADLINE);
+        m.wait_event(&format!("worker_exited pid={pid} code=0"), DEADLINE);
     }
 }
 
@@ -565,10 +574,10 @@ fn ready_when_ready_without_notify_times_out() {
     let m = shared_cluster(1)
         .args(["--ready-when", "ready", "--ready-timeout", "500ms"])
         .spawn();
-    let spawned = m.wait_event("worker spawned slot=0 generation=1", DEADLINE);
+    let spawned = m.wait_event("worker_spawned slot=0 generation=1", DEADLINE);
     let pid = spawned.pid();
     let late = m.wait_event(
-        &format!("worker not ready in time slot=0 pid={pid} generation=1"),
+        &format!("worker_not_ready_in_time slot=0 pid={pid} generation=1"),
         DEADLINE,
     );
     let waited = late.since(&spawned);
@@ -577,7 +586,7 @@ fn ready_when_ready_without_notify_times_out() {
         waited >= Duration::from_millis(400),
         "declared late after {waited:?}"
     );
-    assert!(m.events(&format!("worker ready pid={pid}")).is_empty());
+    assert!(m.events(&format!("worker_ready pid={pid}")).is_empty());
 }
 
 #[test]
@@ -602,15 +611,15 @@ s.sendto(b"READY=1", os.environ["NOTIFY_SOCKET"])"#;
         ])
         .spawn();
     let pid = m
-        .wait_event("worker spawned slot=0 generation=1", DEADLINE)
+        .wait_event("worker_spawned slot=0 generation=1", DEADLINE)
         .pid();
     m.wait_event(
-        &format!("worker not ready in time slot=0 pid={pid}"),
+        &format!("worker_not_ready_in_time slot=0 pid={pid}"),
         DEADLINE,
     );
-    assert!(m.events(&format!("worker ready pid={pid}")).is_empty());
+    assert!(m.events(&format!("worker_ready pid={pid}")).is_empty());
     assert!(
-        m.events("worker exited code=7").is_empty(),
+        m.events("worker_exited code=7").is_empty(),
         "the python sender failed"
     );
 }
@@ -622,13 +631,13 @@ fn ready_when_listening_times_out_for_a_worker_that_never_listens() {
         .env("TEST_WORKER_NO_LISTEN", "1")
         .spawn();
     let pid = m
-        .wait_event("worker spawned slot=0 generation=1", DEADLINE)
+        .wait_event("worker_spawned slot=0 generation=1", DEADLINE)
         .pid();
     m.wait_event(
-        &format!("worker not ready in time slot=0 pid={pid}"),
+        &format!("worker_not_ready_in_time slot=0 pid={pid}"),
         DEADLINE,
     );
-    assert!(m.events(&format!("worker ready pid={pid}")).is_empty());
+    assert!(m.events(&format!("worker_ready pid={pid}")).is_empty());
 }
 
 #[test]
@@ -647,12 +656,12 @@ fn ready_when_listening_waits_for_a_slow_worker_to_listen() {
     for (slot, pid) in &old {
         let spawned = m.wait_event_after(
             mark,
-            &format!("worker spawned slot={slot} generation=2"),
+            &format!("worker_spawned slot={slot} generation=2"),
             DEADLINE,
         );
         let retiring = m.wait_event_after(
             mark,
-            &format!("worker retiring slot={slot} pid={pid}"),
+            &format!("worker_retiring slot={slot} pid={pid}"),
             DEADLINE,
         );
         let waited = retiring.since(&spawned);
@@ -688,12 +697,12 @@ fn retiring_worker_that_ignores_sigterm_is_killed_after_timeout() {
     m.signal(Signal::SIGUSR2);
     let retiring = m.wait_event_after(
         mark,
-        &format!("worker retiring slot=0 pid={old} generation=1"),
+        &format!("worker_retiring slot=0 pid={old} generation=1"),
         DEADLINE,
     );
     let killed = m.wait_event_after(
         mark,
-        &format!("worker killed after timeout slot=0 pid={old} generation=1"),
+        &format!("worker_killed_after_timeout slot=0 pid={old} generation=1"),
         DEADLINE,
     );
     let waited = killed.since(&retiring);
@@ -703,7 +712,7 @@ fn retiring_worker_that_ignores_sigterm_is_killed_after_timeout() {
     );
     m.wait_event_after(
         mark,
-        &format!("worker exited slot=0 pid={old} generation=1 signal=9"),
+        &format!("worker_exited slot=0 pid={old} generation=1 signal=9"),
         DEADLINE,
     );
     let new = m.ready_workers(2);
@@ -729,14 +738,15 @@ fn default_timeout_is_one_second_and_one_hour_in_production() {
         let old = m.wait_cluster_ready(1)[&0];
         let mark = m.mark();
         m.signal(Signal::SIGUSR2);
-        retiring.push(m.wait_event_after(mark, &format!("worker retiring pid={old}"), DEADLINE));
+        retiring.push(m.wait_event_after(mark, &format!("worker_retiring pid={old}"), DEADLINE));
     }
     let killed = dev.wait_event_after(
         retiring[0].index,
-        &format!("worker killed after timeout pid={}", retiring[0].pid()),
+        &format!("worker_killed_after_timeout pid={}", retiring[0].pid()),
         DEADLINE,
     );
-    let waited = killed.at.duration_since(retiring[0].at);
+    // By the master's own timestamps, not by when this test read the lines.
+    let waited = killed.since(&retiring[0]);
     assert!(
         waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
         "development default: killed {waited:?} after retiring"
@@ -745,7 +755,7 @@ fn default_timeout_is_one_second_and_one_hour_in_production() {
     for (m, line) in [(&node_env, &retiring[1]), (&recluster_env, &retiring[2])] {
         let patient = m.try_wait_event_after(
             line.index,
-            "worker killed after timeout",
+            "worker_killed_after_timeout",
             Duration::from_secs(2),
         );
         assert!(patient.is_none(), "production default timeout: {patient:?}");
@@ -765,10 +775,10 @@ fn stop_signal_option_is_used_to_retire_workers() {
     reload(&m, Signal::SIGUSR2, 2, &old);
     m.wait_event_after(
         mark,
-        &format!("worker exited pid={} code=0", old[&0]),
+        &format!("worker_exited pid={} code=0", old[&0]),
         DEADLINE,
     );
-    assert!(m.events("worker killed after timeout").is_empty());
+    assert!(m.events("worker_killed_after_timeout").is_empty());
 }
 
 #[test]
@@ -784,7 +794,7 @@ fn in_flight_requests_finish_when_their_worker_retires() {
     let mark = m.mark();
     let new = reload(&m, Signal::SIGUSR2, 2, &old);
     for pid in old.values() {
-        m.wait_event_after(mark, &format!("worker exited pid={pid} code=0"), DEADLINE);
+        m.wait_event_after(mark, &format!("worker_exited pid={pid} code=0"), DEADLINE);
     }
     load.wait_more_ok(16, DEADLINE);
     let totals = load.stop();
@@ -824,14 +834,17 @@ fn harness_parses_log_lines() {
     let a = parse_log_line(
         0,
         at,
-        "2026-11-25T14:50:00.123456Z  INFO recluster::driver: worker ready slot=0 pid=123 generation=1",
+        "2026-11-25T14:50:00.123456Z  INFO recluster::runtime::journal: worker ready event=\"worker_ready\" slot=0 pid=123 generation=1",
     );
     assert_eq!(
         (a.level.as_str(), a.target.as_str()),
-        ("INFO", "recluster::driver")
+        ("INFO", "recluster::runtime::journal")
     );
     assert_eq!(a.message, "worker ready");
-    assert!(a.matches("worker ready slot=0 generation=1") && !a.matches("worker ready slot=1"));
+    assert_eq!(a.event(), Some("worker_ready"));
+    // Matched by its event and fields, whatever the message says.
+    assert!(a.matches("worker_ready") && a.matches("worker_ready slot=0 generation=1"));
+    assert!(!a.matches("worker_ready slot=1") && !a.matches("worker_spawned slot=0"));
     assert_eq!(a.pid(), 123);
     // 2026-11-25 is day 20 782 of the Unix epoch.
     assert_eq!(
@@ -843,13 +856,91 @@ fn harness_parses_log_lines() {
     let b = parse_log_line(
         1,
         at,
-        "2026-11-26T00:00:01.5Z ERROR recluster::driver: spawn failed slot=2 error=No such file or directory (os error 2)",
+        "2026-11-26T00:00:01.5Z ERROR recluster::runtime::journal: spawn failed event=\"spawn_failed\" slot=2 generation=1 suppressed=0 error=No such file or directory (os error 2)",
     );
+    assert!(b.matches("spawn_failed slot=2"));
     assert_eq!(
         b.field("error"),
         Some("No such file or directory (os error 2)")
     );
     assert_eq!(b.since(&a), Duration::from_micros(33_001_376_544));
-    let worker_output = parse_log_line(2, at, "test_worker[12]: fd 3 is not a listening socket");
+    // The same words without an event field are no event.
+    let unnamed = parse_log_line(
+        2,
+        at,
+        "2026-11-26T00:00:02Z  INFO recluster::runtime::journal: worker ready slot=0 pid=123 generation=1",
+    );
+    assert!(unnamed.event().is_none() && !unnamed.matches("worker_ready"));
+    // A pattern in words, not an event name, is refused loudly.
+    let phrased = std::panic::catch_unwind(|| a.matches("worker ready slot=0"));
+    assert!(phrased.is_err(), "a phrase was accepted as a log pattern");
+    let worker_output = parse_log_line(3, at, "test_worker[12]: fd 3 is not a listening socket");
     assert_eq!(worker_output.level, "");
+    assert!(worker_output.event().is_none());
+    let text = format!("{}\n{}\n{}", a.raw, unnamed.raw, worker_output.raw);
+    assert_eq!(events_in(&text, "worker_ready").len(), 1);
+}
+
+/// What the tests match on is there: every line the master logs (not its workers'
+/// output) carries an `event=` field, through start, a crash and its respawn, a reload
+/// and termination, in `shared` and in `rr`.
+#[test]
+fn every_line_the_master_logs_names_its_event() {
+    for mode in ["shared", "rr"] {
+        let cluster = Cluster::new().workers(2).args([
+            "--balance",
+            mode,
+            "--listen",
+            "127.0.0.1:0",
+            "--respawn",
+            "50ms",
+        ]);
+        let m = if mode == "shared" {
+            cluster.spawn()
+        } else {
+            cluster.command([echo()]).spawn()
+        };
+        let ready = m.wait_cluster_ready(2);
+        let mark = m.mark();
+        kill(Pid::from_raw(ready[&0] as i32), Signal::SIGKILL).unwrap();
+        m.wait_for_after(mark, "slot 0 ready again", DEADLINE, |l| {
+            l.matches("worker_ready slot=0") && l.pid() != ready[&0]
+        });
+        let mark = m.mark();
+        m.signal(Signal::SIGUSR2);
+        m.wait_event_after(mark, "reload_finished generation=2", DEADLINE);
+        m.signal(Signal::SIGTERM);
+        assert!(m.expect_exit(DEADLINE).success(), "{mode}");
+        m.wait_event("terminated", DEADLINE);
+        let lines = m.lines();
+        let unnamed: Vec<&str> = lines
+            .iter()
+            .filter(|l| !l.level.is_empty() && l.event().is_none())
+            .map(|l| l.raw.as_str())
+            .collect();
+        assert!(
+            unnamed.is_empty(),
+            "{mode}: log lines without an event field: {unnamed:#?}"
+        );
+        let events: BTreeSet<&str> = lines.iter().filter_map(LogLine::event).collect();
+        println!("{mode}: every master log line names its event: {events:?}");
+        for needed in [
+            "listening",
+            "worker_spawned",
+            "worker_ready",
+            "cluster_ready",
+            "worker_exited",
+            "respawn_scheduled",
+            "reload_started",
+            "worker_retiring",
+            "reload_finished",
+            "terminating",
+            "terminated",
+        ] {
+            assert!(events.contains(needed), "{mode}: no {needed} in {events:?}");
+        }
+        if mode == "rr" {
+            assert!(events.contains("balancer_totals"), "{events:?}");
+        }
+    }
 }

@@ -1,7 +1,13 @@
-//! The worker library against a hand-made worker channel, in this process: connections
-//! already received are served even after the stop signal, and nothing after `stop`.
+//! The worker library against a hand-made worker channel, in this process: three
+//! connections arrive in one message, and the stop signal (SIGTERM, raised in this
+//! process) comes after `accept` has handed out the first. The other two are still
+//! handed out, as working connections; then `accept` yields `None` and `shutdown`
+//! resolves. A second `Listener::from_env` is refused. (The master's `stop` message is
+//! not sent here.)
 //!
-//! One test per file: `Listener::from_env` takes the process's descriptors once.
+//! One test per file: the test sets process-wide environment variables and raises
+//! SIGTERM in its own process, and `Listener::from_env` takes the worker channel once
+//! per process.
 
 use std::io::{IoSlice, Read, Write};
 use std::net::{TcpListener, TcpStream};

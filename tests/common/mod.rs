@@ -3,6 +3,9 @@
 //!
 //! Tests synchronise on log events and other conditions with deadlines
 //! ([`Master::wait_event`], [`poll_until`], channel timeouts), never on fixed sleeps.
+//! A log event is found by its machine-readable `event=` field and its other fields
+//! (`worker_ready slot=1`), never by the wording of its message: see
+//! [`LogLine::matches`].
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -12,7 +15,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -174,7 +177,10 @@ pub struct LogLine {
     /// `INFO`, `WARN`, …; empty for a line that is not a log event (a worker's output).
     pub level: String,
     pub target: String,
-    /// The words before the first `key=value`.
+    /// The words before the first `key=value`: for people to read. Tests find a line
+    /// by its `event` field ([`LogLine::event`], [`LogLine::matches`]); they read the
+    /// message only where its words are what is tested (the advice of
+    /// `starts_failing`).
     pub message: String,
     pub fields: BTreeMap<String, String>,
 }
@@ -212,15 +218,40 @@ impl LogLine {
         self.num("generation") as u32
     }
 
-    /// Whether the line's message is `message` and it has every field of `pattern`,
-    /// written as the log writes them: `"worker ready slot=1 generation=2"`.
+    /// The machine-readable name of the event (its `event=` field), e.g.
+    /// `worker_ready`; `None` for a line that has none (a worker's output).
+    pub fn event(&self) -> Option<&str> {
+        self.field("event")
+    }
+
+    /// Whether the line is the event named by the first word of `pattern` and has every
+    /// field that follows, written as the log writes them:
+    /// `"worker_ready slot=1 generation=2"` is an `event="worker_ready"` line with
+    /// `slot=1` and `generation=2`. The message's wording plays no part.
+    ///
+    /// Panics on a pattern that does not start with one event name (such as the
+    /// message `worker ready`), so that no test can wait on phrasing by mistake.
     pub fn matches(&self, pattern: &str) -> bool {
-        let (message, fields) = split_message_fields(pattern);
-        self.message == message
+        let (event, fields) = parse_pattern(pattern);
+        self.event() == Some(event.as_str())
             && fields
                 .iter()
                 .all(|(k, v)| self.fields.get(k).is_some_and(|have| have == v))
     }
+}
+
+/// A pattern of [`LogLine::matches`]: its event name and fields. Panics unless it
+/// starts with one event name.
+fn parse_pattern(pattern: &str) -> (String, BTreeMap<String, String>) {
+    let (event, fields) = split_message_fields(pattern);
+    assert!(
+        !event.is_empty()
+            && event
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
+        "a log pattern starts with an event name such as `worker_ready`, not {pattern:?}"
+    );
+    (event, fields)
 }
 
 fn strip_ansi(s: &str) -> String {
@@ -305,6 +336,17 @@ fn parse_timestamp(token: &str) -> Option<Duration> {
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     let days = u64::try_from(era * 146_097 + doe - 719_468).ok()?;
     Some(Duration::from_secs(days * 86_400 + h * 3600 + min * 60) + Duration::from_secs_f64(secs))
+}
+
+/// The lines of a whole stderr text (of [`Cluster::run`]) that match `pattern` (see
+/// [`LogLine::matches`]).
+pub fn events_in(text: &str, pattern: &str) -> Vec<LogLine> {
+    let at = Instant::now();
+    text.lines()
+        .enumerate()
+        .map(|(i, raw)| parse_log_line(i, at, raw))
+        .filter(|l| l.matches(pattern))
+        .collect()
 }
 
 pub fn parse_log_line(index: usize, at: Instant, raw: &str) -> LogLine {
@@ -547,6 +589,12 @@ struct LogState {
 }
 
 impl Log {
+    /// The lines, even after a panic under the lock (a test's predicate): the harness
+    /// must still read them to report and to clean up.
+    fn state(&self) -> MutexGuard<'_, LogState> {
+        self.lines.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn follow(&self, pid: u32, stderr: impl Read) {
         let mut reader = BufReader::new(stderr);
         let mut buf = Vec::new();
@@ -559,26 +607,30 @@ impl Log {
                     let raw = raw.trim_end_matches(['\n', '\r']);
                     // Shown by the test harness when a test fails.
                     eprintln!("[recluster {pid}] {raw}");
-                    let mut state = self.lines.lock().unwrap();
+                    let mut state = self.state();
                     let index = state.lines.len();
                     state.lines.push(parse_log_line(index, Instant::now(), raw));
                     self.changed.notify_all();
                 }
             }
         }
-        self.lines.lock().unwrap().eof = true;
+        self.state().eof = true;
         self.changed.notify_all();
     }
 
     fn wait_eof(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
-        let mut state = self.lines.lock().unwrap();
+        let mut state = self.state();
         while !state.eof {
             let now = Instant::now();
             if now >= deadline {
                 return false;
             }
-            state = self.changed.wait_timeout(state, deadline - now).unwrap().0;
+            state = self
+                .changed
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
         }
         true
     }
@@ -634,7 +686,7 @@ impl ExitCell {
     }
 }
 
-/// The master's `balancer totals` line.
+/// The master's `balancer_totals` line.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BalancerTotals {
     pub accepted: u64,
@@ -658,12 +710,12 @@ pub struct Master {
 impl Master {
     /// Every line read so far.
     pub fn lines(&self) -> Vec<LogLine> {
-        self.log.lines.lock().unwrap().lines.clone()
+        self.log.state().lines.clone()
     }
 
     /// Number of lines read so far: a mark for [`Master::wait_event_after`].
     pub fn mark(&self) -> usize {
-        self.log.lines.lock().unwrap().lines.len()
+        self.log.state().lines.len()
     }
 
     /// The whole stderr so far.
@@ -692,7 +744,7 @@ impl Master {
     ) -> Option<LogLine> {
         let deadline = Instant::now() + timeout;
         let mut next = from;
-        let mut state = self.log.lines.lock().unwrap();
+        let mut state = self.log.state();
         loop {
             if let Some(line) = state.lines[next.min(state.lines.len())..]
                 .iter()
@@ -709,7 +761,7 @@ impl Master {
                 .log
                 .changed
                 .wait_timeout(state, deadline - now)
-                .unwrap()
+                .unwrap_or_else(PoisonError::into_inner)
                 .0;
         }
     }
@@ -726,7 +778,7 @@ impl Master {
             Some(line) => line,
             None => panic!(
                 "no log line {what} (from line {from}) within {timeout:?}{}\n--- master log ---\n{}",
-                if self.log.lines.lock().unwrap().eof {
+                if self.log.state().eof {
                     " (stderr closed)"
                 } else {
                     ""
@@ -745,12 +797,14 @@ impl Master {
         self.wait_for_after(0, what, timeout, pred)
     }
 
-    /// Waits for a line matching `pattern`, e.g. `"reload finished generation=2"`.
+    /// Waits for a line matching `pattern` (see [`LogLine::matches`]), e.g.
+    /// `"reload_finished generation=2"`.
     pub fn wait_event(&self, pattern: &str, timeout: Duration) -> LogLine {
         self.wait_event_after(0, pattern, timeout)
     }
 
     pub fn wait_event_after(&self, from: usize, pattern: &str, timeout: Duration) -> LogLine {
+        parse_pattern(pattern);
         self.wait_for_after(from, &format!("`{pattern}`"), timeout, |l| {
             l.matches(pattern)
         })
@@ -762,12 +816,13 @@ impl Master {
         pattern: &str,
         timeout: Duration,
     ) -> Option<LogLine> {
+        parse_pattern(pattern);
         self.try_wait_for_after(from, timeout, |l| l.matches(pattern))
     }
 
-    /// The `balancer totals` line (logged just before `terminated` in rr/sticky).
+    /// The `balancer_totals` line (logged just before `terminated` in rr/sticky).
     pub fn balancer_totals(&self, timeout: Duration) -> BalancerTotals {
-        let line = self.wait_event("balancer totals", timeout);
+        let line = self.wait_event("balancer_totals", timeout);
         BalancerTotals {
             accepted: line.num("accepted"),
             handed: line.num("handed"),
@@ -779,7 +834,7 @@ impl Master {
         }
     }
 
-    /// The bound addresses, by `index`, once `count` `listening` lines were logged.
+    /// The bound addresses, by `index`, once `count` `listening` events were logged.
     pub fn listen_addrs(&self, count: usize) -> Vec<SocketAddr> {
         let mut addrs = Vec::new();
         for index in 0..count {
@@ -798,11 +853,11 @@ impl Master {
         self.listen_addrs(1)[0]
     }
 
-    /// Waits for `cluster ready generation=1` and returns the ready worker of each
+    /// Waits for `cluster_ready generation=1` and returns the ready worker of each
     /// slot, `slot → pid`.
     pub fn wait_cluster_ready(&self, workers: usize) -> BTreeMap<usize, u32> {
         self.wait_event(
-            &format!("cluster ready generation=1 workers={workers}"),
+            &format!("cluster_ready generation=1 workers={workers}"),
             DEADLINE,
         );
         let ready = self.ready_workers(1);
@@ -817,7 +872,7 @@ impl Master {
 
     /// `slot → pid` of the workers of `generation` logged ready (the latest per slot).
     pub fn ready_workers(&self, generation: u32) -> BTreeMap<usize, u32> {
-        self.events(&format!("worker ready generation={generation}"))
+        self.events(&format!("worker_ready generation={generation}"))
             .iter()
             .map(|l| (l.slot(), l.pid()))
             .collect()
@@ -825,7 +880,7 @@ impl Master {
 
     /// Every worker pid the master reported spawning.
     pub fn spawned_pids(&self) -> Vec<u32> {
-        self.events("worker spawned")
+        self.events("worker_spawned")
             .iter()
             .map(LogLine::pid)
             .collect()
