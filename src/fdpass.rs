@@ -15,7 +15,7 @@
 
 use std::io;
 use std::mem;
-use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 /// Most descriptors in one message; the kernel's own limit (SCM_MAX_FD) is 253.
 pub const MAX_FDS: usize = 64;
@@ -192,16 +192,28 @@ fn sock_raw(sock: BorrowedFd<'_>) -> RawFd {
     sock.as_raw_fd()
 }
 
-/// Registers an owned descriptor with tokio's reactor.
+/// A value that owns its descriptor: while it lives, the descriptor stays open and
+/// names the same file description.
 ///
-/// Only for types that own their descriptor (`OwnedFd`, std sockets): tokio's
-/// `AsyncFd::register` requires that the descriptor is neither closed nor replaced
-/// while registered, which ownership guarantees.
-pub fn register<T: std::os::fd::AsRawFd + AsFd>(
-    inner: T,
-) -> io::Result<tokio::io::unix::AsyncFd<T>> {
-    // SAFETY: `T: AsFd` owns its descriptor; the AsyncFd takes ownership of `inner`, so
-    // nothing else can close or replace the descriptor while it is registered.
+/// # Safety
+///
+/// Implement it only for types that own their descriptor and never close or replace
+/// it before they are dropped ([`register`] relies on it).
+pub unsafe trait OwnsFd: std::os::fd::AsRawFd {}
+
+// SAFETY: an `OwnedFd` closes its descriptor only when dropped.
+unsafe impl OwnsFd for OwnedFd {}
+// SAFETY: a std listener owns its descriptor and closes it only when dropped.
+unsafe impl OwnsFd for std::net::TcpListener {}
+// SAFETY: the `Arc` keeps the owner alive, and so the descriptor open, while any
+// clone lives; the shared owner cannot close it without being dropped.
+unsafe impl<T: OwnsFd> OwnsFd for std::sync::Arc<T> {}
+
+/// Registers a descriptor-owning value with tokio's reactor.
+pub fn register<T: OwnsFd>(inner: T) -> io::Result<tokio::io::unix::AsyncFd<T>> {
+    // SAFETY: `T: OwnsFd` keeps its descriptor open and the same for as long as it
+    // lives, and the AsyncFd owns `inner`, so nothing can close or replace the
+    // descriptor while it is registered (AsyncFd::register's contract).
     unsafe { tokio::io::unix::AsyncFd::register(inner) }.map_err(io::Error::from)
 }
 
@@ -227,6 +239,7 @@ pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsFd;
     use std::os::fd::AsRawFd;
 
     fn is_cloexec(fd: &OwnedFd) -> bool {

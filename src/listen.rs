@@ -6,11 +6,13 @@
 //! itself; in `shared` mode workers inherit them at fds 3.. and accept directly.
 //!
 //! The sockets are left **blocking**: in `shared` mode every worker shares the same
-//! open file description (so the same `O_NONBLOCK` flag), and servers written for
-//! socket activation expect to receive a blocking socket and set it non-blocking
-//! themselves if they want to; a master-side async wrapper must set non-blocking on a
-//! duplicate file description, not on this one. They are close-on-exec (socket2's
-//! default) and only reach a worker through an explicit dup2 in `spawn`.
+//! open file description, and `O_NONBLOCK` lives on the description (a `dup` or an
+//! inherited copy shares it), so whatever one holder sets, all see. Servers written
+//! for socket activation expect a blocking socket and set it non-blocking themselves
+//! if they want to; the master never accepts on a `shared` socket, so it never needs
+//! to. In `rr`/`sticky` no worker holds the sockets, and the balancer sets them
+//! non-blocking. They are close-on-exec (socket2's default) and only reach a worker
+//! through an explicit dup2 in `runtime::launch`.
 //!
 //! For IPv6 addresses `IPV6_V6ONLY` keeps the operating system default
 //! (`net.ipv6.bindv6only`, 0 on Linux), so `[::]:port` also accepts IPv4 clients;

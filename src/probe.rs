@@ -152,13 +152,19 @@ mod tests {
     /// Deadline for a worker to be seen listening.
     const DEADLINE: Duration = Duration::from_secs(20);
 
-    /// Whether python3 is available (the probe tests need a real server).
+    /// Whether python3 is available (the probe tests need a real server). Under
+    /// `CI=true` a missing python3 fails the test instead: CI may not pass by skipping.
     fn have_python() -> bool {
-        std::process::Command::new("python3")
+        let found = std::process::Command::new("python3")
             .arg("-c")
             .arg("pass")
             .status()
-            .is_ok_and(|s| s.success())
+            .is_ok_and(|s| s.success());
+        assert!(
+            found || std::env::var("CI").as_deref() != Ok("true"),
+            "python3 is missing and CI=true: .ci/run must install it"
+        );
+        found
     }
 
     /// A started test worker, killed and reaped on drop.

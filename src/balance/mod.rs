@@ -292,7 +292,7 @@ impl Balancer {
                         }
                         // The client went away between SYN and accept: take the next one.
                         Some(libc::ECONNABORTED | libc::EPROTO | libc::EINTR) => {
-                            debug!(error = %e, "accept failed");
+                            debug!(event = "accept_failed", error = %e, "accept failed");
                         }
                         // Anything else may persist (a broken listener): never spin on it.
                         _ => {
@@ -391,7 +391,7 @@ impl Balancer {
                 if e.kind() == io::ErrorKind::WouldBlock {
                     BalanceStats::add(&self.stats.full, 1);
                 } else if e.kind() != io::ErrorKind::BrokenPipe {
-                    debug!(slot, error = %e, "handing connections over failed");
+                    debug!(event = "handover_failed", slot, error = %e, "handing connections over failed");
                 }
                 self.full[slot] = true;
                 // `full[slot]` keeps re-dispatch away from this slot's batch while it is out.

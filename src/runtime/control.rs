@@ -65,7 +65,7 @@ impl ControlSocket {
                     let handle = handle.clone();
                     tokio::spawn(async move {
                         if let Err(e) = answer(stream, &handle).await {
-                            debug!(error = %e, "control connection failed");
+                            debug!(event = "control_connection_failed", error = %e, "control connection failed");
                         }
                     });
                 }

@@ -385,7 +385,7 @@ impl Driver {
             // A subreaper inherits orphans: reap every child, ours or not.
             while let Some((pid, status)) = crate::runtime::reap::reap_any() {
                 if !self.by_pid.contains_key(&pid) {
-                    debug!(pid, %status, "reaped an orphaned process");
+                    debug!(event = "orphan_reaped", pid, %status, "reaped an orphaned process");
                 }
                 exited.push((pid, status));
             }
@@ -411,7 +411,10 @@ impl Driver {
             // that did not exec, a forked helper) goes with it, as systemd's
             // control-group kill does: it would otherwise hold sockets and old code.
             if killpg(Pid::from_raw(pid as i32), Signal::SIGKILL).is_ok() {
-                debug!(pid, "killed what the worker left in its process group");
+                debug!(
+                    event = "group_killed",
+                    pid, "killed what the worker left in its process group"
+                );
             }
             let slot = self.sup.info(id).map(|w| w.slot);
             // First the core (which routes the slot away), then the connections the
@@ -449,6 +452,7 @@ impl Driver {
         // a datagram from any other pid, its own children included, is ignored.
         let Some(&id) = self.by_pid.get(&msg.pid) else {
             debug!(
+                event = "notify_ignored",
                 pid = msg.pid,
                 "ignored a notify message from a process that is no worker"
             );

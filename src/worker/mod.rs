@@ -166,15 +166,29 @@ impl Listener {
         let count: usize = env_number("LISTEN_FDS").ok_or_else(|| {
             io::Error::other("not started by recluster: neither RECLUSTER_FD nor LISTEN_FDS is set")
         })?;
-        if env_number::<u32>("LISTEN_PID").is_some_and(|p| p != std::process::id()) {
+        // As sd_listen_fds(3): the descriptors are this process's only if LISTEN_PID
+        // names it (a child that inherited the variables must not take them).
+        if env_number::<u32>("LISTEN_PID") != Some(std::process::id()) {
             return Err(io::Error::other(
-                "LISTEN_FDS is meant for another process (LISTEN_PID)",
+                "LISTEN_FDS is not meant for this process: LISTEN_PID is missing or names another",
             ));
         }
-        let mut listeners = Vec::with_capacity(count);
-        for fd in 3..3 + count as RawFd {
+        let count = RawFd::try_from(count)
+            .ok()
+            .filter(|&n| n <= 1024)
+            .ok_or_else(|| io::Error::other("LISTEN_FDS is out of range"))?;
+        for fd in 3..3 + count {
+            if !is_listening_socket(fd) {
+                return Err(io::Error::other(format!(
+                    "descriptor {fd}, named by LISTEN_FDS, is not an open listening socket"
+                )));
+            }
+        }
+        let mut listeners = Vec::with_capacity(count as usize);
+        for fd in 3..3 + count {
             // SAFETY: the socket-activation protocol hands fds 3..3+LISTEN_FDS to this
-            // process; we take ownership once (from_env is once per process).
+            // process (LISTEN_PID says so, and each is an open listening socket, checked
+            // above); we take ownership once (from_env is once per process).
             let std = unsafe { std::net::TcpListener::from_raw_fd(fd) };
             // O_NONBLOCK lives on the open file description, which the master and the
             // sibling workers share: they all see it. The master never accepts in
@@ -290,6 +304,24 @@ async fn accept_any(listeners: &[TcpListener]) -> io::Result<(TcpStream, SocketA
         std::task::Poll::Pending
     })
     .await
+}
+
+/// Whether `fd` is open and a listening socket (`SO_ACCEPTCONN`).
+fn is_listening_socket(fd: RawFd) -> bool {
+    let mut on: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `on`, which we own; a closed
+    // descriptor or one that is no socket gives an error, not undefined behaviour.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&mut on as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    rc == 0 && on != 0
 }
 
 fn set_nonblocking_cloexec(fd: &impl AsFd) -> io::Result<()> {
