@@ -165,9 +165,42 @@ fn the_pid_file_names_this_master_reloads_through_it_and_goes_at_exit() {
         .unwrap();
     assert!(status.success());
     m.wait_event("reload_finished generation=2", DEADLINE);
+    // A second master given the same pid file refuses to start, and leaves the file
+    // naming the first.
+    let (exit, stderr) = Cluster::new()
+        .workers(1)
+        .args(["--listen", "127.0.0.1:0", "--pid-file"])
+        .arg(&path)
+        .command([echo()])
+        .run(DEADLINE)
+        .expect("the second master should exit");
+    assert_eq!(exit.code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("--pid-file") && stderr.contains(&m.pid.to_string()),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&path).unwrap(),
+        format!("{}\n", m.pid)
+    );
     m.signal(Signal::SIGTERM);
     assert!(m.expect_exit(DEADLINE).success());
     assert!(!path.exists(), "the pid file outlived the master");
+    // A stale file (its master was SIGKILLed) is replaced.
+    std::fs::write(&path, format!("{}\n", m.pid)).unwrap();
+    let again = Cluster::new()
+        .workers(1)
+        .args(["--listen", "127.0.0.1:0", "--pid-file"])
+        .arg(&path)
+        .command([echo()])
+        .spawn();
+    again.wait_cluster_ready(1);
+    assert_eq!(
+        std::fs::read_to_string(&path).unwrap(),
+        format!("{}\n", again.pid)
+    );
+    again.signal(Signal::SIGTERM);
+    assert!(again.expect_exit(DEADLINE).success());
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
