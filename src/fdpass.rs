@@ -12,6 +12,10 @@
 //!
 //! Received descriptors are close-on-exec from the moment they exist
 //! (`MSG_CMSG_CLOEXEC`), so a worker that forks and execs leaks none of them.
+//!
+//! The same receive serves the worker channel (both ends) and the master's sd_notify
+//! socket, where it also reads the sender's credentials (`SCM_CREDENTIALS`, with
+//! `SO_PASSCRED`) and closes whatever descriptors a sender attached.
 
 use std::io;
 use std::mem;
@@ -30,6 +34,19 @@ impl FdBuf {
     pub fn new() -> FdBuf {
         // SAFETY: CMSG_SPACE is a pure size computation.
         let bytes = unsafe { libc::CMSG_SPACE((MAX_FDS * mem::size_of::<RawFd>()) as u32) };
+        FdBuf {
+            buf: vec![0u64; (bytes as usize).div_ceil(8)],
+        }
+    }
+
+    /// A buffer that also holds the sender's credentials (`SCM_CREDENTIALS`).
+    #[cfg(feature = "master")]
+    pub fn with_credentials() -> FdBuf {
+        // SAFETY: CMSG_SPACE is a pure size computation.
+        let bytes = unsafe {
+            libc::CMSG_SPACE((MAX_FDS * mem::size_of::<RawFd>()) as u32)
+                + libc::CMSG_SPACE(mem::size_of::<libc::ucred>() as u32)
+        };
         FdBuf {
             buf: vec![0u64; (bytes as usize).div_ceil(8)],
         }
@@ -109,6 +126,7 @@ pub fn send(sock: BorrowedFd<'_>, data: &[u8], fds: &[RawFd], cbuf: &mut FdBuf) 
 
 /// One received message: its length and the descriptors that came with it.
 #[derive(Debug)]
+#[cfg_attr(not(feature = "master"), allow(dead_code))]
 pub struct Received {
     /// Bytes of data written into the caller's buffer; 0 with no fds means EOF.
     pub len: usize,
@@ -116,6 +134,8 @@ pub struct Received {
     pub truncated: bool,
     /// Some descriptors did not fit the control buffer and were dropped by the kernel (`MSG_CTRUNC`).
     pub fds_truncated: bool,
+    /// The sender's pid, when the socket passes credentials (`SO_PASSCRED`).
+    pub pid: Option<u32>,
 }
 
 /// Receives one message into `data`, pushing every descriptor that arrived onto `fds`.
@@ -164,9 +184,19 @@ pub fn recv(
     // never step outside msg_controllen. Each SCM_RIGHTS payload holds
     // (cmsg_len - CMSG_LEN(0)) / 4 descriptors that the kernel installed in this
     // process for us alone, so taking ownership of each exactly once is sound.
+    // An SCM_CREDENTIALS payload is one `ucred`, read unaligned when it is whole.
+    let mut pid = None;
     unsafe {
         let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
         while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET
+                && (*cmsg).cmsg_type == libc::SCM_CREDENTIALS
+                && (*cmsg).cmsg_len as usize
+                    >= libc::CMSG_LEN(mem::size_of::<libc::ucred>() as u32) as usize
+            {
+                let cred = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::ucred>());
+                pid = u32::try_from(cred.pid).ok();
+            }
             if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
                 let header = libc::CMSG_LEN(0) as usize;
                 let payload = ((*cmsg).cmsg_len as usize).saturating_sub(header);
@@ -184,6 +214,7 @@ pub fn recv(
         len: n,
         truncated: msg.msg_flags & libc::MSG_TRUNC != 0,
         fds_truncated: msg.msg_flags & libc::MSG_CTRUNC != 0,
+        pid,
     })
 }
 
@@ -217,6 +248,34 @@ pub fn register<T: OwnsFd>(inner: T) -> io::Result<tokio::io::unix::AsyncFd<T>> 
     unsafe { tokio::io::unix::AsyncFd::register(inner) }.map_err(io::Error::from)
 }
 
+/// Sets or clears `O_NONBLOCK` on the open file description behind `fd` (shared by
+/// every descriptor that `dup`s or inherits it), and with `cloexec` sets close-on-exec
+/// on this descriptor.
+pub fn set_flags(fd: BorrowedFd<'_>, nonblocking: bool, cloexec: bool) -> io::Result<()> {
+    let raw = sock_raw(fd);
+    // SAFETY: F_GETFL/F_SETFL/F_SETFD only read and change flags of a descriptor the
+    // caller holds open (it is borrowed for this call).
+    unsafe {
+        let flags = libc::fcntl(raw, libc::F_GETFL);
+        if flags < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let wanted = if nonblocking {
+            flags | libc::O_NONBLOCK
+        } else {
+            flags & !libc::O_NONBLOCK
+        };
+        if wanted != flags && libc::fcntl(raw, libc::F_SETFL, wanted) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if cloexec && libc::fcntl(raw, libc::F_SETFD, libc::FD_CLOEXEC) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(feature = "master")]
 /// A connected pair of non-blocking, close-on-exec `SOCK_SEQPACKET` unix sockets.
 pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0 as RawFd; 2];

@@ -19,30 +19,22 @@
 use std::collections::hash_map::RandomState;
 use std::ffi::OsString;
 use std::hash::{BuildHasher, Hasher};
-use std::io::{self, IoSliceMut};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::io;
+use std::os::fd::AsFd;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use nix::sys::socket::{
-    recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags, UnixCredentials,
-};
+use nix::sys::socket::{setsockopt, sockopt};
 use tokio::io::unix::AsyncFd;
+
+use crate::fdpass::{self, FdBuf};
 use tokio::io::Interest;
 
 /// Largest datagram accepted; longer ones are truncated by the kernel and dropped.
 const MAX_DATAGRAM: usize = 4096;
-
-/// Room for the most descriptors one datagram can carry (the kernel's SCM_MAX_FD).
-///
-/// Sized so that the control buffer can never be truncated: nix's `cmsgs()` refuses
-/// to iterate a truncated (`MSG_CTRUNC`) buffer, and the descriptors the kernel had
-/// installed could then not be found and closed. A sender cannot attach more than
-/// SCM_MAX_FD in total to one message (the kernel rejects it with EINVAL).
-const MAX_FDS: usize = 253;
 
 /// File name of the socket inside its private directory.
 const SOCKET_NAME: &str = "notify.sock";
@@ -109,9 +101,12 @@ impl NotifySocket {
     /// closed. Cancel-safe: a datagram is consumed only when returned or skipped.
     pub(crate) async fn recv(&self) -> io::Result<NotifyMessage> {
         let mut data = vec![0u8; MAX_DATAGRAM];
+        // Descriptors past the buffer's room are never installed (the kernel drops
+        // them, MSG_CTRUNC); the ones that fit are closed by `recv_one`.
+        let mut cbuf = FdBuf::with_credentials();
         loop {
             let mut guard = self.socket.readable().await?;
-            match guard.try_io(|s| recv_one(s.get_ref(), &mut data)) {
+            match guard.try_io(|s| recv_one(s.get_ref(), &mut data, &mut cbuf)) {
                 Ok(Ok(Some(message))) => return Ok(message),
                 Ok(Ok(None)) => continue,
                 Ok(Err(e)) => return Err(e),
@@ -180,37 +175,21 @@ fn bind_socket(path: &Path) -> io::Result<AsyncFd<UnixDatagram>> {
 }
 
 /// Receives one datagram; `Ok(None)` when it is to be skipped.
-fn recv_one(socket: &UnixDatagram, data: &mut [u8]) -> io::Result<Option<NotifyMessage>> {
-    let mut cmsg = nix::cmsg_space!(UnixCredentials, [std::os::fd::RawFd; MAX_FDS]);
-    let mut iov = [IoSliceMut::new(data)];
-    let msg = recvmsg::<()>(
-        socket.as_raw_fd(),
-        &mut iov,
-        Some(&mut cmsg),
-        MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
-    )?;
-    let mut pid = None;
-    for c in msg.cmsgs()? {
-        match c {
-            ControlMessageOwned::ScmCredentials(creds) => pid = u32::try_from(creds.pid()).ok(),
-            ControlMessageOwned::ScmRights(fds) => {
-                for fd in fds {
-                    // SAFETY: the kernel just installed these descriptors in this
-                    // process for us; nobody else knows or owns them.
-                    drop(unsafe { OwnedFd::from_raw_fd(fd) });
-                }
-            }
-            _ => {}
-        }
-    }
-    let len = msg.bytes;
-    if msg.flags.contains(MsgFlags::MSG_TRUNC) {
+fn recv_one(
+    socket: &UnixDatagram,
+    data: &mut [u8],
+    cbuf: &mut FdBuf,
+) -> io::Result<Option<NotifyMessage>> {
+    let mut fds = Vec::new();
+    let got = fdpass::recv(socket.as_fd(), data, &mut fds, cbuf)?;
+    drop(fds); // descriptors have no place in sd_notify: closed
+    if got.truncated {
         return Ok(None);
     }
-    let Some(pid) = pid.filter(|&p| p != 0) else {
+    let Some(pid) = got.pid.filter(|&p| p != 0) else {
         return Ok(None);
     };
-    let (ready, stopping, replace) = parse(&iov[0][..len]);
+    let (ready, stopping, replace) = parse(&data[..got.len]);
     Ok((ready || stopping || replace).then_some(NotifyMessage {
         pid,
         ready,
@@ -343,11 +322,13 @@ mod tests {
 
     #[tokio::test]
     async fn passed_fds_are_closed() {
-        use nix::sys::socket::{sendmsg, ControlMessage};
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+        use std::os::fd::AsRawFd;
         let sock = NotifySocket::bind().unwrap();
         let client = UnixDatagram::unbound().unwrap();
         let (a, _b) = UnixDatagram::pair().unwrap();
-        let fds = [a.as_raw_fd()];
+        // More than the receive buffer's room (the kernel drops the excess, MSG_CTRUNC).
+        let fds = [a.as_raw_fd(); 2 * crate::fdpass::MAX_FDS];
         let addr = nix::sys::socket::UnixAddr::new(sock.path()).unwrap();
         sendmsg(
             client.as_raw_fd(),

@@ -40,6 +40,7 @@ pub(crate) mod control;
 pub(crate) mod handle;
 mod journal;
 pub(crate) mod launch;
+mod probe;
 mod ratelimit;
 mod reap;
 
@@ -473,7 +474,7 @@ impl Driver {
             .iter_mut()
             .filter(|(_, p)| p.probing)
             .filter_map(|(&id, p)| {
-                let yes = crate::probe::is_listening(p.pid, count);
+                let yes = crate::runtime::probe::is_listening(p.pid, count);
                 if yes {
                     p.probing = false;
                 }

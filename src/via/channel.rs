@@ -179,8 +179,6 @@ impl WorkerChannel {
 }
 
 fn set_blocking(fd: &OwnedFd) -> io::Result<()> {
-    use nix::fcntl::{fcntl, FcntlArg, OFlag};
-    let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL)?);
-    fcntl(fd, FcntlArg::F_SETFL(flags - OFlag::O_NONBLOCK))?;
-    Ok(())
+    use std::os::fd::AsFd;
+    fdpass::set_flags(fd.as_fd(), false, false)
 }

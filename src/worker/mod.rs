@@ -325,11 +325,7 @@ fn is_listening_socket(fd: RawFd) -> bool {
 }
 
 fn set_nonblocking_cloexec(fd: &impl AsFd) -> io::Result<()> {
-    use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
-    let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL)?);
-    fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
-    fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))?;
-    Ok(())
+    fdpass::set_flags(fd.as_fd(), true, true)
 }
 
 /// `axum::serve(listener, app)` runs unchanged on a recluster worker (feature `axum`).
@@ -348,7 +344,7 @@ impl axum::serve::Listener for Listener {
                 Ok(None) => std::future::pending::<()>().await,
                 Err(e) => {
                     // As axum does for its own listener: say so, back off, retry.
-                    tracing::error!(error = %e, "accepting a connection failed");
+                    tracing::error!(event = "accept_failed", error = %e, "accepting a connection failed");
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 }
             }
