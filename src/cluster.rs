@@ -12,7 +12,7 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 
 use crate::config::{self, Balance, ReadyWhen, Timing};
-use crate::error::Error;
+use crate::error::{ConfigError, Error};
 use crate::runtime::handle::ClusterHandle;
 use crate::runtime::launch::WorkerCommand;
 use crate::runtime::Setup;
@@ -103,7 +103,7 @@ impl ClusterBuilder {
     /// Checks the settings and the command, binds the sockets, and returns the cluster.
     pub fn build(self) -> Result<Cluster, Error> {
         if self.workers == 0 {
-            return Err(Error::Config("--workers must be at least 1".to_string()));
+            return Err(Error::Config(ConfigError::NoWorkers));
         }
         let path_var = std::env::var_os("PATH");
         let program =

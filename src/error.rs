@@ -3,14 +3,17 @@
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use crate::supervisor::SpawnError;
 
 /// Why a cluster could not be built or run.
 #[derive(Debug)]
 pub enum Error {
-    /// A setting is out of range or not supported; the text says which and what to use.
-    Config(String),
-    /// The worker command cannot be executed; the text says why and what to do.
-    Command(String),
+    /// A setting is out of range or not supported.
+    Config(ConfigError),
+    /// The worker command cannot be executed.
+    Command(CommandError),
     /// A listening address could not be bound.
     Listen {
         /// The address.
@@ -30,7 +33,8 @@ pub enum Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::Config(msg) | Error::Command(msg) => f.write_str(msg),
+            Error::Config(e) => write!(f, "{e}"),
+            Error::Command(e) => write!(f, "{e}"),
             // The source already names the address (see `listen::bind`).
             Error::Listen { source, .. } => write!(f, "{source}"),
             Error::Io { context, source } => write!(f, "{context}: {source}"),
@@ -43,6 +47,108 @@ impl std::error::Error for Error {
         match self {
             Error::Listen { source, .. } | Error::Io { source, .. } => Some(source),
             _ => None,
+        }
+    }
+}
+
+/// A setting that cannot work.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigError {
+    /// Zero worker slots.
+    NoWorkers,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::NoWorkers => f.write_str("--workers must be at least 1"),
+        }
+    }
+}
+
+/// Why the worker command cannot run; each message says what to do.
+#[derive(Debug)]
+pub enum CommandError {
+    /// Nothing was given after `--`.
+    Empty,
+    /// A bare name, and `PATH` is unset or empty.
+    NoPath {
+        /// The name.
+        program: String,
+    },
+    /// A bare name found in no `PATH` directory.
+    NotInPath {
+        /// The name.
+        program: String,
+        /// The `PATH` searched.
+        path: String,
+    },
+    /// The file does not exist.
+    Missing(PathBuf),
+    /// The file cannot be looked at.
+    Inaccessible {
+        /// The file.
+        path: PathBuf,
+        /// The operating system's reason.
+        source: io::Error,
+    },
+    /// A directory, not a program.
+    Directory(PathBuf),
+    /// Neither a regular file nor a directory (a device, a socket…).
+    NotRegular(PathBuf),
+    /// The path holds a NUL byte, which `execve` cannot take.
+    Nul(PathBuf),
+    /// No execute permission.
+    NotExecutable {
+        /// The file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// The first workers could not be executed (see [`SpawnError::cannot_execute`]).
+    CannotExecute {
+        /// The resolved program.
+        program: PathBuf,
+        /// Why.
+        error: SpawnError,
+    },
+}
+
+impl fmt::Display for CommandError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CommandError::Empty => {
+                f.write_str("the command is empty: give a program to run after `--`")
+            }
+            CommandError::NoPath { program } => write!(
+                f,
+                "command `{program}` not found: PATH is not set; give a path or set PATH"
+            ),
+            CommandError::NotInPath { program, path } => write!(
+                f,
+                "command `{program}` not found in PATH ({path}); give a path or fix PATH"
+            ),
+            CommandError::Missing(p) => write!(f, "`{}` does not exist", p.display()),
+            CommandError::Inaccessible { path, source } => {
+                write!(f, "cannot access `{}`: {source}", path.display())
+            }
+            CommandError::Directory(p) => {
+                write!(
+                    f,
+                    "`{}` is a directory, not an executable file",
+                    p.display()
+                )
+            }
+            CommandError::NotRegular(p) => write!(f, "`{}` is not a regular file", p.display()),
+            CommandError::Nul(p) => write!(f, "`{}` contains a NUL byte", p.display()),
+            CommandError::NotExecutable { path, mode } => write!(
+                f,
+                "`{}` is not executable (mode {mode:04o}): chmod +x it",
+                path.display()
+            ),
+            CommandError::CannotExecute { program, error } => {
+                write!(f, "cannot execute {}: {error}", program.display())
+            }
         }
     }
 }

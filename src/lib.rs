@@ -88,7 +88,7 @@ pub use cluster::{Cluster, ClusterBuilder};
 #[cfg(feature = "master")]
 pub use config::{Balance, ReadyWhen, Timing};
 #[cfg(feature = "master")]
-pub use error::Error;
+pub use error::{CommandError, ConfigError, Error};
 #[cfg(feature = "master")]
 pub use runtime::handle::ClusterHandle;
 #[cfg(feature = "master")]

@@ -527,34 +527,48 @@ fn reload_storm(mode: &str) {
         hold(Duration::from_millis(19));
     }
     let storm = started.elapsed();
-    // Settled: the last generation started has finished, and exactly N workers remain.
+    let totals = load.stop();
+    // Settled: the last generation started has finished, exactly N workers remain (the
+    // processes of this cluster are the master's children), and they answer. A signal
+    // sent last may still start one more reload after a settled look (the master takes
+    // pending signals in its own time): then the cluster is looked at again.
     let mut last = 0;
     let mut children = Vec::new();
-    let settled = poll_until(Duration::from_secs(60), || {
-        last = last_started();
-        children = children_of(m.pid);
-        m.try_wait_event_after(
-            0,
-            &format!("reload_finished generation={last}"),
-            Duration::ZERO,
-        )
-        .is_some()
-            && children.len() == workers
-    });
+    let mut tagged = Vec::new();
+    let mut replies: Vec<Reply> = Vec::new();
+    let mut settled = false;
+    for _look in 0..5 {
+        settled = poll_until(Duration::from_secs(60), || {
+            last = last_started();
+            children = children_of(m.pid);
+            children.sort_unstable();
+            tagged = pids_with_env("FAULTS_TAG", &tag);
+            tagged.retain(|&p| p != m.pid);
+            tagged.sort_unstable();
+            m.try_wait_event_after(
+                0,
+                &format!("reload_finished generation={last}"),
+                Duration::ZERO,
+            )
+            .is_some()
+                && children.len() == workers
+                && tagged == children
+        });
+        replies = (0..3 * workers)
+            .map(|_| {
+                request_from(addr, None, half_close, Duration::from_secs(10)).expect("request")
+            })
+            .collect();
+        if !settled || last_started() == last {
+            break;
+        }
+    }
     let settle = started.elapsed();
     let mut fds_after = 0;
     let fds_flat = poll_until(DEADLINE, || {
         fds_after = fd_count(m.pid);
         fds_after == fds_before
     });
-    let totals = load.stop();
-    let replies: Vec<Reply> = (0..3 * workers)
-        .map(|_| request_from(addr, None, half_close, Duration::from_secs(10)).expect("request"))
-        .collect();
-    let mut tagged = pids_with_env("FAULTS_TAG", &tag);
-    tagged.retain(|&p| p != m.pid);
-    tagged.sort_unstable();
-    children.sort_unstable();
     let spawned = m.spawned_pids();
     let final_pids: BTreeSet<u32> = m.ready_workers(last).values().copied().collect();
     let leaked: Vec<u32> = spawned

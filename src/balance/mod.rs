@@ -136,8 +136,8 @@ impl From<&BalanceStats> for BalanceCounts {
 /// A connection waiting because its worker's queue was full.
 struct Parked {
     conn: Conn,
-    /// The slot it was meant for (`usize::MAX`: none was ready).
-    slot: usize,
+    /// The slot it was meant for; `None` when none was ready.
+    slot: Option<usize>,
 }
 
 /// The balancer task's state.
@@ -324,7 +324,10 @@ impl Balancer {
         let slot = match self.mode {
             Balance::Sticky => match self.router.preferred(conn.peer.ip()) {
                 Some(s) if full[s] => {
-                    self.parked.push_back(Parked { conn, slot: s });
+                    self.parked.push_back(Parked {
+                        conn,
+                        slot: Some(s),
+                    });
                     return;
                 }
                 s => s,
@@ -338,10 +341,7 @@ impl Balancer {
                     self.flush(slot, now);
                 }
             }
-            None => self.parked.push_back(Parked {
-                slot: usize::MAX,
-                conn,
-            }),
+            None => self.parked.push_back(Parked { slot: None, conn }),
         }
     }
 
@@ -398,7 +398,10 @@ impl Balancer {
                 let mut batch = std::mem::take(&mut self.batches[slot]);
                 for conn in batch.drain(..) {
                     if self.mode == Balance::Sticky {
-                        self.parked.push_back(Parked { conn, slot });
+                        self.parked.push_back(Parked {
+                            conn,
+                            slot: Some(slot),
+                        });
                     } else {
                         self.dispatch(conn, now);
                     }
@@ -444,11 +447,14 @@ impl Balancer {
                 continue;
             }
             let ip = p.conn.peer.ip();
-            let own_slot_ready = self.table.get(p.slot).is_some_and(Option::is_some);
+            let own_slot_ready = p
+                .slot
+                .and_then(|s| self.table.get(s))
+                .is_some_and(Option::is_some);
             let slot = match self.mode {
-                Balance::Sticky if age < STICKY_WAIT && own_slot_ready => Some(p.slot),
+                Balance::Sticky if age < STICKY_WAIT && own_slot_ready => p.slot,
                 Balance::Sticky => {
-                    let next = self.router.choose(ip, |s| s == p.slot);
+                    let next = self.router.choose(ip, |s| Some(s) == p.slot);
                     let preferred = self.router.preferred(ip);
                     if next.is_some() && next != preferred {
                         BalanceStats::add(&self.stats.fallbacks, 1);

@@ -227,8 +227,8 @@ pub fn main() -> i32 {
     }
     let cluster = match builder.build() {
         Ok(c) => c,
-        Err(crate::Error::Config(msg)) => {
-            log.line(format_args!("recluster: {msg}"));
+        Err(crate::Error::Config(e)) => {
+            log.line(format_args!("recluster: {e}"));
             return 2;
         }
         Err(e) => {

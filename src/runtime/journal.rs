@@ -127,6 +127,8 @@ impl Journal {
                 let (code, signal) = match *status {
                     ExitStatus::Code(c) => (Some(c), None),
                     ExitStatus::Signal(s) => (None, Some(s)),
+                    // Neither field: the line then says nothing about how it ended.
+                    ExitStatus::Unknown => (None, None),
                 };
                 if w.state == WorkerState::Retiring {
                     info!(

@@ -29,6 +29,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::ptr;
 
+use crate::error::CommandError;
+
 /// Everything needed to start one worker process.
 pub(crate) struct SpawnSpec<'a> {
     /// Resolved path of the program (see [`resolve_program`]).
@@ -399,14 +401,14 @@ unsafe fn fail(err_pipe: RawFd) -> ! {
 /// A program containing `/` is used as given (relative to the current directory);
 /// otherwise each `PATH` entry is tried in order (an empty entry meaning the current
 /// directory), skipping missing files and directories, as execvp does. Errors are
-/// one-line messages for the user that say what to do.
+/// typed, and each says in one line what to do.
 pub(crate) fn resolve_program(
     program: &OsStr,
     path_var: Option<&OsString>,
-) -> Result<PathBuf, String> {
-    let shown = program.to_string_lossy();
+) -> Result<PathBuf, CommandError> {
+    let shown = program.to_string_lossy().into_owned();
     if program.is_empty() {
-        return Err("the command is empty: give a program to run after `--`".to_owned());
+        return Err(CommandError::Empty);
     }
     if program.as_bytes().contains(&b'/') {
         let path = Path::new(program);
@@ -414,11 +416,7 @@ pub(crate) fn resolve_program(
     }
     let path_var = match path_var {
         Some(p) if !p.is_empty() => p,
-        _ => {
-            return Err(format!(
-                "command `{shown}` not found: PATH is not set; give a path or set PATH"
-            ))
-        }
+        _ => return Err(CommandError::NoPath { program: shown }),
     };
     let mut not_executable = None;
     for dir in std::env::split_paths(path_var) {
@@ -438,38 +436,41 @@ pub(crate) fn resolve_program(
             _ => continue,
         }
     }
-    Err(not_executable.unwrap_or_else(|| {
-        format!(
-            "command `{shown}` not found in PATH ({}); give a path or fix PATH",
-            path_var.to_string_lossy()
-        )
+    Err(not_executable.unwrap_or_else(|| CommandError::NotInPath {
+        program: shown,
+        path: path_var.to_string_lossy().into_owned(),
     }))
 }
 
 /// Checks that `path` is an existing regular file this process may execute.
-fn check_executable(path: &Path) -> Result<(), String> {
-    let shown = path.display();
+fn check_executable(path: &Path) -> Result<(), CommandError> {
+    let owned = || path.to_path_buf();
     let meta = match std::fs::metadata(path) {
         Ok(meta) => meta,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Err(format!("`{shown}` does not exist"))
+            return Err(CommandError::Missing(owned()))
         }
-        Err(e) => return Err(format!("cannot access `{shown}`: {e}")),
+        Err(source) => {
+            return Err(CommandError::Inaccessible {
+                path: owned(),
+                source,
+            })
+        }
     };
     if meta.is_dir() {
-        return Err(format!("`{shown}` is a directory, not an executable file"));
+        return Err(CommandError::Directory(owned()));
     }
     if !meta.is_file() {
-        return Err(format!("`{shown}` is not a regular file"));
+        return Err(CommandError::NotRegular(owned()));
     }
-    let c_path = CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| format!("`{shown}` contains a NUL byte"))?;
+    let c_path =
+        CString::new(path.as_os_str().as_bytes()).map_err(|_| CommandError::Nul(owned()))?;
     // SAFETY: `c_path` is a valid NUL-terminated string.
     if unsafe { libc::access(c_path.as_ptr(), libc::X_OK) } != 0 {
-        let mode = meta.permissions().mode() & 0o7777;
-        return Err(format!(
-            "`{shown}` is not executable (mode {mode:04o}): chmod +x it"
-        ));
+        return Err(CommandError::NotExecutable {
+            path: owned(),
+            mode: meta.permissions().mode() & 0o7777,
+        });
     }
     Ok(())
 }
@@ -694,23 +695,30 @@ mod tests {
             Some(&"/usr/bin:/bin".into()),
         );
         assert_eq!(
-            e.unwrap_err(),
+            e.unwrap_err().to_string(),
             "command `recluster-no-such-cmd` not found in PATH (/usr/bin:/bin); give a path or fix PATH"
         );
-        let e = resolve_program(&path(&dir), None).unwrap_err();
+        let e = resolve_program(&path(&dir), None).unwrap_err().to_string();
         assert!(e.ends_with("is a directory, not an executable file"), "{e}");
-        let e = resolve_program(&path(&dir.join("missing")), None).unwrap_err();
+        let e = resolve_program(&path(&dir.join("missing")), None)
+            .unwrap_err()
+            .to_string();
         assert!(e.ends_with("does not exist"), "{e}");
         // Root may execute anything with an x bit, but not a file without any.
-        let e = resolve_program(&path(&plain), None).unwrap_err();
+        let e = resolve_program(&path(&plain), None)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.ends_with("is not executable (mode 0644): chmod +x it"),
             "{e}"
         );
-        let e = resolve_program(OsStr::new("plain"), Some(&path(&dir))).unwrap_err();
+        let e = resolve_program(OsStr::new("plain"), Some(&path(&dir)))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("is not executable"), "{e}");
         assert!(resolve_program(OsStr::new("sh"), None)
             .unwrap_err()
+            .to_string()
             .contains("PATH is not set"));
 
         assert_eq!(

@@ -24,7 +24,7 @@ use tracing::{debug, info, warn};
 use crate::balance::Update;
 use crate::channel::{self, WorkerLine};
 use crate::config::{Balance, ReadyWhen, Timing};
-use crate::error::Error;
+use crate::error::{CommandError, Error};
 use crate::fdpass::FdBuf;
 use crate::notify::{NotifyMessage, NotifySocket};
 use crate::supervisor::{
@@ -496,10 +496,10 @@ impl Driver {
                 }
             }
             Event::CannotExecute { error } if self.fatal.is_none() => {
-                self.fatal = Some(Error::Command(format!(
-                    "cannot execute {}: {error}",
-                    self.setup.program.display()
-                )));
+                self.fatal = Some(Error::Command(CommandError::CannotExecute {
+                    program: self.setup.program.clone(),
+                    error: *error,
+                }));
             }
             Event::StartsFailing {
                 failures,

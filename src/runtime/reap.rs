@@ -22,8 +22,8 @@ pub(crate) fn try_reap(pid: u32) -> Option<ExitStatus> {
             Ok(WaitStatus::StillAlive) => return None,
             Ok(_) => return None, // stopped/continued: not an exit
             Err(Errno::EINTR) => continue,
-            // ECHILD: not our child any more (reaped elsewhere); count it as gone.
-            Err(_) => return Some(ExitStatus::Code(-1)),
+            // ECHILD: not our child any more (reaped elsewhere); gone, status unknown.
+            Err(_) => return Some(ExitStatus::Unknown),
         }
     }
 }

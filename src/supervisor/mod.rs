@@ -163,6 +163,8 @@ pub enum ExitStatus {
     Code(i32),
     /// It was killed by this signal number.
     Signal(i32),
+    /// It is gone, but how it ended is unknown (someone else reaped it).
+    Unknown,
 }
 
 impl fmt::Display for ExitStatus {
@@ -170,6 +172,7 @@ impl fmt::Display for ExitStatus {
         match self {
             ExitStatus::Code(c) => write!(f, "code={c}"),
             ExitStatus::Signal(s) => write!(f, "signal={s}"),
+            ExitStatus::Unknown => write!(f, "status=unknown"),
         }
     }
 }
