@@ -24,7 +24,7 @@ use std::ffi::{CString, OsStr, OsString};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::ptr;
@@ -473,6 +473,126 @@ fn check_executable(path: &Path) -> Result<(), CommandError> {
         });
     }
     Ok(())
+}
+
+/// Starts workers: the command, the environment every worker shares, and the
+/// descriptors it inherits; [`Launcher::launch`] adds the per-worker part.
+pub(crate) struct Launcher {
+    program: CString,
+    argv: Vec<CString>,
+    env: Vec<CString>,
+    listen_fds: Vec<RawFd>,
+    /// Workers get a worker channel at fd 3 instead of the listening sockets.
+    channel: bool,
+}
+
+impl Launcher {
+    /// For `setup`'s command, in `shared` style (listening sockets at fds 3..) until
+    /// [`Launcher::use_channel`].
+    pub fn new(setup: &super::Setup, notify_path: &Path) -> Launcher {
+        let program = CString::new(setup.program.as_os_str().as_bytes())
+            .unwrap_or_else(|_| CString::from(c"/nonexistent-nul-in-path"));
+        let argv = std::iter::once(setup.command.program.clone())
+            .chain(setup.command.args.iter().cloned())
+            .map(cstring)
+            .collect();
+        let mut vars: Vec<(OsString, OsString)> =
+            std::env::vars_os().filter(|(k, _)| !withheld(k)).collect();
+        for (k, v) in &setup.command.env {
+            vars.retain(|(ek, _)| ek != k);
+            vars.push((k.clone(), v.clone()));
+        }
+        let mut env: Vec<CString> = vars.into_iter().map(|(k, v)| assignment(&k, &v)).collect();
+        env.push(assignment("RECLUSTER_WORKERS", setup.workers.to_string()));
+        env.push(assignment("RECLUSTER_BALANCE", setup.balance.as_str()));
+        env.push(assignment("NOTIFY_SOCKET", notify_path.as_os_str()));
+        let listen_fds: Vec<RawFd> = setup.listeners.iter().map(|l| l.as_raw_fd()).collect();
+        env.push(assignment("LISTEN_FDS", listen_fds.len().to_string()));
+        let names: Vec<String> = (0..listen_fds.len())
+            .map(|i| format!("listen{i}"))
+            .collect();
+        env.push(assignment("LISTEN_FDNAMES", names.join(":")));
+        Launcher {
+            program,
+            argv,
+            env,
+            listen_fds,
+            channel: false,
+        }
+    }
+
+    /// Workers get a worker channel at fd 3 (`rr`/`sticky`) instead of the sockets.
+    pub fn use_channel(&mut self) {
+        self.channel = true;
+        self.env.retain(|e| {
+            !e.as_bytes().starts_with(b"LISTEN_FDS=")
+                && !e.as_bytes().starts_with(b"LISTEN_FDNAMES=")
+        });
+        self.env.push(assignment("RECLUSTER_FD", "3"));
+        self.env.push(assignment(
+            "RECLUSTER_PROTOCOL",
+            crate::channel::VERSION.to_string(),
+        ));
+    }
+
+    /// How many listening sockets a `shared` worker inherits.
+    pub fn listen_fds(&self) -> usize {
+        self.listen_fds.len()
+    }
+
+    /// Starts the worker of `slot` and `generation`, with `channel_fd` (its end of the
+    /// worker channel) at fd 3 when workers use one; returns its pid.
+    pub fn launch(
+        &self,
+        slot: usize,
+        generation: u64,
+        channel_fd: Option<RawFd>,
+    ) -> io::Result<u32> {
+        let mut env = self.env.clone();
+        env.push(assignment("WORKER_ID", slot.to_string()));
+        env.push(assignment("RECLUSTER_GENERATION", generation.to_string()));
+        let channel = channel_fd.map(|fd| [fd]);
+        let spec = SpawnSpec {
+            program: &self.program,
+            args: &self.argv,
+            env: &env,
+            fds: match &channel {
+                Some(fd) => fd,
+                None => &self.listen_fds,
+            },
+            listen_pid: !self.channel,
+        };
+        spawn(&spec)
+    }
+}
+
+/// Variables the master sets for workers itself; inherited values are dropped, and so
+/// is every inherited `RECLUSTER_*` (the master's own settings, such as
+/// `RECLUSTER_LISTEN`, or those of a recluster this master runs under): a worker gets
+/// only the variables documented for it.
+const OWN_VARS: &[&str] = &[
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "NOTIFY_SOCKET",
+    "WORKER_ID",
+];
+
+/// Whether an inherited variable is withheld from workers.
+fn withheld(key: &std::ffi::OsStr) -> bool {
+    key.as_bytes().starts_with(b"RECLUSTER_") || OWN_VARS.iter().any(|v| key == *v)
+}
+
+fn cstring(s: OsString) -> CString {
+    // Interior NULs cannot be passed to execve; they cannot come from a command line either.
+    CString::new(s.into_vec()).unwrap_or_default()
+}
+
+fn assignment(key: impl AsRef<std::ffi::OsStr>, value: impl AsRef<std::ffi::OsStr>) -> CString {
+    let mut bytes = key.as_ref().as_bytes().to_vec();
+    bytes.push(b'=');
+    bytes.extend_from_slice(value.as_ref().as_bytes());
+    CString::new(bytes).unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -6,10 +6,10 @@
 //! reports into log lines and events. The core decides; this layer only carries out.
 
 use std::collections::{HashMap, VecDeque};
-use std::ffi::{CString, OsString};
+
 use std::net::TcpListener;
-use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::fd::AsRawFd;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,7 +33,7 @@ use crate::supervisor::{
 use crate::via::channel::WorkerChannel;
 use handle::{Command, Snapshot};
 use journal::Journal;
-use launch::WorkerCommand;
+use launch::{Launcher, WorkerCommand};
 
 mod advice;
 pub(crate) mod control;
@@ -61,23 +61,6 @@ pub(crate) struct Setup {
 /// How often a starting worker is checked in /proc for listening (`shared` + `listening`).
 const PROBE_INTERVAL: Duration = Duration::from_millis(25);
 
-/// Variables the master sets for workers itself; inherited values are dropped, and so
-/// is every inherited `RECLUSTER_*` (the master's own settings, such as
-/// `RECLUSTER_LISTEN`, or those of a recluster this master runs under): a worker gets
-/// only the variables documented for it.
-const OWN_VARS: &[&str] = &[
-    "LISTEN_FDS",
-    "LISTEN_PID",
-    "LISTEN_FDNAMES",
-    "NOTIFY_SOCKET",
-    "WORKER_ID",
-];
-
-/// Whether an inherited variable is withheld from workers.
-fn withheld(key: &std::ffi::OsStr) -> bool {
-    key.as_bytes().starts_with(b"RECLUSTER_") || OWN_VARS.iter().any(|v| key == *v)
-}
-
 /// A live worker process as the driver knows it.
 struct Proc {
     pid: u32,
@@ -94,10 +77,8 @@ struct Driver {
     setup: Setup,
     sup: Supervisor,
     notify: NotifySocket,
-    program: CString,
-    argv: Vec<CString>,
-    base_env: Vec<CString>,
-    listen_fds: Vec<RawFd>,
+    /// Starts worker processes with their environment and descriptors.
+    launcher: Launcher,
     /// The addresses the master listens on, for the advice to workers that fail to start.
     addrs: Vec<std::net::SocketAddr>,
     procs: HashMap<WorkerId, Proc>,
@@ -189,23 +170,7 @@ impl Driver {
         notify: NotifySocket,
         messages: mpsc::UnboundedSender<Input>,
     ) -> Result<Driver, Error> {
-        let program = CString::new(setup.program.as_os_str().as_bytes())
-            .unwrap_or_else(|_| CString::from(c"/nonexistent-nul-in-path"));
-        let argv = std::iter::once(setup.command.program.clone())
-            .chain(setup.command.args.iter().cloned())
-            .map(cstring)
-            .collect();
-        let mut env: Vec<(OsString, OsString)> =
-            std::env::vars_os().filter(|(k, _)| !withheld(k)).collect();
-        for (k, v) in &setup.command.env {
-            env.retain(|(ek, _)| ek != k);
-            env.push((k.clone(), v.clone()));
-        }
-        let mut base_env: Vec<CString> = env.into_iter().map(|(k, v)| assignment(&k, &v)).collect();
-        base_env.push(assignment("RECLUSTER_WORKERS", setup.workers.to_string()));
-        base_env.push(assignment("RECLUSTER_BALANCE", setup.balance.as_str()));
-        base_env.push(assignment("NOTIFY_SOCKET", notify.path().as_os_str()));
-        let listen_fds: Vec<RawFd> = setup.listeners.iter().map(|l| l.as_raw_fd()).collect();
+        let mut launcher = Launcher::new(&setup, notify.path());
         let addrs = setup
             .listeners
             .iter()
@@ -213,18 +178,8 @@ impl Driver {
             .collect();
         let mut balancer = None;
         let mut balancer_task = None;
-        if setup.balance == Balance::Shared {
-            base_env.push(assignment("LISTEN_FDS", listen_fds.len().to_string()));
-            let names: Vec<String> = (0..listen_fds.len())
-                .map(|i| format!("listen{i}"))
-                .collect();
-            base_env.push(assignment("LISTEN_FDNAMES", names.join(":")));
-        } else {
-            base_env.push(assignment("RECLUSTER_FD", "3"));
-            base_env.push(assignment(
-                "RECLUSTER_PROTOCOL",
-                channel::VERSION.to_string(),
-            ));
+        if setup.balance != Balance::Shared {
+            launcher.use_channel();
             let (tx, rx) = mpsc::unbounded_channel();
             let listeners = std::mem::take(&mut setup.listeners);
             let running = crate::balance::start(
@@ -245,10 +200,7 @@ impl Driver {
             sup: Supervisor::new(setup.workers, setup.timing).with_ready_when(setup.ready_when),
             setup,
             notify,
-            program,
-            argv,
-            base_env,
-            listen_fds,
+            launcher,
             addrs,
             procs: HashMap::new(),
             by_pid: HashMap::new(),
@@ -319,9 +271,6 @@ impl Driver {
     }
 
     fn spawn(&mut self, id: WorkerId, slot: usize, generation: u64) -> Vec<Action> {
-        let mut env = self.base_env.clone();
-        env.push(assignment("WORKER_ID", slot.to_string()));
-        env.push(assignment("RECLUSTER_GENERATION", generation.to_string()));
         let shared = self.setup.balance == Balance::Shared;
         let now = Instant::now();
         let (channel, worker_end) = if shared {
@@ -335,18 +284,8 @@ impl Driver {
                 }
             }
         };
-        let channel_fd = worker_end.as_ref().map(|e| [e.as_raw_fd()]);
-        let spec = crate::runtime::launch::SpawnSpec {
-            program: &self.program,
-            args: &self.argv,
-            env: &env,
-            fds: match &channel_fd {
-                Some(fd) => fd,
-                None => &self.listen_fds,
-            },
-            listen_pid: shared,
-        };
-        let spawned = crate::runtime::launch::spawn(&spec);
+        let channel_fd = worker_end.as_ref().map(|e| e.as_raw_fd());
+        let spawned = self.launcher.launch(slot, generation, channel_fd);
         drop(worker_end); // the worker has its copy; the channel keeps one for reclaiming
         match spawned {
             Ok(pid) => {
@@ -468,7 +407,7 @@ impl Driver {
     }
 
     fn probe(&mut self) {
-        let count = self.listen_fds.len();
+        let count = self.launcher.listen_fds();
         let listening: Vec<WorkerId> = self
             .procs
             .iter_mut()
@@ -582,16 +521,4 @@ fn spawn_error(step: SpawnStep, e: &std::io::Error) -> SpawnError {
         step,
         errno: e.raw_os_error().unwrap_or(libc::EINVAL),
     }
-}
-
-fn cstring(s: OsString) -> CString {
-    // Interior NULs cannot be passed to execve; they cannot come from a command line either.
-    CString::new(s.into_vec()).unwrap_or_default()
-}
-
-fn assignment(key: impl AsRef<std::ffi::OsStr>, value: impl AsRef<std::ffi::OsStr>) -> CString {
-    let mut bytes = key.as_ref().as_bytes().to_vec();
-    bytes.push(b'=');
-    bytes.extend_from_slice(value.as_ref().as_bytes());
-    CString::new(bytes).unwrap_or_default()
 }
