@@ -16,7 +16,7 @@ pub enum Error {
     Command(CommandError),
     /// A listening address could not be bound.
     Listen {
-        /// The address.
+        /// The address that could not be bound, as given.
         addr: SocketAddr,
         /// The operating system's reason.
         source: io::Error,
@@ -73,12 +73,12 @@ pub enum CommandError {
     Empty,
     /// A bare name, and `PATH` is unset or empty.
     NoPath {
-        /// The name.
+        /// The program name as given after `--`.
         program: String,
     },
     /// A bare name found in no `PATH` directory.
     NotInPath {
-        /// The name.
+        /// The program name as given after `--`.
         program: String,
         /// The `PATH` searched.
         path: String,
@@ -87,7 +87,7 @@ pub enum CommandError {
     Missing(PathBuf),
     /// The file cannot be looked at.
     Inaccessible {
-        /// The file.
+        /// The file, as resolved.
         path: PathBuf,
         /// The operating system's reason.
         source: io::Error,
@@ -100,7 +100,7 @@ pub enum CommandError {
     Nul(PathBuf),
     /// No execute permission.
     NotExecutable {
-        /// The file.
+        /// The file, as resolved.
         path: PathBuf,
         /// Its permission bits.
         mode: u32,

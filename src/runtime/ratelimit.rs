@@ -15,7 +15,7 @@ use tokio::time::Instant;
 /// Lines allowed per key per window.
 const BURST: u32 = 10;
 
-/// The window.
+/// How long a burst's budget lasts before it starts again.
 const WINDOW: Duration = Duration::from_secs(10);
 
 /// Per-key budgets of log lines.

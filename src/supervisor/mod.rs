@@ -144,7 +144,7 @@ pub enum WorkerState {
 /// What is known about one live worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WorkerInfo {
-    /// Its identity.
+    /// Names this process for the cluster's whole life (slots and pids are reused).
     pub id: WorkerId,
     /// Its slot, which is its `WORKER_ID`.
     pub slot: usize,
@@ -152,7 +152,7 @@ pub struct WorkerInfo {
     pub generation: u64,
     /// Its process id, once spawned.
     pub pid: Option<u32>,
-    /// Its state.
+    /// Whether it may receive connections (`Ready`), is starting, or is draining.
     pub state: WorkerState,
 }
 
@@ -204,27 +204,27 @@ pub enum Input {
     },
     /// The worker listens: its library said so, or /proc shows it accepting.
     Listening {
-        /// The worker.
+        /// Which worker it is about.
         id: WorkerId,
     },
     /// The worker says it is ready (`ready` on its channel, `READY=1` on sd_notify).
     Ready {
-        /// The worker.
+        /// Which worker it is about.
         id: WorkerId,
     },
     /// The worker sent a message that is not protocol.
     Garbage {
-        /// The worker.
+        /// Which worker it is about.
         id: WorkerId,
     },
     /// The worker asked to be replaced (recluster's `disconnect` message).
     ReplaceRequested {
-        /// The worker.
+        /// Which worker it is about.
         id: WorkerId,
     },
     /// The worker process was reaped.
     Exited {
-        /// The worker.
+        /// Which worker it is about.
         id: WorkerId,
         /// How it ended.
         status: ExitStatus,
@@ -245,17 +245,17 @@ pub enum Action {
     },
     /// Tell the worker to stop: stop message and stop signal.
     Stop {
-        /// The worker.
+        /// Which worker it is about.
         id: WorkerId,
     },
     /// Kill the worker (SIGKILL).
     Kill {
-        /// The worker.
+        /// Which worker it is about.
         id: WorkerId,
     },
     /// The slot's active worker changed: route its connections to `worker`, or nowhere.
     Route {
-        /// The slot.
+        /// The slot (`WORKER_ID`) whose connections are re-routed.
         slot: usize,
         /// Its new active worker, if any.
         worker: Option<WorkerId>,
@@ -273,9 +273,9 @@ pub enum Event {
     Spawned(WorkerInfo),
     /// A worker process could not be started.
     SpawnFailed {
-        /// Its slot.
+        /// The slot that stays without a new worker until the respawn.
         slot: usize,
-        /// Its generation.
+        /// The generation it was started for.
         generation: u64,
         /// Why.
         error: SpawnError,
@@ -287,7 +287,7 @@ pub enum Event {
     },
     /// A worker sent a message that is not protocol (reported at counts 1, 2, 4, 8, …).
     Garbage {
-        /// The worker.
+        /// The worker, as the core knew it then.
         worker: WorkerInfo,
         /// Messages that were not protocol so far.
         count: u32,
@@ -307,9 +307,9 @@ pub enum Event {
     },
     /// A slot will get a new worker after this delay.
     RespawnScheduled {
-        /// The slot.
+        /// The slot that waits.
         slot: usize,
-        /// The delay.
+        /// How long it waits: `--respawn`, doubled per quick failure up to `--backoff`.
         delay: Duration,
     },
     /// A starting worker did not become ready within the ready timeout; it is stopped.
@@ -325,12 +325,12 @@ pub enum Event {
     },
     /// Every slot is served by a worker of this generation.
     ReloadFinished {
-        /// The generation.
+        /// The generation number (1 at start, +1 per reload).
         generation: u64,
     },
     /// Every slot has had a ready worker for the first time.
     ClusterReady {
-        /// The generation.
+        /// The generation number (1 at start, +1 per reload).
         generation: u64,
     },
     /// Workers keep failing to start (see the module docs); reported once per cluster.
