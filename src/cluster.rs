@@ -140,6 +140,34 @@ impl ClusterBuilder {
 }
 
 /// A cluster ready to run: sockets bound, command checked.
+///
+/// ```
+/// use recluster::{Balance, Cluster, Event, ReadyWhen, WorkerCommand};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), recluster::Error> {
+/// // Two workers running `sleep 60`, ready as soon as started, on a free port.
+/// let cluster = Cluster::builder(WorkerCommand::new("sleep").arg("60"))
+///     .workers(2)
+///     .listen("127.0.0.1:0".parse().unwrap())
+///     .balance(Balance::Shared)
+///     .ready_when(ReadyWhen::Started)
+///     .build()?;
+/// let handle = cluster.handle();
+/// let mut events = handle.events();
+/// let running = tokio::spawn(cluster.run());
+///
+/// // Wait for the first generation, look at it, reload it, then terminate.
+/// while !matches!(events.recv().await, Ok(Event::ClusterReady { .. })) {}
+/// assert!(handle.active_workers().iter().all(Option::is_some));
+/// handle.reload();
+/// while !matches!(events.recv().await, Ok(Event::ReloadFinished { generation: 2 })) {}
+/// handle.terminate(); // SIGTERM to every worker, SIGKILL after the timeout
+/// running.await.expect("the cluster task")?;
+/// assert!(handle.workers().is_empty());
+/// # Ok(())
+/// # }
+/// ```
 pub struct Cluster {
     setup: Setup,
     handle: ClusterHandle,

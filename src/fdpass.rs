@@ -236,6 +236,8 @@ pub unsafe trait OwnsFd: std::os::fd::AsRawFd {}
 unsafe impl OwnsFd for OwnedFd {}
 // SAFETY: a std listener owns its descriptor and closes it only when dropped.
 unsafe impl OwnsFd for std::net::TcpListener {}
+// SAFETY: a std datagram socket owns its descriptor and closes it only when dropped.
+unsafe impl OwnsFd for std::os::unix::net::UnixDatagram {}
 // SAFETY: the `Arc` keeps the owner alive, and so the descriptor open, while any
 // clone lives; the shared owner cannot close it without being dropped.
 unsafe impl<T: OwnsFd> OwnsFd for std::sync::Arc<T> {}
@@ -275,7 +277,7 @@ pub fn set_flags(fd: BorrowedFd<'_>, nonblocking: bool, cloexec: bool) -> io::Re
     Ok(())
 }
 
-#[cfg(feature = "master")]
+#[cfg_attr(not(feature = "master"), allow(dead_code))]
 /// A connected pair of non-blocking, close-on-exec `SOCK_SEQPACKET` unix sockets.
 pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0 as RawFd; 2];

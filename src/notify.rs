@@ -31,7 +31,6 @@ use nix::sys::socket::{setsockopt, sockopt};
 use tokio::io::unix::AsyncFd;
 
 use crate::fdpass::{self, FdBuf};
-use tokio::io::Interest;
 
 /// Largest datagram accepted; longer ones are truncated by the kernel and dropped.
 const MAX_DATAGRAM: usize = 4096;
@@ -169,9 +168,7 @@ fn bind_socket(path: &Path) -> io::Result<AsyncFd<UnixDatagram>> {
     if tokio::runtime::Handle::try_current().is_err() {
         return Err(io::Error::other("the notify socket needs a tokio runtime"));
     }
-    // SAFETY: the `UnixDatagram` owns its descriptor, keeps it open until dropped, and
-    // always reports the same number; the `AsyncFd` owns the `UnixDatagram`.
-    Ok(unsafe { AsyncFd::register_with_interest(socket, Interest::READABLE) }?)
+    fdpass::register(socket)
 }
 
 /// Receives one datagram; `Ok(None)` when it is to be skipped.

@@ -1,7 +1,7 @@
 //! The pure supervisor core: slots, generations, reload, respawn, timeouts.
 //!
 //! This is the whole lifecycle policy of a cluster (DESIGN §5) as a state machine with
-//! no I/O. The tokio layer (the `driver` module) feeds it [`Input`]s — a worker was
+//! no I/O. The tokio layer (the `runtime` module) feeds it [`Input`]s — a worker was
 //! spawned, became ready, exited; a reload or terminate was asked for — together with
 //! the current time, and carries out the [`Action`]s it returns: spawn, stop, kill,
 //! route. Timers are deadlines kept here; the driver sleeps until
@@ -475,21 +475,20 @@ impl Supervisor {
                 }
             }
             Input::Listening { id } => {
-                self.heard(id);
-                if self.ready_when == ReadyWhen::Listening {
+                if self.heard(id) && self.ready_when == ReadyWhen::Listening {
                     self.ready(id, now, &mut out);
                 }
             }
             Input::Ready { id } => {
-                self.heard(id);
-                if self.ready_when != ReadyWhen::Started {
+                if self.heard(id) && self.ready_when != ReadyWhen::Started {
                     self.ready(id, now, &mut out);
                 }
             }
             Input::Garbage { id } => self.garbage(id, &mut out),
             Input::ReplaceRequested { id } => {
-                self.heard(id);
-                self.replace(id, now, &mut out)
+                if self.heard(id) {
+                    self.replace(id, now, &mut out)
+                }
             }
             Input::Exited { id, status } => self.gone(id, Some(status), now, &mut out),
         }
@@ -826,9 +825,16 @@ impl Supervisor {
         }
     }
 
-    fn heard(&mut self, id: WorkerId) {
-        if let Some(w) = self.workers.get_mut(&id) {
-            w.heard = true;
+    /// Notes that the worker said something; false when it was killed for garbage,
+    /// whose later words count for nothing (it must not become ready while it dies).
+    fn heard(&mut self, id: WorkerId) -> bool {
+        match self.workers.get_mut(&id) {
+            Some(w) if w.garbage >= GARBAGE_LIMIT => false,
+            Some(w) => {
+                w.heard = true;
+                true
+            }
+            None => false,
         }
     }
 

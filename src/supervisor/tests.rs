@@ -643,6 +643,16 @@ async fn garbage_is_reported_at_powers_of_two_and_kills_at_the_limit() {
     }
     assert_eq!(reported, [1, 2, 4, 8, 16, 32, 64]);
     assert_eq!(kills, [id], "killed once, at the limit");
+    // A worker killed for garbage says nothing that counts while it dies.
+    let (mut sim2, out) = Sim::start(1, timing());
+    let dying = ids(&out)[0];
+    for _ in 0..GARBAGE_LIMIT {
+        sim2.feed(Input::Garbage { id: dying });
+    }
+    assert!(sim2.feed(Input::Listening { id: dying }).is_empty());
+    assert!(sim2.feed(Input::Ready { id: dying }).is_empty());
+    assert!(sim2.feed(Input::ReplaceRequested { id: dying }).is_empty());
+    assert_eq!(sim2.active(0), None);
     // Then it is replaced as any dead worker is.
     assert_eq!(respawn_delays(&sim.exit(id)), [100 * MS]);
 }

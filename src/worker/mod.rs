@@ -86,12 +86,14 @@ fn channel() -> Option<&'static Arc<OwnedFd>> {
     CHANNEL
         .get_or_init(|| {
             let fd: RawFd = env_number("RECLUSTER_FD")?;
-            // SAFETY: F_GETFD only reads the descriptor's flags; a bad fd gives EBADF.
-            if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            // A process that inherited the variable but not the channel (a grandchild,
+            // fd 3 reused) must not take over whatever fd 3 is now.
+            if socket_option(fd, libc::SO_TYPE) != Some(libc::SOCK_SEQPACKET) {
                 return None;
             }
             // SAFETY: RECLUSTER_FD names the worker channel the master placed in this
-            // process; this static takes it over once and never closes it.
+            // process (an open SOCK_SEQPACKET socket, checked above); this static takes
+            // it over once and never closes it.
             let owned = unsafe { OwnedFd::from_raw_fd(fd) };
             set_nonblocking_cloexec(&owned).ok()?;
             Some(Arc::new(owned))
@@ -133,21 +135,13 @@ impl Listener {
                 "Listener::from_env takes over the inherited descriptors: call it once per process",
             ));
         }
-        let stopped = Arc::new(watch::channel(false).0);
-        // Handle SIGTERM from the start, so that it drains instead of killing.
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        let on_term = stopped.clone();
-        tokio::spawn(async move {
-            if term.recv().await.is_some() {
-                on_term.send_replace(true);
-            }
-        });
         if let Some(ch) = channel() {
             if env_number::<u32>("RECLUSTER_PROTOCOL").is_some_and(|v| v != channel::VERSION) {
                 return Err(io::Error::other(
                     "the master speaks another worker-channel protocol version: upgrade the worker library",
                 ));
             }
+            let stopped = drain_on_stop_signal()?;
             let listener = Listener {
                 source: Source::Channel {
                     fd: fdpass::register(ch.clone())?,
@@ -184,6 +178,7 @@ impl Listener {
                 )));
             }
         }
+        let stopped = drain_on_stop_signal()?;
         let mut listeners = Vec::with_capacity(count as usize);
         for fd in 3..3 + count {
             // SAFETY: the socket-activation protocol hands fds 3..3+LISTEN_FDS to this
@@ -306,22 +301,47 @@ async fn accept_any(listeners: &[TcpListener]) -> io::Result<(TcpStream, SocketA
     .await
 }
 
-/// Whether `fd` is open and a listening socket (`SO_ACCEPTCONN`).
+/// From here on SIGTERM drains instead of killing: the returned flag is set when it
+/// comes. Installed only once the environment checked out, so that a process that is
+/// no worker keeps SIGTERM's default action.
+fn drain_on_stop_signal() -> io::Result<Arc<watch::Sender<bool>>> {
+    let stopped = Arc::new(watch::channel(false).0);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let on_term = stopped.clone();
+    tokio::spawn(async move {
+        if term.recv().await.is_some() {
+            on_term.send_replace(true);
+        }
+    });
+    Ok(stopped)
+}
+
+/// Whether `fd` is an open, listening TCP socket (IPv4 or IPv6, `SOCK_STREAM`).
 fn is_listening_socket(fd: RawFd) -> bool {
-    let mut on: libc::c_int = 0;
+    socket_option(fd, libc::SO_ACCEPTCONN).is_some_and(|on| on != 0)
+        && socket_option(fd, libc::SO_TYPE) == Some(libc::SOCK_STREAM)
+        && matches!(
+            socket_option(fd, libc::SO_DOMAIN),
+            Some(libc::AF_INET | libc::AF_INET6)
+        )
+}
+
+/// An integer `SOL_SOCKET` option of `fd`; `None` when it is closed or no socket.
+fn socket_option(fd: RawFd, option: libc::c_int) -> Option<libc::c_int> {
+    let mut value: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `on`, which we own; a closed
-    // descriptor or one that is no socket gives an error, not undefined behaviour.
+    // SAFETY: getsockopt writes at most `len` bytes into `value`, which we own; a
+    // closed descriptor or one that is no socket gives an error, not undefined behaviour.
     let rc = unsafe {
         libc::getsockopt(
             fd,
             libc::SOL_SOCKET,
-            libc::SO_ACCEPTCONN,
-            (&mut on as *mut libc::c_int).cast(),
+            option,
+            (&mut value as *mut libc::c_int).cast(),
             &mut len,
         )
     };
-    rc == 0 && on != 0
+    (rc == 0).then_some(value)
 }
 
 fn set_nonblocking_cloexec(fd: &impl AsFd) -> io::Result<()> {
