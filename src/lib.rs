@@ -32,41 +32,33 @@
 
 #![warn(missing_docs)]
 
-#[cfg(feature = "master")]
-pub mod balance;
+/// Items of the master (feature `master`, on by default); without it the crate is the
+/// worker library alone.
+macro_rules! master {
+    ($($item:item)*) => { $( #[cfg(feature = "master")] $item )* };
+}
+
 pub mod channel;
-#[cfg(feature = "master")]
-pub mod cli;
-#[cfg(feature = "master")]
-mod cluster;
-#[cfg(feature = "master")]
-pub mod config;
-#[cfg(feature = "master")]
-mod error;
 mod fdpass;
-#[cfg(feature = "master")]
-mod listen;
-#[cfg(feature = "master")]
-mod notify;
-#[cfg(feature = "master")]
-mod runtime;
-#[cfg(feature = "master")]
-pub mod supervisor;
-#[cfg(feature = "master")]
-mod via;
 pub mod worker;
 
-#[cfg(feature = "master")]
-pub use balance::BalanceCounts;
-#[cfg(feature = "master")]
-pub use cluster::{Cluster, ClusterBuilder};
-#[cfg(feature = "master")]
-pub use config::{Balance, ReadyWhen, Timing};
-#[cfg(feature = "master")]
-pub use error::{CommandError, ConfigError, Error};
-#[cfg(feature = "master")]
-pub use runtime::handle::ClusterHandle;
-#[cfg(feature = "master")]
-pub use runtime::launch::WorkerCommand;
-#[cfg(feature = "master")]
-pub use supervisor::{Event, ExitStatus, StartFailure, WorkerId, WorkerInfo, WorkerState};
+master! {
+    pub mod balance;
+    pub mod cli;
+    mod cluster;
+    pub mod config;
+    mod error;
+    mod listen;
+    mod notify;
+    mod runtime;
+    pub mod supervisor;
+    mod via;
+
+    pub use balance::BalanceCounts;
+    pub use cluster::{Cluster, ClusterBuilder};
+    pub use config::{Balance, ReadyWhen, Timing};
+    pub use error::{CommandError, ConfigError, Error};
+    pub use runtime::handle::ClusterHandle;
+    pub use runtime::launch::WorkerCommand;
+    pub use supervisor::{Event, ExitStatus, StartFailure, WorkerId, WorkerInfo, WorkerState};
+}

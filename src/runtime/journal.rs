@@ -13,6 +13,21 @@ use tracing::{error, info, warn};
 use crate::runtime::ratelimit::RateLimit;
 use crate::supervisor::{Event, ExitStatus, WorkerState};
 
+/// A line about worker `$w`: the event's name, its slot, pid and generation, then the
+/// further fields named (local variables), then the message.
+macro_rules! worker_line {
+    ($level:ident, $event:literal, $w:expr, $msg:literal $(, $field:ident)*) => {
+        $level!(
+            event = $event,
+            slot = $w.slot,
+            pid = $w.pid,
+            generation = $w.generation,
+            $($field,)*
+            $msg
+        )
+    };
+}
+
 /// What a rate-limited line is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 enum Kind {
@@ -74,27 +89,16 @@ impl Journal {
     pub fn record(&mut self, event: &Event, workers: usize) {
         match event {
             Event::Spawned(w) => {
-                if self.respawning.remove(&w.slot) {
+                // Only the spawns of a respawn loop are rate-limited.
+                let suppressed = if self.respawning.remove(&w.slot) {
                     let Some(suppressed) = self.allow(w.slot, Kind::Spawn) else {
                         return;
                     };
-                    info!(
-                        event = "worker_spawned",
-                        slot = w.slot,
-                        pid = w.pid,
-                        generation = w.generation,
-                        suppressed,
-                        "worker spawned"
-                    );
+                    suppressed
                 } else {
-                    info!(
-                        event = "worker_spawned",
-                        slot = w.slot,
-                        pid = w.pid,
-                        generation = w.generation,
-                        "worker spawned"
-                    );
-                }
+                    None
+                };
+                worker_line!(info, "worker_spawned", w, "worker spawned", suppressed);
             }
             Event::SpawnFailed {
                 slot,
@@ -105,24 +109,8 @@ impl Journal {
                     error!(event = "spawn_failed", slot, generation, suppressed, error = %error, "spawn failed");
                 }
             }
-            Event::Ready(w) => {
-                info!(
-                    event = "worker_ready",
-                    slot = w.slot,
-                    pid = w.pid,
-                    generation = w.generation,
-                    "worker ready"
-                )
-            }
-            Event::Retiring(w) => {
-                info!(
-                    event = "worker_retiring",
-                    slot = w.slot,
-                    pid = w.pid,
-                    generation = w.generation,
-                    "worker retiring"
-                )
-            }
+            Event::Ready(w) => worker_line!(info, "worker_ready", w, "worker ready"),
+            Event::Retiring(w) => worker_line!(info, "worker_retiring", w, "worker retiring"),
             Event::Exited { worker: w, status } => {
                 let (code, signal) = match *status {
                     ExitStatus::Code(c) => (Some(c), None),
@@ -131,25 +119,16 @@ impl Journal {
                     ExitStatus::Unknown => (None, None),
                 };
                 if w.state == WorkerState::Retiring {
-                    info!(
-                        event = "worker_exited",
-                        slot = w.slot,
-                        pid = w.pid,
-                        generation = w.generation,
-                        code,
-                        signal,
-                        "worker exited"
-                    );
+                    worker_line!(info, "worker_exited", w, "worker exited", code, signal);
                 } else if let Some(suppressed) = self.allow(w.slot, Kind::Exit) {
-                    warn!(
-                        event = "worker_exited",
-                        slot = w.slot,
-                        pid = w.pid,
-                        generation = w.generation,
+                    worker_line!(
+                        warn,
+                        "worker_exited",
+                        w,
+                        "worker exited",
                         code,
                         signal,
-                        suppressed,
-                        "worker exited"
+                        suppressed
                     );
                 }
             }
@@ -163,25 +142,22 @@ impl Journal {
                     );
                 }
             }
-            Event::NotReadyInTime(w) => warn!(
-                event = "worker_not_ready_in_time",
-                slot = w.slot,
-                pid = w.pid,
-                generation = w.generation,
+            Event::NotReadyInTime(w) => worker_line!(
+                warn,
+                "worker_not_ready_in_time",
+                w,
                 "worker not ready in time"
             ),
-            Event::KilledAfterTimeout(w) => warn!(
-                event = "worker_killed_after_timeout",
-                slot = w.slot,
-                pid = w.pid,
-                generation = w.generation,
+            Event::KilledAfterTimeout(w) => worker_line!(
+                warn,
+                "worker_killed_after_timeout",
+                w,
                 "worker killed after timeout"
             ),
-            Event::ReplaceStarted(w) => info!(
-                event = "worker_replace_requested",
-                slot = w.slot,
-                pid = w.pid,
-                generation = w.generation,
+            Event::ReplaceStarted(w) => worker_line!(
+                info,
+                "worker_replace_requested",
+                w,
                 "worker asked to be replaced"
             ),
             Event::ReloadStarted { generation } => {
@@ -198,17 +174,17 @@ impl Journal {
             Event::CannotExecute { error } => {
                 error!(event = "cannot_execute", error = %error, "the command cannot be executed: giving up")
             }
-            Event::Garbage { worker: w, count } => warn!(
-                event = "worker_garbage",
-                slot = w.slot,
-                pid = w.pid,
-                count,
-                "worker sent a message that is not protocol"
+            Event::Garbage { worker: w, count } => worker_line!(
+                warn,
+                "worker_garbage",
+                w,
+                "worker sent a message that is not protocol",
+                count
             ),
-            Event::KilledForGarbage(w) => warn!(
-                event = "worker_garbage_killed",
-                slot = w.slot,
-                pid = w.pid,
+            Event::KilledForGarbage(w) => worker_line!(
+                warn,
+                "worker_garbage_killed",
+                w,
                 "worker keeps sending garbage on its channel: killing it"
             ),
             // Logged by the driver, with advice that depends on the mode.
