@@ -14,7 +14,7 @@ use nix::sys::signal::Signal;
 use crate::config::{self, Balance, ReadyWhen, Timing};
 use crate::error::{ConfigError, Error};
 use crate::runtime::handle::ClusterHandle;
-use crate::runtime::launch::WorkerCommand;
+use crate::runtime::command::WorkerCommand;
 use crate::runtime::Setup;
 
 /// Configures a [`Cluster`]; every setting has recluster's default.
@@ -107,7 +107,7 @@ impl ClusterBuilder {
         }
         let path_var = std::env::var_os("PATH");
         let program =
-            crate::runtime::launch::resolve_program(&self.command.program, path_var.as_ref())
+            crate::runtime::command::resolve_program(&self.command.program, path_var.as_ref())
                 .map_err(Error::Command)?;
         let addrs = if self.listen.is_empty() {
             vec![SocketAddr::from(([127, 0, 0, 1], 8080))]

@@ -59,6 +59,6 @@ master! {
     pub use config::{Balance, ReadyWhen, Timing};
     pub use error::{CommandError, ConfigError, Error};
     pub use runtime::handle::ClusterHandle;
-    pub use runtime::launch::WorkerCommand;
+    pub use runtime::command::WorkerCommand;
     pub use supervisor::{Event, ExitStatus, StartFailure, WorkerId, WorkerInfo, WorkerState};
 }

@@ -33,9 +33,10 @@ use crate::supervisor::{
 use crate::via::channel::WorkerChannel;
 use handle::{Command, Snapshot};
 use journal::Journal;
-use launch::{Launcher, WorkerCommand};
+use command::{Launcher, WorkerCommand};
 
 mod advice;
+pub(crate) mod command;
 pub(crate) mod control;
 pub(crate) mod handle;
 mod journal;
