@@ -369,10 +369,19 @@ mod tests {
         fake.set(true, false);
         let line = "x".repeat(999);
         let sent = (MAX_BYTES / 1000) * 4;
-        for _ in 0..sent {
+        let shared = &log.queue.shared;
+        // The writer takes the first line and sticks on it; only then the flood, so that
+        // every drop happens while stderr is stuck (a writer that started late would
+        // report drops from before and after its first write separately).
+        log.line(format_args!("{line}"));
+        let deadline = Instant::now() + LONG;
+        while shared.queued_bytes.load(Ordering::Acquire) != 0 {
+            assert!(Instant::now() < deadline, "the writer never took the first line");
+            std::thread::yield_now();
+        }
+        for _ in 1..sent {
             log.line(format_args!("{line}"));
         }
-        let shared = &log.queue.shared;
         assert!(shared.queued_bytes.load(Ordering::Acquire) <= MAX_BYTES);
         assert!(shared.dropped_full.load(Ordering::Acquire) > 0);
         let started = Instant::now();
