@@ -267,6 +267,75 @@ fn a_worker_sending_garbage_on_its_channel_is_logged_then_killed_at_64_and_respa
 }
 
 #[test]
+fn a_flood_of_valid_messages_is_cut_off_and_costs_the_master_no_memory() {
+    let Some(worker) = channel_worker() else {
+        return;
+    };
+    let mark = std::env::temp_dir().join(unique_tag("recluster-flood"));
+    let _ = std::fs::remove_file(&mark);
+    // Slot 1's first worker stops reading its channel (so that nothing it holds is lost
+    // when it is killed) and a child of it sends `listening` as fast as it can: 25 lines
+    // a message, five million messages, which an unbounded queue would hold at once.
+    let m = Cluster::new()
+        .workers(3)
+        .args([
+            "--balance",
+            "rr",
+            "--listen",
+            "127.0.0.1:0",
+            "--respawn",
+            "100ms",
+        ])
+        .env("FLOOD_1", "5000000")
+        .env("FLOOD_ONCE_1", &mark)
+        .env("STALL_SLOT", "1")
+        .env("STALL_ONCE", mark.with_extension("stall"))
+        .command(&worker)
+        .spawn();
+    let addr = m.addr();
+    let before = rss_kib(m.pid).expect("master RSS");
+    let load = Load::start(addr, 4);
+    // The master cuts the flooder off (a rate budget, then the garbage limit), and the
+    // slot gets a new worker; the master's memory is sampled all the while.
+    let mut peak = before;
+    let mut sample = || {
+        peak = peak.max(rss_kib(m.pid).unwrap_or(0));
+    };
+    let killed = poll_until(DEADLINE, || {
+        sample();
+        !m.events("worker_garbage_killed slot=1").is_empty()
+    });
+    assert!(
+        killed,
+        "the flooder was never cut off (master RSS {before} KiB before, {} KiB now)",
+        rss_kib(m.pid).unwrap_or(0)
+    );
+    let bad = m.events("worker_garbage_killed slot=1")[0].pid();
+    let respawned = poll_until(DEADLINE, || {
+        sample();
+        m.lines()
+            .iter()
+            .any(|l| l.matches("worker_ready slot=1") && l.pid() != bad)
+    });
+    load.wait_more_ok(200, DEADLINE);
+    sample();
+    let totals = load.stop();
+    let cpu = cpu_time(m.pid).unwrap_or_default();
+    println!(
+        "flood: master RSS {before} KiB before, peak {peak} KiB; flooder pid {bad} cut off; \
+         load {} ok, {} failed; master CPU {cpu:?} in all",
+        totals.ok,
+        totals.failed()
+    );
+    assert!(respawned, "slot 1 got no new worker");
+    assert!(peak < 16 * 1024, "master RSS reached {peak} KiB");
+    assert_eq!(totals.failed(), 0, "{:?}", totals.first_failures);
+    let _ = std::fs::remove_file(&mark);
+    let _ = std::fs::remove_file(mark.with_extension("stall"));
+    terminate(&m, "flood");
+}
+
+#[test]
 fn garbage_and_oversized_datagrams_on_notify_socket_are_ignored_and_do_not_make_a_worker_ready() {
     let Some(worker) = channel_worker() else {
         return;

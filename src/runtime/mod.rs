@@ -22,10 +22,8 @@ use tokio::time::{sleep_until, Instant};
 use tracing::{debug, info, warn};
 
 use crate::balance::Update;
-use crate::channel::{self, WorkerLine};
 use crate::config::{Balance, ReadyWhen, Timing};
 use crate::error::{CommandError, Error};
-use crate::fdpass::FdBuf;
 use crate::notify::{NotifyMessage, NotifySocket};
 use crate::supervisor::{
     Action, Event, ExitStatus, Input, SpawnError, SpawnStep, Supervisor, WorkerId,
@@ -43,6 +41,7 @@ mod journal;
 pub(crate) mod launch;
 mod probe;
 mod ratelimit;
+mod reader;
 mod reap;
 
 /// Everything the runtime needs to run a cluster, checked and bound by the builder.
@@ -90,7 +89,7 @@ struct Driver {
     /// Fires when the balancer has ended, awaited at the end so its last counts are in.
     balancer_task: Option<tokio::sync::oneshot::Receiver<()>>,
     /// Worker messages, as supervisor inputs, from the channel readers.
-    messages: mpsc::UnboundedSender<Input>,
+    messages: mpsc::Sender<Input>,
     fatal: Option<Error>,
     exit: bool,
 }
@@ -108,7 +107,7 @@ pub(crate) async fn run(setup: Setup) -> Result<(), Error> {
             info!(event = "listening", addr = %addr, index, balance = %setup.balance, "listening");
         }
     }
-    let (messages, mut message_rx) = mpsc::unbounded_channel();
+    let (messages, mut message_rx) = mpsc::channel(reader::QUEUE);
     let mut driver = Driver::new(setup, notify, messages)?;
     let first = driver.sup.start(Instant::now());
     driver.apply(first);
@@ -169,7 +168,7 @@ impl Driver {
     fn new(
         mut setup: Setup,
         notify: NotifySocket,
-        messages: mpsc::UnboundedSender<Input>,
+        messages: mpsc::Sender<Input>,
     ) -> Result<Driver, Error> {
         let mut launcher = Launcher::new(&setup, notify.path());
         let addrs = setup
@@ -293,7 +292,7 @@ impl Driver {
                 let probing = shared && self.setup.ready_when == ReadyWhen::Listening;
                 let reader = channel
                     .clone()
-                    .map(|ch| tokio::spawn(read_worker(id, ch, self.messages.clone())));
+                    .map(|ch| tokio::spawn(reader::read_worker(id, ch, self.messages.clone())));
                 self.procs.insert(
                     id,
                     Proc {
@@ -484,35 +483,6 @@ impl Driver {
             workers: self.sup.workers(),
         };
         self.setup.ends.state.send_replace(Arc::new(snapshot));
-    }
-}
-
-/// Reads one worker's channel and forwards its messages to the driver.
-async fn read_worker(id: WorkerId, ch: Arc<WorkerChannel>, tx: mpsc::UnboundedSender<Input>) {
-    let mut buf = [0u8; channel::MAX_WORKER_MESSAGE];
-    let mut cbuf = FdBuf::new();
-    loop {
-        let (len, bad) = match ch.recv(&mut buf, &mut cbuf).await {
-            Ok(r) => r,
-            Err(_) => return,
-        };
-        // An empty message is not EOF here (the master holds a copy of the worker's end,
-        // so EOF never comes): it is one more message that is not protocol.
-        if bad || len == 0 {
-            let _ = tx.send(Input::Garbage { id });
-            continue;
-        }
-        for line in channel::lines(&buf[..len]) {
-            let input = match channel::parse_worker_line(line) {
-                WorkerLine::Listening => Input::Listening { id },
-                WorkerLine::Ready => Input::Ready { id },
-                WorkerLine::Replace => Input::ReplaceRequested { id },
-                WorkerLine::Unknown(_) => Input::Garbage { id },
-            };
-            if tx.send(input).is_err() {
-                return;
-            }
-        }
     }
 }
 

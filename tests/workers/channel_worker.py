@@ -26,6 +26,10 @@ that slot only and wins over NAME:
                     ones that begin with `READY=1` (over the master's 4 KiB limit),
                     empty ones, ones that carry a descriptor.
 * NOTIFY_READY=1    then send `READY=1` to NOTIFY_SOCKET.
+* FLOOD=n           after `listening`, a child of the worker (it inherits the channel)
+                    sends n messages of 25 `listening` lines each (250 bytes, under the
+                    256-byte limit), as fast as it can: a flood of valid messages. With
+                    FLOOD_ONCE=<path>, only the first worker floods.
 * NEVER_LISTEN_FROM_GEN=g  a worker of generation >= g never says `listening`
                     (it waits for the stop signal): a generation that never becomes ready.
 """
@@ -91,6 +95,15 @@ if never_from and int(gen) >= never_from:
         signal.pause()
 
 chan.send(b"listening\n")
+
+flood = int(knob("FLOOD"))
+if flood and first_to_create(knob("FLOOD_ONCE", "")) and os.fork() == 0:
+    try:
+        lines = b"listening\n" * 25
+        for _ in range(flood):
+            chan.send(lines)
+    finally:
+        os._exit(0)
 
 if os.environ.get("STALL_SLOT") == wid and first_to_create(os.environ.get("STALL_ONCE")):
     while True:
