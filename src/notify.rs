@@ -74,6 +74,7 @@ impl NotifySocket {
             .map(PathBuf::from)
             .filter(|p| p.is_absolute() && p.is_dir())
             .unwrap_or_else(std::env::temp_dir);
+        remove_stale_dirs(&base);
         let dir = create_private_dir(&base)?;
         let path = dir.join(SOCKET_NAME);
         match bind_socket(&path) {
@@ -124,6 +125,50 @@ impl Drop for NotifySocket {
 }
 
 /// Creates a fresh directory of mode 0700 under `base` with an unguessable name.
+/// Removes the directories that masters killed before they could clean up left in
+/// `base`: `recluster-<pid>-<n>-<hex>`, owned by this user, whose pid is gone, holding
+/// nothing but the socket. Anything else (a live master's, another user's, a link, a
+/// directory with other contents) is left alone.
+fn remove_stale_dirs(base: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    for entry in entries.flatten().take(100_000) {
+        let name = entry.file_name();
+        let Some(pid) = stale_dir_pid(&name.to_string_lossy()) else {
+            continue;
+        };
+        let dir = entry.path();
+        let owned_dir = std::fs::symlink_metadata(&dir)
+            .is_ok_and(|m| m.is_dir() && m.uid() == uid);
+        if !owned_dir || pid_alive(pid) {
+            continue;
+        }
+        let _ = std::fs::remove_file(dir.join(SOCKET_NAME));
+        let _ = std::fs::remove_dir(&dir); // fails, harmlessly, if anything else is inside
+    }
+}
+
+/// The pid in a notify directory's name `recluster-<pid>-<n>-<16 hex digits>`.
+fn stale_dir_pid(name: &str) -> Option<i32> {
+    let mut parts = name.strip_prefix("recluster-")?.split('-');
+    let pid: i32 = parts.next()?.parse().ok()?;
+    let n_ok = parts.next()?.parse::<u64>().is_ok();
+    let hex = parts.next()?;
+    let hex_ok = hex.len() == 16 && hex.bytes().all(|b| b.is_ascii_hexdigit());
+    (n_ok && hex_ok && parts.next().is_none() && pid > 0).then_some(pid)
+}
+
+/// Whether a process `pid` exists (another user's counts).
+fn pid_alive(pid: i32) -> bool {
+    // SAFETY: kill with signal 0 only checks that the process exists.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
 fn create_private_dir(base: &Path) -> io::Result<PathBuf> {
     let pid = std::process::id();
     for _ in 0..16 {
@@ -345,6 +390,28 @@ mod tests {
             .filter(|t| *t == target)
             .count();
         assert_eq!(count, 1);
+    }
+
+    #[test]
+    fn stale_directories_of_dead_masters_are_removed_and_nothing_else() {
+        let base = create_private_dir(&std::env::temp_dir()).unwrap();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let stale = base.join(format!("recluster-{dead}-0-00000000000000ab"));
+        std::fs::create_dir(&stale).unwrap();
+        std::fs::write(stale.join(SOCKET_NAME), b"").unwrap();
+        let live = base.join(format!("recluster-{}-0-00000000000000ab", std::process::id()));
+        std::fs::create_dir(&live).unwrap();
+        let crowded = base.join(format!("recluster-{dead}-1-00000000000000ab"));
+        std::fs::create_dir(&crowded).unwrap();
+        std::fs::write(crowded.join("other"), b"").unwrap();
+        let odd = base.join(format!("recluster-{dead}-x"));
+        std::fs::create_dir(&odd).unwrap();
+        remove_stale_dirs(&base);
+        assert!(!stale.exists(), "a dead master's directory stays");
+        assert!(live.exists() && crowded.exists() && odd.exists());
+        std::fs::remove_dir_all(&base).unwrap();
     }
 
     #[test]

@@ -336,6 +336,50 @@ fn a_flood_of_valid_messages_is_cut_off_and_costs_the_master_no_memory() {
 }
 
 #[test]
+fn the_notify_directory_of_a_killed_master_is_removed_by_the_next_one() {
+    let base = std::env::temp_dir().join(unique_tag("notify-dirs"));
+    std::fs::create_dir_all(&base).unwrap();
+    let start = || {
+        Cluster::new()
+            .workers(1)
+            .args(["--balance", "shared", "--listen", "127.0.0.1:0"])
+            .env("TMPDIR", &base)
+            .env("XDG_RUNTIME_DIR", &base)
+            .spawn()
+    };
+    let dirs = || -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(&base)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let first = start();
+    first.wait_cluster_ready(1);
+    let left = dirs();
+    assert_eq!(left.len(), 1, "{left:?}");
+    first.signal(Signal::SIGKILL);
+    first
+        .wait_exit(DEADLINE)
+        .expect("the killed master is reaped");
+    assert_eq!(dirs(), left, "a SIGKILLed master cannot clean up");
+    let second = start();
+    second.wait_cluster_ready(1);
+    let now = dirs();
+    println!("notify dirs: {left:?} after the kill, {now:?} once the next master runs");
+    assert_eq!(now.len(), 1, "{now:?}");
+    assert_ne!(now, left, "the dead master's directory is still there");
+    assert!(now[0].starts_with(&format!("recluster-{}-", second.pid)));
+    terminate(&second, "notify dirs");
+    assert!(
+        dirs().is_empty(),
+        "a master that ends cleans up after itself"
+    );
+    std::fs::remove_dir_all(&base).unwrap();
+}
+
+#[test]
 fn garbage_and_oversized_datagrams_on_notify_socket_are_ignored_and_do_not_make_a_worker_ready() {
     let Some(worker) = channel_worker() else {
         return;
