@@ -379,6 +379,80 @@ fn the_notify_directory_of_a_killed_master_is_removed_by_the_next_one() {
     std::fs::remove_dir_all(&base).unwrap();
 }
 
+/// Once terminate has started, a new client is refused (and retries elsewhere) rather
+/// than left in the backlog until every worker has drained. (Not in `shared`: there the
+/// workers hold the sockets and close them as they stop; see `close_listeners`.)
+fn new_clients_refused_while_terminating(mode: &str) {
+    let m = Cluster::new()
+        .workers(1)
+        .args([
+            "--balance",
+            mode,
+            "--listen",
+            "127.0.0.1:0",
+            "--timeout",
+            "20s",
+        ])
+        .command([echo()])
+        .spawn();
+    let addr = m.addr();
+    m.wait_cluster_ready(1);
+    // A client in the middle of a conversation (greeted: its worker has it) keeps the
+    // echo worker draining.
+    use std::io::{BufRead, Write};
+    let held = std::net::TcpStream::connect(addr).expect("connect");
+    let mut reader = std::io::BufReader::new(held.try_clone().unwrap());
+    let mut greeting = String::new();
+    reader.read_line(&mut greeting).unwrap();
+    assert!(greeting.starts_with("id=0 "), "{greeting}");
+    m.signal(Signal::SIGTERM);
+    m.wait_event("terminating", DEADLINE);
+    let mut accepted_after = 0;
+    let refused = poll_until(DEADLINE, || {
+        match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionRefused,
+            Ok(_) => {
+                accepted_after += 1;
+                false
+            }
+        }
+    });
+    let still_terminating = m.exit_status().is_none();
+    println!(
+        "{mode}: new clients refused once terminating: {refused} ({accepted_after} connected \
+         before the sockets closed); master still draining: {still_terminating}"
+    );
+    assert!(
+        refused,
+        "{mode}: new clients still wait in the backlog while terminating"
+    );
+    assert!(
+        still_terminating,
+        "{mode}: the test proved nothing: the master had gone"
+    );
+    // The client in conversation is still served: it drains, then the master exits 0.
+    (&held).write_all(b"still here\n").unwrap();
+    let mut echoed = String::new();
+    reader.read_line(&mut echoed).unwrap();
+    assert_eq!(
+        echoed, "still here\n",
+        "{mode}: the draining worker stopped serving"
+    );
+    drop(reader);
+    drop(held);
+    assert!(m.expect_exit(DEADLINE).success());
+}
+
+#[test]
+fn rr_new_clients_are_refused_once_terminate_starts() {
+    new_clients_refused_while_terminating("rr");
+}
+
+#[test]
+fn sticky_new_clients_are_refused_once_terminate_starts() {
+    new_clients_refused_while_terminating("sticky");
+}
+
 #[test]
 fn garbage_and_oversized_datagrams_on_notify_socket_are_ignored_and_do_not_make_a_worker_ready() {
     let Some(worker) = channel_worker() else {

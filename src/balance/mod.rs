@@ -97,6 +97,9 @@ pub(crate) enum Update {
     },
     /// Connections taken back from an exited worker, to hand out again.
     Reclaimed(Vec<Conn>),
+    /// The cluster is terminating: close the listening sockets, so that new clients
+    /// are refused at once (and retry elsewhere) instead of waiting in the backlog.
+    CloseListeners,
 }
 
 /// A snapshot of the balancer's counters: where every accepted connection went.
@@ -244,6 +247,7 @@ impl Balancer {
                 }
                 self.flush_all();
             }
+            Update::CloseListeners => self.listeners.clear(),
         }
         if self.router.has_ready() && !self.parked.is_empty() {
             self.retry_parked();

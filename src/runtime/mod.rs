@@ -471,8 +471,21 @@ impl Driver {
             }
             Event::Terminating => {
                 let _ = crate::notify::notify_service_manager("STOPPING=1");
+                self.close_listeners();
             }
             _ => {}
+        }
+    }
+
+    /// Terminating: new clients are refused at once rather than left to wait in the
+    /// backlog until every worker has drained (up to `--timeout`), as nginx and HAProxy
+    /// unbind on a graceful stop. In `rr`/`sticky` the balancer closes its sockets. In
+    /// `shared` the workers hold the same sockets and close them as they stop: shutting
+    /// them down under a draining server would fail its `accept`, and many servers (Go's
+    /// `http.Serve`, say) end at once on that, cutting the requests in flight.
+    fn close_listeners(&mut self) {
+        if let Some(tx) = &self.balancer {
+            let _ = tx.send(Update::CloseListeners);
         }
     }
 
