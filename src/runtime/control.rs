@@ -13,19 +13,30 @@
 //! terminate  -> ok / end
 //! ```
 //!
-//! The socket file is created with mode 0600 (only the master's user may steer it)
-//! and removed when the master exits.
+//! The socket file is created with mode 0600 (under a umask that never lets it exist
+//! more open than that) and removed when the master exits. A peer must be the master's
+//! user or root (`SO_PEERCRED`). Whoever connects cannot starve the master: at most
+//! [`MAX_CONNECTIONS`] are served at once (more are answered `error busy` and closed at
+//! once, so they hold no descriptor), and each has [`READ_DEADLINE`] to send its line.
 
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
 use crate::supervisor::WorkerState;
 use crate::ClusterHandle;
+
+/// Control connections served at once.
+pub const MAX_CONNECTIONS: usize = 16;
+
+/// Time a control client has to send its command line.
+pub const READ_DEADLINE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A bound control socket; the file is removed on drop.
 pub struct ControlSocket {
@@ -49,7 +60,15 @@ impl ControlSocket {
             }
             std::fs::remove_file(path)?;
         }
-        let listener = UnixListener::bind(path)?;
+        // The socket is created with the umask applied: 0177 makes it 0600 from the
+        // start, never reachable by others between bind and chmod. (The umask is the
+        // process's; nothing else in the master creates files while it is changed.)
+        // SAFETY: umask has no preconditions and cannot fail.
+        let old = unsafe { libc::umask(0o177) };
+        let bound = UnixListener::bind(path);
+        // SAFETY: as above.
+        unsafe { libc::umask(old) };
+        let listener = bound?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
         Ok(ControlSocket {
             listener,
@@ -59,14 +78,21 @@ impl ControlSocket {
 
     /// Answers commands for `handle`'s cluster until the task is dropped.
     pub async fn serve(self, handle: ClusterHandle) {
+        let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         loop {
             match self.listener.accept().await {
                 Ok((stream, _)) => {
+                    let Ok(permit) = permits.clone().try_acquire_owned() else {
+                        // Busy: say so if the peer can take it now, and close at once.
+                        let _ = stream.try_write(b"error busy: try again\nend\n");
+                        continue;
+                    };
                     let handle = handle.clone();
                     tokio::spawn(async move {
                         if let Err(e) = answer(stream, &handle).await {
                             debug!(event = "control_connection_failed", error = %e, "control connection failed");
                         }
+                        drop(permit);
                     });
                 }
                 Err(e) => {
@@ -87,10 +113,37 @@ impl Drop for ControlSocket {
 
 /// Reads one command line and writes its answer.
 async fn answer(stream: UnixStream, handle: &ClusterHandle) -> io::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    let allowed = stream
+        .peer_cred()
+        .is_ok_and(|c| c.uid() == uid || c.uid() == 0);
     let (read, mut write) = stream.into_split();
-    let mut line = String::new();
-    // A bounded read: a client that sends no newline within 256 bytes gets an error.
-    let n = BufReader::new(read).take(256).read_line(&mut line).await?;
+    if !allowed {
+        write
+            .write_all(b"error permission denied: not the master's user\nend\n")
+            .await?;
+        return write.shutdown().await;
+    }
+    let mut bytes = Vec::new();
+    // A bounded read: a client that sends no newline within 256 bytes, or nothing
+    // within READ_DEADLINE, gets an error.
+    let mut reader = BufReader::new(read).take(256);
+    let n = match tokio::time::timeout(READ_DEADLINE, reader.read_until(b'\n', &mut bytes)).await {
+        Ok(r) => r?,
+        Err(_) => {
+            write
+                .write_all(b"error no command within the read deadline\nend\n")
+                .await?;
+            return write.shutdown().await;
+        }
+    };
+    let Ok(line) = std::str::from_utf8(&bytes) else {
+        write
+            .write_all(b"error the command is not UTF-8: use status, reload or terminate\nend\n")
+            .await?;
+        return write.shutdown().await;
+    };
     let reply = match line.trim() {
         "status" => status(handle),
         "reload" => {
