@@ -1277,3 +1277,41 @@ fn out_of_descriptors_the_master_neither_spins_nor_dies_and_serves_again_when_fd
     assert_eq!(totals.failed(), 0, "{:?}", totals.first_failures);
     assert_eq!(fds_after, fds_before);
 }
+
+#[test]
+fn a_worker_with_a_low_soft_fd_limit_loses_no_connection() {
+    // The worker starts with `ulimit -S -n 64` (the hard limit is left high): the worker
+    // library raises it, as servers do, and never reads more descriptors than it can
+    // take. 300 clients hold their connections open.
+    let echo = echo();
+    let m = Cluster::new()
+        .workers(1)
+        .args(["--listen", "127.0.0.1:0"])
+        .command(["sh", "-c", &format!("ulimit -S -n 64 && exec '{echo}'")])
+        .spawn();
+    let addr = m.addr();
+    m.wait_cluster_ready(1);
+    use std::io::{BufRead, BufReader};
+    let mut held = Vec::new();
+    let mut lost = 0;
+    for _ in 0..300 {
+        let s = std::net::TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(DEADLINE)).unwrap();
+        let mut greeting = String::new();
+        match BufReader::new(&s).read_line(&mut greeting) {
+            Ok(n) if n > 0 && greeting.starts_with("id=0 ") => held.push(s),
+            _ => lost += 1,
+        }
+    }
+    println!(
+        "low fd limit: {} of 300 held connections greeted, {lost} lost",
+        held.len()
+    );
+    assert_eq!(lost, 0, "connections lost at the worker's descriptor limit");
+    let t = {
+        drop(held);
+        m.signal(Signal::SIGTERM);
+        m.balancer_totals(DEADLINE)
+    };
+    assert_eq!((t.accepted, t.handed, t.closed), (300, 300, 0));
+}

@@ -119,6 +119,8 @@ enum Source {
         buf: Vec<u8>,
         cbuf: FdBuf,
         fds: Vec<OwnedFd>,
+        /// The highest descriptor number of the last message (see `fd_headroom`).
+        last_fd: RawFd,
     },
     /// `shared`: the inherited listening sockets.
     Shared(Vec<TcpListener>),
@@ -135,6 +137,7 @@ impl Listener {
                 "Listener::from_env takes over the inherited descriptors: call it once per process",
             ));
         }
+        raise_fd_limit();
         if let Some(ch) = channel() {
             if env_number::<u32>("RECLUSTER_PROTOCOL").is_some_and(|v| v != channel::VERSION) {
                 return Err(io::Error::other(
@@ -149,6 +152,7 @@ impl Listener {
                     buf: vec![0u8; channel::MAX_MASTER_MESSAGE],
                     cbuf: FdBuf::new(),
                     fds: Vec::with_capacity(fdpass::MAX_FDS),
+                    last_fd: 0,
                 },
                 local: None,
                 stopped,
@@ -219,6 +223,7 @@ impl Listener {
                 buf,
                 cbuf,
                 fds,
+                last_fd,
             } => loop {
                 // Connections already read off the channel are this worker's to serve,
                 // stop or not: nobody else can take them back.
@@ -231,6 +236,18 @@ impl Listener {
                 if *stop.borrow_and_update() {
                     break Ok(None);
                 }
+                // Read only with room for a whole message of descriptors: past the fd
+                // limit the kernel would drop them, and their clients with them. Left
+                // unread, they wait in the channel, and the master sends new ones to
+                // other workers; what this worker frees lets it read again.
+                if !fd_headroom(fds_in_use_hint(queue, *last_fd)) {
+                    tokio::select! {
+                        biased;
+                        _ = stop.changed() => {}
+                        _ = tokio::time::sleep(HEADROOM_RECHECK) => {}
+                    }
+                    continue;
+                }
                 let mut guard = tokio::select! {
                     biased;
                     _ = stop.changed() => continue,
@@ -240,6 +257,13 @@ impl Listener {
                     Ok(r) => r?,
                     Err(_would_block) => continue,
                 };
+                if got.fds_truncated {
+                    report_lost_connections();
+                }
+                {
+                    use std::os::fd::AsRawFd;
+                    *last_fd = fds.iter().map(|f| f.as_raw_fd()).max().unwrap_or(*last_fd);
+                }
                 if got.len == 0 && fds.is_empty() {
                     self.stopped.send_replace(true); // EOF: the master is gone
                     break Ok(None);
@@ -299,6 +323,93 @@ async fn accept_any(listeners: &[TcpListener]) -> io::Result<(TcpStream, SocketA
         std::task::Poll::Pending
     })
     .await
+}
+
+/// How often a worker at its descriptor limit checks whether it may read again.
+const HEADROOM_RECHECK: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// The soft `RLIMIT_NOFILE` as [`raise_fd_limit`] left it (descriptor numbers must be
+/// below it).
+static FD_LIMIT: OnceLock<i64> = OnceLock::new();
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit, as servers commonly do: a worker
+/// holds one descriptor per connection, and the soft default (often 1024) is low.
+fn raise_fd_limit() {
+    // SAFETY: getrlimit/setrlimit read and write a struct we own.
+    let limit = unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim = raised;
+            }
+        }
+        lim.rlim_cur.min(i32::MAX as libc::rlim_t) as i64
+    };
+    let _ = FD_LIMIT.set(limit);
+}
+
+/// The highest descriptor number this library knows to be in use: a cheap sign of how
+/// close the process is to its limit (descriptors are allocated lowest first).
+fn fds_in_use_hint(queue: &VecDeque<(std::net::TcpStream, SocketAddr)>, last: RawFd) -> RawFd {
+    use std::os::fd::AsRawFd;
+    queue
+        .iter()
+        .map(|(s, _)| s.as_raw_fd())
+        .max()
+        .unwrap_or(0)
+        .max(last)
+}
+
+/// Whether the process has room for one more message of [`fdpass::MAX_FDS`]
+/// descriptors. Far from the limit (by `hint`, and the lowest free descriptor) it
+/// answers at once; near it, it counts the open descriptors in /proc.
+fn fd_headroom(hint: RawFd) -> bool {
+    let Some(&limit) = FD_LIMIT.get() else {
+        return true;
+    };
+    let need = fdpass::MAX_FDS as i64 + 8;
+    // The hot path: far below the limit, no system call at all.
+    if hint as i64 + 4 * need < limit {
+        return true;
+    }
+    // The lowest free descriptor: dup'd and closed at once.
+    // SAFETY: F_DUPFD_CLOEXEC on stdin's slot number only allocates a new descriptor,
+    // which we close right away; a failure (EMFILE, EINVAL) returns -1.
+    let lowest = unsafe {
+        let fd = libc::fcntl(0, libc::F_DUPFD_CLOEXEC, 0);
+        if fd >= 0 {
+            libc::close(fd);
+        }
+        fd as i64
+    };
+    if lowest >= 0 && (hint as i64).max(lowest) + 2 * need < limit {
+        return true;
+    }
+    let open = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as i64);
+    limit - open >= need
+}
+
+/// Says on stderr, once in a while, that the kernel dropped descriptors sent to this
+/// worker (its clients lost their connections): the limit is too low.
+fn report_lost_connections() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LOST: AtomicU64 = AtomicU64::new(0);
+    let n = LOST.fetch_add(1, Ordering::Relaxed) + 1;
+    if n.is_power_of_two() {
+        let line = format!(
+            "recluster worker {}: connections lost at the descriptor limit ({n} times): raise ulimit -n\n",
+            std::process::id()
+        );
+        // SAFETY: write(2) of a buffer we own to stderr; a failure is ignored.
+        unsafe { libc::write(2, line.as_ptr().cast(), line.len()) };
+    }
 }
 
 /// From here on SIGTERM drains instead of killing: the returned flag is set when it
