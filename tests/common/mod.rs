@@ -51,7 +51,12 @@ pub fn example_bin(name: &str) -> PathBuf {
     let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
     if !built.contains(name) {
         let modified = |p: &Path| p.metadata().and_then(|m| m.modified()).ok();
-        let stale = match (modified(&path), modified(&source)) {
+        // Stale if older than its source or than the library it links (src/).
+        let newest_source = [modified(&source), newest_in(&manifest_dir().join("src"))]
+            .into_iter()
+            .flatten()
+            .max();
+        let stale = match (modified(&path), newest_source) {
             (None, _) => true,
             (Some(binary), Some(source)) => binary < source,
             (Some(_), None) => false,
@@ -67,6 +72,21 @@ pub fn example_bin(name: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// The latest modification time of any file below `dir`.
+fn newest_in(dir: &Path) -> Option<std::time::SystemTime> {
+    let mut newest = None;
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        let t = if path.is_dir() {
+            newest_in(&path)
+        } else {
+            entry.metadata().and_then(|m| m.modified()).ok()
+        };
+        newest = newest.max(t);
+    }
+    newest
 }
 
 fn build_example(name: &str, profile_dir: &Path) {
