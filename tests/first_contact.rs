@@ -143,17 +143,21 @@ fn a_worker_of_a_healthy_cluster_is_never_given_advice() {
     );
 }
 
+/// One echo worker on a free port, the master's pid written to `path`.
+fn with_pid_file(path: &std::path::Path) -> Cluster {
+    Cluster::new()
+        .workers(1)
+        .args(["--listen", "127.0.0.1:0", "--pid-file"])
+        .arg(path)
+        .command([echo()])
+}
+
 #[test]
 fn the_pid_file_names_this_master_reloads_through_it_and_goes_at_exit() {
     let dir = std::env::temp_dir().join(unique_tag("pidfile"));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("app.pid");
-    let m = Cluster::new()
-        .workers(1)
-        .args(["--listen", "127.0.0.1:0", "--pid-file"])
-        .arg(&path)
-        .command([echo()])
-        .spawn();
+    let m = with_pid_file(&path).spawn();
     m.wait_cluster_ready(1);
     let text = std::fs::read_to_string(&path).expect("the pid file");
     assert_eq!(text, format!("{}\n", m.pid));
@@ -167,11 +171,7 @@ fn the_pid_file_names_this_master_reloads_through_it_and_goes_at_exit() {
     m.wait_event("reload_finished generation=2", DEADLINE);
     // A second master given the same pid file refuses to start, and leaves the file
     // naming the first.
-    let (exit, stderr) = Cluster::new()
-        .workers(1)
-        .args(["--listen", "127.0.0.1:0", "--pid-file"])
-        .arg(&path)
-        .command([echo()])
+    let (exit, stderr) = with_pid_file(&path)
         .run(DEADLINE)
         .expect("the second master should exit");
     assert_eq!(exit.code, Some(1), "{stderr}");
@@ -188,12 +188,7 @@ fn the_pid_file_names_this_master_reloads_through_it_and_goes_at_exit() {
     assert!(!path.exists(), "the pid file outlived the master");
     // A stale file (its master was SIGKILLed) is replaced.
     std::fs::write(&path, format!("{}\n", m.pid)).unwrap();
-    let again = Cluster::new()
-        .workers(1)
-        .args(["--listen", "127.0.0.1:0", "--pid-file"])
-        .arg(&path)
-        .command([echo()])
-        .spawn();
+    let again = with_pid_file(&path).spawn();
     again.wait_cluster_ready(1);
     assert_eq!(
         std::fs::read_to_string(&path).unwrap(),

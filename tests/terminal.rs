@@ -173,6 +173,19 @@ fn assert_served_by(port: u16, generation: u32) {
     }
 }
 
+/// The master is alive `when`, serves with `generation`, and SIGTERM ends it with 0.
+fn serves_then_ends_cleanly(mut master: Running, port: u16, generation: u32, when: &str) {
+    master.assert_alive(when);
+    assert_served_by(port, generation);
+    master.assert_alive("after serving");
+    let exit = master.terminate();
+    assert_eq!(
+        exit.code(),
+        Some(0),
+        "SIGTERM ends the master cleanly: {exit}"
+    );
+}
+
 #[test]
 fn a_closed_stderr_pipe_does_not_end_the_master() {
     let port = free_port();
@@ -218,16 +231,7 @@ fn a_closed_stderr_pipe_does_not_end_the_master() {
         kill(Pid::from_raw(master.pid() as i32), Signal::SIGUSR2).expect("SIGUSR2");
         master.wait_generation_ready(&control, generation);
     }
-    master.assert_alive("after the reloads");
-    assert_served_by(port, 4);
-    master.assert_alive("after serving");
-
-    let exit = master.terminate();
-    assert_eq!(
-        exit.code(),
-        Some(0),
-        "SIGTERM ends the master cleanly: {exit}"
-    );
+    serves_then_ends_cleanly(master, port, 4, "after the reloads");
 }
 
 #[test]
@@ -317,14 +321,5 @@ fn a_closed_terminal_reloads_and_the_master_keeps_serving() {
     // the session leader, and every later write to the slave fails with EIO.
     drop(pty);
     master.wait_generation_ready(&control, 2);
-    master.assert_alive("after the terminal was closed");
-    assert_served_by(port, 2);
-    master.assert_alive("after serving");
-
-    let exit = master.terminate();
-    assert_eq!(
-        exit.code(),
-        Some(0),
-        "SIGTERM ends the master cleanly: {exit}"
-    );
+    serves_then_ends_cleanly(master, port, 2, "after the terminal was closed");
 }
