@@ -1286,6 +1286,59 @@ fn out_of_descriptors_the_master_neither_spins_nor_dies_and_serves_again_when_fd
 }
 
 #[test]
+fn at_its_fd_limit_the_master_hands_off_before_it_pauses() {
+    // One descriptor free: every accept after the first fails with EMFILE until the
+    // connection in hand has gone to a worker. Handing it over frees the descriptor,
+    // so the master must go on accepting, never pause: a pause would only make the
+    // clients in the backlog wait (it used to pause 100 ms each time).
+    let m = Cluster::new()
+        .workers(2)
+        .nofile(64)
+        .args(["--balance", "rr", "--listen", "127.0.0.1:0"])
+        .command([echo()])
+        .spawn();
+    let addr = m.addr();
+    m.wait_cluster_ready(2);
+    request_from(addr, None, true, DEADLINE).expect("warm-up");
+    let limit = lowest_free_fd(m.pid) + 1;
+    let from = m.mark();
+    set_nofile(m.pid, limit);
+    let load = Load::start_with(
+        addr,
+        16,
+        LoadOptions {
+            sources: 0,
+            half_close: true,
+        },
+    );
+    load.wait_more_ok(1000, DEADLINE);
+    let totals = load.stop();
+    let pauses = m.lines()[from..]
+        .iter()
+        .filter(|l| l.matches("accept_paused_fds"))
+        .count();
+    terminate(&m, "fd limit");
+    let b = m.balancer_totals(DEADLINE);
+    println!(
+        "one free fd (limit {limit}), 16 clients: {} served in {:?}, {} failed; accept errors \
+         (EMFILE) {}, accept pauses logged {pauses}",
+        totals.ok,
+        totals.elapsed,
+        totals.failed(),
+        b.accept_errors,
+    );
+    assert!(
+        b.accept_errors > 0,
+        "the master never ran out of descriptors: the test proves nothing"
+    );
+    assert_eq!(
+        pauses, 0,
+        "the master paused accepting while it could hand connections off"
+    );
+    assert_eq!(totals.failed(), 0, "{:?}", totals.first_failures);
+}
+
+#[test]
 fn a_worker_with_a_low_soft_fd_limit_loses_no_connection() {
     // The worker starts with `ulimit -S -n 64` (the hard limit is left high): the worker
     // library raises it, as servers do, and never reads more descriptors than it can

@@ -17,7 +17,11 @@
 //!   it, then goes to its next choice (counted).
 //! * With no ready worker the balancer stops accepting: clients wait in the kernel
 //!   backlog until one is ready.
-//! * `EMFILE`/`ENFILE` pause accepting for [`FD_PAUSE`] instead of spinning.
+//! * `EMFILE`/`ENFILE`: the connections in hand go out first (each one handed over
+//!   frees a descriptor), and accepting goes on at once if any did. Only when nothing
+//!   could move (every worker full, or no worker ready) does accepting pause for
+//!   [`FD_PAUSE`] instead of spinning; held-back connections are still retried
+//!   during the pause, and the first one that goes out ends it.
 
 use std::collections::VecDeque;
 use std::io;
@@ -218,9 +222,11 @@ impl Balancer {
             let accepting = self.router.has_ready()
                 && self.paused_until.is_none()
                 && self.parked.len() < PARK_LIMIT;
-            let wake = self
-                .paused_until
-                .or_else(|| (!self.parked.is_empty()).then(|| now + PARK_RETRY));
+            let retry = (!self.parked.is_empty()).then(|| now + PARK_RETRY);
+            let wake = match (self.paused_until, retry) {
+                (Some(pause), Some(retry)) => Some(pause.min(retry)),
+                (pause, retry) => pause.or(retry),
+            };
             tokio::select! {
                 biased;
                 update = self.updates.recv() => match update {
@@ -228,7 +234,12 @@ impl Balancer {
                     None => return self.close_held(),
                 },
                 index = poll_listeners(&self.listeners), if accepting => self.accept(index),
-                _ = sleep_until(wake.unwrap_or(now)), if wake.is_some() => self.retry_parked(),
+                _ = sleep_until(wake.unwrap_or(now)), if wake.is_some() => {
+                    // Anything handed over frees descriptors: a pause for lack of them ends.
+                    if self.retry_parked() > 0 {
+                        self.paused_until = None;
+                    }
+                }
             }
         }
     }
@@ -257,6 +268,7 @@ impl Balancer {
     fn accept(&mut self, index: usize) {
         let now = Instant::now();
         let mut accepted = 0;
+        let mut out_of_fds = None;
         while accepted < ACCEPT_BATCH {
             let listener = &self.listeners[index];
             match listener.fd.get_ref().accept() {
@@ -283,15 +295,8 @@ impl Balancer {
                     BalanceStats::add(&self.stats.accept_errors, 1);
                     match e.raw_os_error() {
                         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {
-                            self.paused_until = Some(now + FD_PAUSE);
-                            if self
-                                .last_emfile_log
-                                .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
-                            {
-                                self.last_emfile_log = Some(now);
-                                warn!(event = "accept_paused_fds", error = %e, pause_ms = FD_PAUSE.as_millis() as u64,
-                                    "accept failed: out of file descriptors; pausing accepts (raise ulimit -n)");
-                            }
+                            // Decided below, once what is in hand has gone out.
+                            out_of_fds = Some(e);
                             break;
                         }
                         // The client went away between SYN and accept: take the next one.
@@ -309,7 +314,36 @@ impl Balancer {
             }
         }
         BalanceStats::add(&self.stats.accepted, accepted as u64);
+        let handed = self.handed();
         self.flush_all();
+        if let Some(e) = out_of_fds {
+            if !self.parked.is_empty() {
+                self.retry_parked();
+            }
+            // Connections went out, so descriptors are free again: accept on at once
+            // (the listener is still readable). Pausing now would only delay clients.
+            if self.handed() == handed {
+                self.pause_for_fds(&e, now);
+            }
+        }
+    }
+
+    /// Connections handed over so far (this thread is the only one that counts them).
+    fn handed(&self) -> u64 {
+        self.stats.handed.load(Ordering::Relaxed)
+    }
+
+    /// Out of descriptors with none to free by handing over: pause accepting a while.
+    fn pause_for_fds(&mut self, e: &io::Error, now: Instant) {
+        self.paused_until = Some(now + FD_PAUSE);
+        if self
+            .last_emfile_log
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+        {
+            self.last_emfile_log = Some(now);
+            warn!(event = "accept_paused_fds", error = %e, pause_ms = FD_PAUSE.as_millis() as u64,
+                "accept failed: out of file descriptors; pausing accepts (raise ulimit -n)");
+        }
     }
 
     fn clear_ready(&self, index: usize) {
@@ -435,8 +469,9 @@ impl Balancer {
     /// The slow path, taken only while queues are full or no worker is ready: each
     /// connection is batched again (`sticky`: for its own slot until it has waited
     /// [`STICKY_WAIT`], then for its next choice), and what fails to go out is parked
-    /// again by `flush`.
-    fn retry_parked(&mut self) {
+    /// again by `flush`. Returns how many connections went out.
+    fn retry_parked(&mut self) -> u64 {
+        let handed = self.handed();
         let now = Instant::now();
         for p in std::mem::take(&mut self.parked) {
             let age = now.saturating_duration_since(p.conn.since);
@@ -478,6 +513,7 @@ impl Balancer {
             }
         }
         self.flush_all();
+        self.handed() - handed
     }
 }
 
