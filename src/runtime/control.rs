@@ -119,32 +119,45 @@ async fn answer(stream: UnixStream, handle: &ClusterHandle) -> io::Result<()> {
         .peer_cred()
         .is_ok_and(|c| c.uid() == uid || c.uid() == 0);
     let (read, mut write) = stream.into_split();
-    if !allowed {
-        write
-            .write_all(b"error permission denied: not the master's user\nend\n")
-            .await?;
-        return write.shutdown().await;
-    }
-    let mut bytes = Vec::new();
     // A bounded read: a client that sends no newline within 256 bytes, or nothing
     // within READ_DEADLINE, gets an error.
     let mut reader = BufReader::new(read).take(256);
-    let n = match tokio::time::timeout(READ_DEADLINE, reader.read_until(b'\n', &mut bytes)).await {
-        Ok(r) => r?,
-        Err(_) => {
-            write
-                .write_all(b"error no command within the read deadline\nend\n")
-                .await?;
-            return write.shutdown().await;
+    let reply = if allowed {
+        let mut bytes = Vec::new();
+        match tokio::time::timeout(READ_DEADLINE, reader.read_until(b'\n', &mut bytes)).await {
+            Ok(r) => match (r?, std::str::from_utf8(&bytes)) {
+                (0, _) => return Ok(()),
+                (_, Ok(line)) => command(line.trim(), handle),
+                (_, Err(_)) => {
+                    "error the command is not UTF-8: use status, reload or terminate\n".into()
+                }
+            },
+            Err(_) => "error no command within the read deadline\n".into(),
         }
+    } else {
+        "error permission denied: not the master's user\n".into()
     };
-    let Ok(line) = std::str::from_utf8(&bytes) else {
-        write
-            .write_all(b"error the command is not UTF-8: use status, reload or terminate\nend\n")
-            .await?;
-        return write.shutdown().await;
-    };
-    let reply = match line.trim() {
+    write.write_all(reply.as_bytes()).await?;
+    write.write_all(b"end\n").await?;
+    write.shutdown().await?;
+    // Close only once the client has closed too (or after the deadline): closing with
+    // bytes of the client still unread would reset the connection, and the client
+    // could lose the answer it has not read yet (a refused client's command, say).
+    reader.set_limit(DRAIN_LIMIT);
+    let _ = tokio::time::timeout(
+        READ_DEADLINE,
+        tokio::io::copy(&mut reader, &mut tokio::io::sink()),
+    )
+    .await;
+    Ok(())
+}
+
+/// Most bytes read and thrown away after the answer, while waiting for the client to close.
+const DRAIN_LIMIT: u64 = 4096;
+
+/// The answer to one command line.
+fn command(line: &str, handle: &ClusterHandle) -> String {
+    match line {
         "status" => status(handle),
         "reload" => {
             handle.reload();
@@ -154,12 +167,8 @@ async fn answer(stream: UnixStream, handle: &ClusterHandle) -> io::Result<()> {
             handle.terminate();
             "ok\n".to_string()
         }
-        _ if n == 0 => return Ok(()),
         other => format!("error unknown command `{other}`: use status, reload or terminate\n"),
-    };
-    write.write_all(reply.as_bytes()).await?;
-    write.write_all(b"end\n").await?;
-    write.shutdown().await
+    }
 }
 
 fn status(handle: &ClusterHandle) -> String {
