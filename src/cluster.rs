@@ -13,8 +13,8 @@ use nix::sys::signal::Signal;
 
 use crate::config::{self, Balance, ReadyWhen, Timing};
 use crate::error::{ConfigError, Error};
-use crate::runtime::handle::ClusterHandle;
 use crate::runtime::command::WorkerCommand;
+use crate::runtime::handle::ClusterHandle;
 use crate::runtime::Setup;
 
 /// Configures a [`Cluster`]; every setting has recluster's default.
@@ -85,6 +85,14 @@ impl ClusterBuilder {
     /// Time a new worker has to become ready before it is stopped and retried (zero: no limit).
     pub fn ready_timeout(mut self, d: Duration) -> Self {
         self.timing.ready_timeout = d;
+        self
+    }
+
+    /// How long an active worker may leave a connection unread (alive but not reading its
+    /// channel) before it is routed away, its queue reclaimed and it is replaced
+    /// (`rr`/`sticky`; default 10 s, zero: never).
+    pub fn stuck_timeout(mut self, d: Duration) -> Self {
+        self.timing.stuck_timeout = d;
         self
     }
 

@@ -100,6 +100,8 @@ pub struct Timing {
     pub backoff: Duration,
     /// How long a new worker may take to become ready before it is stopped and retried.
     pub ready_timeout: Duration,
+    /// How long an active worker may leave a connection unread before it is replaced; zero: never.
+    pub stuck_timeout: Duration,
 }
 
 impl Default for Timing {
@@ -109,12 +111,17 @@ impl Default for Timing {
             respawn: Duration::from_secs(1),
             backoff: Duration::ZERO,
             ready_timeout: DEFAULT_READY_TIMEOUT,
+            stuck_timeout: DEFAULT_STUCK_TIMEOUT,
         }
     }
 }
 
 /// Default `--ready-timeout`: long enough for slow starters, short enough that a stuck reload shows.
 pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Default `--stuck-timeout`: far beyond any healthy event loop's pause, short enough
+/// that a stuck worker's clients are served elsewhere within seconds.
+pub const DEFAULT_STUCK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Default listen backlog, as nginx and Node use.
 pub const DEFAULT_BACKLOG: i32 = 511;

@@ -376,6 +376,9 @@ fn a_worker_that_stops_reading_its_channel_stalls_nobody_and_loses_nothing() {
             "127.0.0.1:0",
             "--respawn",
             "100ms",
+            // Killed by the test, not replaced as stuck (that is tests/faults.rs).
+            "--stuck-timeout",
+            "0",
         ])
         .env("STALL_SLOT", "1")
         .env("STALL_ONCE", &mark)

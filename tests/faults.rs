@@ -1154,6 +1154,88 @@ fn sticky_clients_that_reset_at_once_or_never_send_affect_no_one_and_leak_nothin
 }
 
 // ---------------------------------------------------------------------------------
+// A stuck worker
+// ---------------------------------------------------------------------------------
+
+#[test]
+fn a_stopped_worker_under_sticky_load_is_found_stuck_its_clients_served_elsewhere() {
+    // SIGSTOP: alive, reading nothing. Its sticky clients used to wait in its queue for
+    // as long as it stayed stopped (here: every load thread, blocked on one of them).
+    let m = Cluster::new()
+        .workers(3)
+        .args([
+            "--balance",
+            "sticky",
+            "--listen",
+            "127.0.0.1:0",
+            "--stuck-timeout",
+            "1s",
+            "--timeout",
+            "60s",
+            "--respawn",
+            "100ms",
+        ])
+        .command([echo()])
+        .spawn();
+    let addr = m.addr();
+    let ready = m.wait_cluster_ready(3);
+    let load = Load::start_with(
+        addr,
+        8,
+        LoadOptions {
+            sources: 16,
+            half_close: true,
+        },
+    );
+    load.wait_more_ok(300, DEADLINE);
+    let stopped = ready[&1];
+    let from = m.mark();
+    kill(Pid::from_raw(stopped as i32), Signal::SIGSTOP).unwrap();
+    let stopped_at = Instant::now();
+    let stuck = m.wait_event_after(from, "worker_stuck slot=1", DEADLINE);
+    let found_after = stopped_at.elapsed();
+    let reclaimed = m
+        .try_wait_event_after(from, &format!("reclaimed pid={stopped}"), DEADLINE)
+        .map_or(0, |l| l.num("count"));
+    let replaced = m.wait_for_after(from, "a new worker ready in slot 1", DEADLINE, |l| {
+        l.matches("worker_ready slot=1") && l.pid() != stopped
+    });
+    // Still stopped: everyone, its clients included, is served by the others.
+    let ok = load.ok_so_far();
+    load.wait_more_ok(300, DEADLINE);
+    let served_while_stopped = load.ok_so_far() - ok;
+    let still_stopped = pid_alive(stopped);
+    // It wakes up: it reads `stop`, finishes what it had read and exits by itself.
+    kill(Pid::from_raw(stopped as i32), Signal::SIGCONT).unwrap();
+    let exited = m.wait_event_after(from, &format!("worker_exited pid={stopped}"), DEADLINE);
+    let totals = load.stop();
+    println!(
+        "stuck: slot 1 (pid {stopped}) SIGSTOPped under sticky load (8 clients, 16 source \
+         addresses): found stuck {found_after:?} later (unread {} ms, --stuck-timeout 1s), \
+         {reclaimed} connections reclaimed, replaced by pid {} ({:?} after), {served_while_stopped} \
+         served while it stayed stopped; after SIGCONT it exited {}; load {} ok, {} failed, by \
+         slot {:?}",
+        stuck.num("unread_ms"),
+        replaced.pid(),
+        replaced.since(&stuck),
+        exited.field("code").map_or_else(|| exited.raw.clone(), |c| format!("code={c}")),
+        totals.ok,
+        totals.failed(),
+        totals.by_id,
+    );
+    assert!(still_stopped);
+    assert!(
+        stuck.num("unread_ms") >= 1000,
+        "reported stuck after {} ms unread, before --stuck-timeout",
+        stuck.num("unread_ms")
+    );
+    assert!(reclaimed >= 1, "nothing reclaimed from the stopped worker");
+    assert_eq!(exited.field("code"), Some("0"), "{}", exited.raw);
+    assert_eq!(totals.failed(), 0, "{:?}", totals.first_failures);
+    terminate(&m, "stuck");
+}
+
+// ---------------------------------------------------------------------------------
 // Out of file descriptors
 // ---------------------------------------------------------------------------------
 

@@ -25,6 +25,8 @@ enum Op {
     Exit(usize),
     /// The n-th live worker asks to be replaced.
     Replace(usize),
+    /// The n-th live worker is found stuck.
+    Stuck(usize),
     /// Time passes.
     Wait(u64),
     /// The next spawns fail (true) or succeed (false).
@@ -39,6 +41,7 @@ fn op() -> impl Strategy<Value = Op> {
         6 => any::<usize>().prop_map(Op::Ready),
         4 => any::<usize>().prop_map(Op::Exit),
         1 => any::<usize>().prop_map(Op::Replace),
+        1 => any::<usize>().prop_map(Op::Stuck),
         4 => (0u64..3000).prop_map(Op::Wait),
         1 => any::<bool>().prop_map(Op::SpawnsFail),
     ]
@@ -50,6 +53,7 @@ fn timing() -> impl Strategy<Value = Timing> {
         respawn: Duration::from_millis(r),
         backoff: Duration::from_millis(b),
         ready_timeout: Duration::from_millis(rt),
+        stuck_timeout: Duration::from_secs(10),
     })
 }
 
@@ -126,10 +130,14 @@ impl Checker {
         }
         for a in actions {
             match a {
-                // An active worker is retired only once its slot has a new active one.
+                // An active worker is retired only once its slot has a new active one,
+                // unless it was found stuck (then it serves no one anyway).
                 Action::Stop { id } => {
+                    let stuck = actions.iter().any(|a| {
+                        matches!(a, Action::Report(Event::Stuck { worker, .. }) if worker.id == *id)
+                    });
                     if let Some(old) = before.get(id).filter(|w| w.state == WorkerState::Ready) {
-                        if !self.sup.is_terminating() {
+                        if !self.sup.is_terminating() && !stuck {
                             let now_active = active[old.slot].map(|w| w.id);
                             assert!(
                                 now_active.is_some() && now_active != Some(*id),
@@ -152,6 +160,13 @@ impl Checker {
                 }
                 Action::Spawn { .. } => {
                     assert!(!self.sup.is_terminating(), "spawned while terminating")
+                }
+                // Only an active worker's queue is taken back, and only once nothing
+                // is routed to it any more.
+                Action::Reclaim { id } => {
+                    let old = before.get(id).expect("reclaimed from an unknown worker");
+                    assert_eq!(old.state, WorkerState::Ready, "reclaimed from {old:?}");
+                    assert_ne!(active[old.slot].map(|w| w.id), Some(*id));
                 }
                 Action::Exit => {
                     assert!(live.is_empty(), "exit with workers alive");
@@ -205,6 +220,9 @@ proptest! {
                     c.run(Input::Exited { id, status: ExitStatus::Code(1) })
                 },
                 Op::Replace(n) => if let Some(id) = c.pick(n) { c.run(Input::ReplaceRequested { id }) },
+                Op::Stuck(n) => if let Some(id) = c.pick(n) {
+                    c.run(Input::Stuck { id, unread_for: Duration::from_secs(10) })
+                },
                 Op::Wait(ms) => {
                     c.now += Duration::from_millis(ms);
                     c.run(Input::Tick);

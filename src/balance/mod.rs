@@ -17,6 +17,8 @@
 //!   it, then goes to its next choice (counted).
 //! * With no ready worker the balancer stops accepting: clients wait in the kernel
 //!   backlog until one is ready.
+//! * A worker whose oldest unread connection has waited `--stuck-timeout` is reported
+//!   stuck to the supervisor core, which routes it away and replaces it (module `stuck`).
 //! * `EMFILE`/`ENFILE`: the connections in hand go out first (each one handed over
 //!   frees a descriptor), and accepting goes on at once if any did. Only when nothing
 //!   could move (every worker full, or no worker ready) does accepting pause for
@@ -40,10 +42,12 @@ use tracing::{debug, warn};
 use crate::channel;
 use crate::config::Balance;
 use crate::fdpass::{FdBuf, MAX_FDS};
+use crate::supervisor::{Input, WorkerId};
 use crate::via::channel::{Conn, WorkerChannel};
 
 mod router;
 mod sticky;
+pub(crate) mod stuck;
 
 pub use router::Router;
 pub use sticky::ip_hash;
@@ -94,10 +98,10 @@ impl BalanceStats {
 /// A change the driver tells the balancer about.
 #[derive(Debug)]
 pub(crate) enum Update {
-    /// The slot's active worker changed: route to this channel, or nowhere.
+    /// The slot's active worker changed: route to this worker's channel, or nowhere.
     Route {
         slot: usize,
-        channel: Option<Arc<WorkerChannel>>,
+        worker: Option<(WorkerId, Arc<WorkerChannel>)>,
     },
     /// Connections taken back from an exited worker, to hand out again.
     Reclaimed(Vec<Conn>),
@@ -147,12 +151,25 @@ struct Parked {
     slot: Option<usize>,
 }
 
+/// How the balancer reports a stuck worker to the supervisor core, and after how long.
+pub(crate) struct StuckReports {
+    /// `--stuck-timeout`; zero: never.
+    pub timeout: Duration,
+    /// Where [`Input::Stuck`] goes (the driver's bounded input queue).
+    pub to: mpsc::Sender<Input>,
+}
+
 /// The balancer task's state.
 pub(crate) struct Balancer {
     mode: Balance,
     listeners: Vec<Acceptor>,
     router: Router,
     table: Vec<Option<Arc<WorkerChannel>>>,
+    /// The active worker of each slot, for stuck reports.
+    workers: Vec<Option<WorkerId>>,
+    /// What is known of each slot's queue (see [`stuck`]).
+    watches: Vec<stuck::Watch>,
+    stuck: StuckReports,
     updates: mpsc::UnboundedReceiver<Update>,
     batches: Vec<Vec<Conn>>,
     /// Slots found full during the current dispatch.
@@ -181,6 +198,7 @@ impl Balancer {
         slots: usize,
         updates: mpsc::UnboundedReceiver<Update>,
         stats: Arc<BalanceStats>,
+        stuck: StuckReports,
     ) -> io::Result<Balancer> {
         let listeners = listeners
             .into_iter()
@@ -199,6 +217,9 @@ impl Balancer {
             listeners,
             router: Router::new(mode),
             table: (0..slots).map(|_| None).collect(),
+            workers: vec![None; slots],
+            watches: vec![stuck::Watch::default(); slots],
+            stuck,
             updates,
             batches: (0..slots).map(|_| Vec::with_capacity(MAX_FDS)).collect(),
             full: vec![false; slots],
@@ -214,6 +235,11 @@ impl Balancer {
 
     /// Runs until the driver drops its end of the update channel.
     async fn run(mut self) {
+        let mut check = stuck::check_interval(self.stuck.timeout).map(|every| {
+            let mut i = tokio::time::interval(every);
+            i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            i
+        });
         loop {
             let now = Instant::now();
             if self.paused_until.is_some_and(|t| t <= now) {
@@ -234,6 +260,9 @@ impl Balancer {
                     None => return self.close_held(),
                 },
                 index = poll_listeners(&self.listeners), if accepting => self.accept(index),
+                _ = async { check.as_mut().expect("checked").tick().await }, if check.is_some() => {
+                    self.look_for_stuck();
+                }
                 _ = sleep_until(wake.unwrap_or(now)), if wake.is_some() => {
                     // Anything handed over frees descriptors: a pause for lack of them ends.
                     if self.retry_parked() > 0 {
@@ -246,8 +275,11 @@ impl Balancer {
 
     fn update(&mut self, update: Update) {
         match update {
-            Update::Route { slot, channel } => {
-                self.router.set_ready(slot, channel.is_some());
+            Update::Route { slot, worker } => {
+                self.router.set_ready(slot, worker.is_some());
+                self.watches[slot].reset();
+                let (id, channel) = worker.unzip();
+                self.workers[slot] = id;
                 self.table[slot] = channel;
             }
             Update::Reclaimed(conns) => {
@@ -324,6 +356,28 @@ impl Balancer {
             // (the listener is still readable). Pausing now would only delay clients.
             if self.handed() == handed {
                 self.pause_for_fds(&e, now);
+            }
+        }
+    }
+
+    /// Looks at every active worker's queue; reports the ones stuck (see [`stuck`]).
+    fn look_for_stuck(&mut self) {
+        let now = Instant::now();
+        for slot in 0..self.table.len() {
+            let (Some(channel), Some(id)) = (&self.table[slot], self.workers[slot]) else {
+                continue;
+            };
+            let head = channel.unread_head();
+            if let Some(unread_for) = self.watches[slot].look(head, now, self.stuck.timeout) {
+                // A full queue (the driver is far behind) loses nothing: look again later.
+                if self
+                    .stuck
+                    .to
+                    .try_send(Input::Stuck { id, unread_for })
+                    .is_err()
+                {
+                    self.watches[slot].reset();
+                }
             }
         }
     }
@@ -532,6 +586,7 @@ pub(crate) fn start(
     slots: usize,
     updates: mpsc::UnboundedReceiver<Update>,
     stats: Arc<BalanceStats>,
+    stuck: StuckReports,
 ) -> io::Result<Running> {
     let (built_tx, built_rx) = std::sync::mpsc::sync_channel(1);
     let (done_tx, done) = tokio::sync::oneshot::channel();
@@ -549,8 +604,9 @@ pub(crate) fn start(
                     Err(e) => return drop(built_tx.send(Err(e))),
                 };
                 // The listeners register with this thread's runtime, so it builds them.
-                let balancer = runtime
-                    .block_on(async { Balancer::new(mode, listeners, slots, updates, stats) });
+                let balancer = runtime.block_on(async {
+                    Balancer::new(mode, listeners, slots, updates, stats, stuck)
+                });
                 match balancer {
                     Ok(b) => {
                         let _ = built_tx.send(Ok(()));

@@ -71,6 +71,10 @@ pub struct Options {
     #[arg(long, env = "RECLUSTER_READY_TIMEOUT", default_value = "60s", value_parser = config::parse_duration)]
     pub ready_timeout: Duration,
 
+    /// Time a worker may leave a connection unread before it is replaced (rr, sticky); 0: never
+    #[arg(long, env = "RECLUSTER_STUCK_TIMEOUT", default_value = "10s", value_parser = config::parse_duration)]
+    pub stuck_timeout: Duration,
+
     /// Signal that asks a worker to stop (TERM, SIGINT, 15, …)
     #[arg(long, env = "RECLUSTER_STOP_SIGNAL", default_value = "TERM", value_parser = parse_signal)]
     pub stop_signal: Signal,
@@ -217,6 +221,7 @@ pub fn main() -> i32 {
         .respawn(opts.respawn)
         .backoff(opts.backoff)
         .ready_timeout(opts.ready_timeout)
+        .stuck_timeout(opts.stuck_timeout)
         .stop_signal(opts.stop_signal)
         .backlog(opts.backlog);
     if let Some(on) = opts.subreaper {

@@ -154,6 +154,19 @@ impl Journal {
                 w,
                 "worker killed after timeout"
             ),
+            Event::Stuck {
+                worker: w,
+                unread_for,
+            } => {
+                let unread_ms = unread_for.as_millis() as u64;
+                worker_line!(
+                    warn,
+                    "worker_stuck",
+                    w,
+                    "worker stuck: a connection unread for --stuck-timeout; replacing it",
+                    unread_ms
+                )
+            }
             Event::ReplaceStarted(w) => worker_line!(
                 info,
                 "worker_replace_requested",

@@ -29,9 +29,9 @@ use crate::supervisor::{
     Action, Event, ExitStatus, Input, SpawnError, SpawnStep, Supervisor, WorkerId,
 };
 use crate::via::channel::WorkerChannel;
+use command::{Launcher, WorkerCommand};
 use handle::{Command, Snapshot};
 use journal::Journal;
-use command::{Launcher, WorkerCommand};
 
 mod advice;
 pub(crate) mod command;
@@ -188,6 +188,10 @@ impl Driver {
                 setup.workers,
                 rx,
                 setup.ends.stats.clone(),
+                crate::balance::StuckReports {
+                    timeout: setup.timing.stuck_timeout,
+                    to: messages.clone(),
+                },
             )
             .map_err(|source| Error::Io {
                 context: "cannot set up the balancer",
@@ -249,11 +253,16 @@ impl Driver {
                 Action::Route { slot, worker } => {
                     // In `shared` there is no balancer: workers accept themselves.
                     if let Some(tx) = &self.balancer {
-                        let channel = worker
-                            .and_then(|id| self.procs.get(&id))
-                            .and_then(|p| p.channel.clone());
-                        let _ = tx.send(Update::Route { slot, channel });
+                        let worker = worker.and_then(|id| {
+                            let channel = self.procs.get(&id)?.channel.clone()?;
+                            Some((id, channel))
+                        });
+                        let _ = tx.send(Update::Route { slot, worker });
                     }
+                    Vec::new()
+                }
+                Action::Reclaim { id } => {
+                    self.reclaim(id);
                     Vec::new()
                 }
                 Action::Report(event) => {
@@ -361,19 +370,33 @@ impl Driver {
             // worker never read go to the workers that remain.
             self.feed(Input::Exited { id, status });
             if let Some(ch) = p.channel {
-                let conns = ch.reclaim();
-                if !conns.is_empty() {
-                    info!(
-                        event = "reclaimed",
-                        slot,
-                        pid,
-                        count = conns.len(),
-                        "reclaimed connections the worker never read"
-                    );
-                    if let Some(tx) = &self.balancer {
-                        let _ = tx.send(Update::Reclaimed(conns));
-                    }
-                }
+                self.hand_back(&ch, slot, pid);
+            }
+        }
+    }
+
+    /// Takes back what a live worker (found stuck, and routed away) has not read.
+    fn reclaim(&self, id: WorkerId) {
+        if let Some(p) = self.procs.get(&id) {
+            if let Some(ch) = &p.channel {
+                self.hand_back(ch, self.sup.info(id).map(|w| w.slot), p.pid);
+            }
+        }
+    }
+
+    /// Takes back the connections queued on `ch` and not read; the balancer hands them out again.
+    fn hand_back(&self, ch: &WorkerChannel, slot: Option<usize>, pid: u32) {
+        let conns = ch.reclaim();
+        if !conns.is_empty() {
+            info!(
+                event = "reclaimed",
+                slot,
+                pid,
+                count = conns.len(),
+                "reclaimed connections the worker never read"
+            );
+            if let Some(tx) = &self.balancer {
+                let _ = tx.send(Update::Reclaimed(conns));
             }
         }
     }

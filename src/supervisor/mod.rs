@@ -41,6 +41,13 @@
 //! * **Garbage**: a worker that sends what is not protocol ([`Input::Garbage`]) is
 //!   reported at the 1st, 2nd, 4th, 8th … message, and killed at the
 //!   [`GARBAGE_LIMIT`]th (then respawned as any dead worker is).
+//! * **Stuck**: an active worker that has left a connection unread for
+//!   `--stuck-timeout` ([`Input::Stuck`], found by the balancer) is treated as one that
+//!   was not ready in time: routed away at once (its clients go to their next choice),
+//!   the connections queued to it are taken back ([`Action::Reclaim`]) and handed to
+//!   the others, it retires (stop, then SIGKILL after `timeout`: a worker that was
+//!   only slow finishes what it holds), and its slot is respawned as for a worker
+//!   that died. Reported once per worker ([`Event::Stuck`]).
 //! * **A command that cannot run**: when a spawn fails because the program cannot be
 //!   executed ([`SpawnError::cannot_execute`]) before any worker was ever ready, the
 //!   cluster gives up ([`Event::CannotExecute`]): every worker is killed and the run
@@ -222,6 +229,14 @@ pub enum Input {
         /// Which worker it is about.
         id: WorkerId,
     },
+    /// The worker has left the oldest connection queued to it unread this long
+    /// (`--stuck-timeout` or more): alive, but not reading its channel.
+    Stuck {
+        /// Which worker it is about.
+        id: WorkerId,
+        /// How long its oldest unread connection has waited, as far as the balancer saw.
+        unread_for: Duration,
+    },
     /// The worker process was reaped.
     Exited {
         /// Which worker it is about.
@@ -250,6 +265,12 @@ pub enum Action {
     },
     /// Kill the worker (SIGKILL).
     Kill {
+        /// Which worker it is about.
+        id: WorkerId,
+    },
+    /// Take back the connections queued to the worker and not read yet, and hand them
+    /// to other workers (it was routed away just before).
+    Reclaim {
         /// Which worker it is about.
         id: WorkerId,
     },
@@ -318,6 +339,14 @@ pub enum Event {
     KilledAfterTimeout(WorkerInfo),
     /// A worker asked to be replaced; its replacement is starting.
     ReplaceStarted(WorkerInfo),
+    /// An active worker left a connection unread for `--stuck-timeout`: routed away,
+    /// its queue reclaimed, retired and replaced.
+    Stuck {
+        /// The worker, as it was when found stuck.
+        worker: WorkerInfo,
+        /// How long its oldest unread connection had waited.
+        unread_for: Duration,
+    },
     /// A reload started this generation.
     ReloadStarted {
         /// The new generation.
@@ -490,6 +519,7 @@ impl Supervisor {
                     self.replace(id, now, &mut out)
                 }
             }
+            Input::Stuck { id, unread_for } => self.stuck(id, unread_for, now, &mut out),
             Input::Exited { id, status } => self.gone(id, Some(status), now, &mut out),
         }
         self.fire_timers(now, &mut out);
@@ -689,6 +719,29 @@ impl Supervisor {
         }
         out.push(Action::Report(Event::ReplaceStarted(info)));
         self.spawn(slot, now, out);
+    }
+
+    /// An active worker stopped reading its channel: see "Stuck" in the module docs.
+    fn stuck(&mut self, id: WorkerId, unread_for: Duration, now: Instant, out: &mut Vec<Action>) {
+        let Some(w) = self.workers.get(&id) else {
+            return;
+        };
+        let (info, slot) = (w.info, w.info.slot);
+        let uptime = now.saturating_duration_since(w.started_at);
+        if self.terminating || self.slots[slot].active != Some(id) {
+            return; // no longer active: nothing is routed to it any more
+        }
+        out.push(Action::Report(Event::Stuck {
+            worker: info,
+            unread_for,
+        }));
+        self.slots[slot].active = None;
+        out.push(Action::Route { slot, worker: None });
+        out.push(Action::Reclaim { id });
+        self.retire(id, now, out);
+        if self.slots[slot].pending.is_none() {
+            self.schedule_respawn(slot, uptime, now, out);
+        }
     }
 
     /// A worker is gone: exited (`status`), or never started (`None`).

@@ -11,6 +11,7 @@ fn timing() -> Timing {
         respawn: 100 * MS,
         backoff: 1000 * MS,
         ready_timeout: 5000 * MS,
+        stuck_timeout: 2000 * MS,
     }
 }
 
@@ -739,4 +740,88 @@ async fn a_worker_stopped_or_killed_before_its_pid_is_known_is_told_once_it_is()
         Instant::now(),
     );
     assert_eq!(killed(&out), [first[1]]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stuck_worker_is_routed_away_reclaimed_retired_and_replaced() {
+    let (mut sim, out) = Sim::start(2, timing());
+    let first = ids(&out);
+    sim.ready_all(&first);
+    advance(10_000 * MS).await;
+    let stuck = first[1];
+    let out = sim.feed(Input::Stuck {
+        id: stuck,
+        unread_for: 2000 * MS,
+    });
+    // In this order: reported, routed away, its queue taken back, told to stop.
+    let order: Vec<&Action> = out
+        .iter()
+        .filter(|a| !matches!(a, Action::Report(Event::Retiring(_))))
+        .take(4)
+        .collect();
+    let info = WorkerInfo {
+        state: WorkerState::Ready,
+        ..sim.sup.info(stuck).unwrap()
+    };
+    assert_eq!(
+        order,
+        vec![
+            &Action::Report(Event::Stuck {
+                worker: info,
+                unread_for: 2000 * MS
+            }),
+            &Action::Route {
+                slot: 1,
+                worker: None
+            },
+            &Action::Reclaim { id: stuck },
+            &Action::Stop { id: stuck },
+        ]
+    );
+    assert_eq!(sim.active(1), None);
+    assert_eq!(sim.active(0), Some(first[0]));
+    // It lived past the backoff: respawned after the first delay, like a worker that died.
+    assert_eq!(respawn_delays(&out), vec![100 * MS]);
+    let out = sim.wait(100 * MS).await;
+    let new = ids(&out);
+    assert_eq!(spawned(&out), vec![(new[0], 1, 1)]);
+    sim.ready_all(&new);
+    assert_eq!(sim.active(1), Some(new[0]));
+    // Retired: killed after the timeout if it never wakes up.
+    let out = sim.wait(1000 * MS).await;
+    assert_eq!(killed(&out), vec![stuck]);
+    // Reported once: a second report about the same worker does nothing.
+    assert!(sim
+        .feed(Input::Stuck {
+            id: stuck,
+            unread_for: 4000 * MS
+        })
+        .is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stuck_worker_during_a_reload_leaves_its_slot_to_the_pending_one() {
+    let (mut sim, out) = Sim::start(1, timing());
+    let first = ids(&out);
+    sim.ready_all(&first);
+    let out = sim.feed(Input::Reload);
+    let pending = ids(&out);
+    let out = sim.feed(Input::Stuck {
+        id: first[0],
+        unread_for: 2000 * MS,
+    });
+    assert!(spawned(&out).is_empty() && respawn_delays(&out).is_empty());
+    assert_eq!(stopped(&out), vec![first[0]]);
+    let out = sim.ready_all(&pending);
+    assert!(has(&out, &Event::ReloadFinished { generation: 2 }));
+    assert_eq!(sim.active(0), Some(pending[0]));
+    // Terminating: a stuck report changes nothing.
+    sim.feed(Input::Terminate);
+    assert!(!sim
+        .feed(Input::Stuck {
+            id: pending[0],
+            unread_for: 2000 * MS
+        })
+        .iter()
+        .any(|a| matches!(a, Action::Reclaim { .. })));
 }

@@ -45,7 +45,7 @@ pub(crate) struct WorkerChannel {
     /// Set once `stop` has been sent; guards every send.
     stopped: Mutex<bool>,
     /// The master's duplicate of the worker's end, for [`WorkerChannel::reclaim`].
-    worker_end: Mutex<Option<OwnedFd>>,
+    worker_end: OwnedFd,
 }
 
 impl WorkerChannel {
@@ -59,7 +59,7 @@ impl WorkerChannel {
         let channel = WorkerChannel {
             fd: fdpass::register(master)?,
             stopped: Mutex::new(false),
-            worker_end: Mutex::new(Some(keep)),
+            worker_end: keep,
         };
         Ok((channel, worker))
     }
@@ -127,24 +127,50 @@ impl WorkerChannel {
         }
     }
 
-    /// After the worker exited: takes back every connection queued to it and not read.
+    /// A fingerprint of the oldest message the worker has not read yet; `None` when it
+    /// has read everything.
+    ///
+    /// This is how the balancer tells a stuck worker from a busy one (see
+    /// `balance::stuck`): the same fingerprint seen again later means the worker read
+    /// nothing in between. It peeks (`MSG_PEEK`) at the head of the worker's queue
+    /// through the master's duplicate of the worker's end, with no control buffer, so
+    /// the kernel installs no descriptor in the master and the worker loses nothing.
+    /// Each message starts with a `conn` record naming the client's address and port,
+    /// so two different messages look the same only if one client address and port
+    /// came back while the first message still waited.
+    pub fn unread_head(&self) -> Option<u64> {
+        use nix::sys::socket::{recv, MsgFlags};
+        use std::hash::{Hash, Hasher};
+        use std::os::fd::AsRawFd;
+        let end = &self.worker_end;
+        let mut head = [0u8; 128];
+        let flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_TRUNC;
+        // With MSG_TRUNC a SOCK_SEQPACKET receive returns the message's whole length.
+        let len = recv(end.as_raw_fd(), &mut head, flags).ok()?;
+        if len == 0 {
+            return None;
+        }
+        let mut hasher = std::hash::DefaultHasher::new();
+        len.hash(&mut hasher);
+        head[..len.min(head.len())].hash(&mut hasher);
+        Some(hasher.finish())
+    }
+
+    /// Takes back every connection queued to the worker and not read yet: after it
+    /// exited, or once it is found stuck (then whatever it reads meanwhile it serves).
     ///
     /// Records that do not parse have their descriptors closed.
     pub fn reclaim(&self) -> Vec<Conn> {
         // Hold the send lock throughout, marked stopped: a batch the balancer sends
         // (from another thread, on a multi-thread runtime) either went out before and is
         // read back here, or fails with BrokenPipe and is re-dispatched. None can slip in
-        // between the last read and the end's close, where the kernel would drop it.
+        // after the last read, where nobody would read it.
         let mut stopped = self.stopped.lock().unwrap_or_else(|e| e.into_inner());
         *stopped = true;
-        let Some(end) = self
-            .worker_end
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-        else {
-            return Vec::new();
-        };
+        // The duplicate stays open until the channel is dropped: while the master holds
+        // it, the master's own end never reads EOF, which the channel's reader relies on
+        // (a worker reclaimed while alive, as a stuck one is, exits later).
+        let end = &self.worker_end;
         let mut out = Vec::new();
         let mut buf = vec![0u8; channel::MAX_MASTER_MESSAGE];
         let mut cbuf = FdBuf::new();
