@@ -15,6 +15,13 @@
 //! * `rr`, `sticky`, `shared`: recluster in each balance mode;
 //! * `node-recluster`: npm `recluster` (Node's cluster round robin) over an equivalent
 //!   Node worker (`benches/node/`), when `node` and `npm` are present;
+//! * `node-rr`, `node-sticky`: recluster `--via node` over the same unmodified Node
+//!   worker (the master speaks Node's cluster IPC); `node-shared`: recluster
+//!   `--balance shared`, the Node worker serving the inherited socket (`listen({fd:
+//!   3})`); `node-reuseport`: N standalone Node workers on `SO_REUSEPORT`
+//!   (`listen({reusePort: true})`, Node ≥ 22.12), the Node baseline, when `node`
+//!   supports it. The Node rows get a second table, of ratios to `node-reuseport` (or
+//!   to `node-shared` where Node has no `reusePort`);
 //! * `haproxy`: HAProxy in TCP mode with `balance source` over N standalone workers,
 //!   when `haproxy` is installed.
 //!
@@ -86,8 +93,9 @@ const USAGE: &str = "usage: cargo bench --bench compare -- [options]
   --threads T         load generator threads (2)
   --master-conns N    connections for the master RSS/fd check (1000000; 0 skips it)
   --loads L,L         conn,keepalive
-  --only M,M          contenders besides the reuseport baseline: single,rr,sticky,shared,node-recluster,haproxy
-  --no-node           skip npm recluster
+  --only M,M          contenders besides the reuseport baseline: single,rr,sticky,shared,
+                      node-recluster,node-rr,node-sticky,node-shared,node-reuseport,haproxy
+  --no-node           skip every Node contender
   --no-haproxy        skip HAProxy
   --quick             --duration 2 --warmup 0.5 --repeats 2 --master-conns 100000
   --strict            exit 1 when a target is missed";
@@ -354,6 +362,103 @@ fn start_node(env: &Env, n: usize) -> Result<Target, String> {
     Ok(t)
 }
 
+/// `benches/node/worker.js`: the one Node server of every Node contender.
+fn node_worker() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/node/worker.js")
+}
+
+/// `node --version` as (major, minor).
+fn node_version() -> Option<(u32, u32)> {
+    let out = Command::new("node").arg("--version").output().ok()?;
+    let v = String::from_utf8_lossy(&out.stdout);
+    let mut parts = v.trim().trim_start_matches('v').split('.');
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+/// recluster in front of N copies of the Node worker: `--via node` with `balance` rr
+/// or sticky (the master answers the worker's own `listen(PORT)`), or `--balance
+/// shared` (the worker serves the inherited fd 3).
+fn start_recluster_node(
+    env: &Env,
+    name: &'static str,
+    balance: &str,
+    n: usize,
+) -> Result<Target, String> {
+    if !have("node", "--version") {
+        return Err(format!("{name}: node not found"));
+    }
+    let addr = localhost(free_port().map_err(|e| e.to_string())?);
+    let log = env.work.join(format!("{name}.log"));
+    let file = std::fs::File::create(&log).map_err(|e| e.to_string())?;
+    let mut cmd = Command::new(&env.recluster);
+    cmd.args(["--workers", &n.to_string(), "--balance", balance]);
+    if balance != "shared" {
+        cmd.args(["--via", "node"]);
+    }
+    let child = cmd
+        .args(["--listen", &addr.to_string(), "--log-level", "info", "--"])
+        .arg("node")
+        .arg(node_worker())
+        .env("PORT", addr.port().to_string())
+        .env_remove("RUST_LOG")
+        .env_remove("NODE_ENV")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(file)
+        .spawn()
+        .map_err(|e| format!("{name}: {e}"))?;
+    let master = child.id();
+    let mut t = Target {
+        name,
+        addr,
+        procs: vec![child],
+        master: Some(master),
+        log: Some(log),
+    };
+    wait_up(&mut t, Some("cluster ready"))?;
+    Ok(t)
+}
+
+/// N standalone copies of the Node worker on one `SO_REUSEPORT` port: no master, the
+/// kernel balances. Needs Node ≥ 22.12 (`listen({reusePort: true})`); older Node
+/// ignores the option, so it is not tried there.
+fn start_node_reuseport(n: usize) -> Result<Target, String> {
+    match node_version() {
+        Some(v) if v >= (22, 12) => {}
+        Some((major, minor)) => {
+            return Err(format!(
+                "node-reuseport: node v{major}.{minor} has no listen({{reusePort}}) (22.12+)"
+            ))
+        }
+        None => return Err("node-reuseport: node not found".into()),
+    }
+    let addr = localhost(free_port().map_err(|e| e.to_string())?);
+    let mut t = Target {
+        name: "node-reuseport",
+        addr,
+        procs: Vec::new(),
+        master: None,
+        log: None,
+    };
+    for id in 0..n {
+        let child = Command::new("node")
+            .arg(node_worker())
+            .env("PORT", addr.port().to_string())
+            .env("REUSEPORT", "1")
+            .env("WORKER_ID", id.to_string())
+            .env_remove("NODE_ENV")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("node-reuseport: {e}"))?;
+        t.procs.push(child);
+    }
+    wait_up(&mut t, None)?;
+    // Every copy must have bound before the load starts, or the first ones get it all.
+    std::thread::sleep(Duration::from_millis(500));
+    Ok(t)
+}
+
 fn start_haproxy(env: &Env, n: usize) -> Result<Target, String> {
     if !have("haproxy", "-v") {
         return Err("haproxy not installed (e.g. apt-get install haproxy)".into());
@@ -560,6 +665,29 @@ fn run(o: &Options, env: &Env) -> i32 {
             println!("skipped: node-recluster (--no-node)");
         }
     }
+    for (name, balance) in [
+        ("node-rr", "rr"),
+        ("node-sticky", "sticky"),
+        ("node-shared", "shared"),
+    ] {
+        if wanted(name) {
+            if o.node {
+                add(
+                    start_recluster_node(env, name, balance, o.workers),
+                    &mut targets,
+                );
+            } else {
+                println!("skipped: {name} (--no-node)");
+            }
+        }
+    }
+    if wanted("node-reuseport") {
+        if o.node {
+            add(start_node_reuseport(o.workers), &mut targets);
+        } else {
+            println!("skipped: node-reuseport (--no-node)");
+        }
+    }
     if wanted("haproxy") {
         if o.haproxy {
             add(start_haproxy(env, o.workers), &mut targets);
@@ -710,6 +838,8 @@ fn run(o: &Options, env: &Env) -> i32 {
         }
     }
 
+    node_table(o, &targets, &results);
+
     println!();
     println!("## Master cost (process that accepts and hands off)");
     println!();
@@ -755,7 +885,8 @@ fn run(o: &Options, env: &Env) -> i32 {
         t.stop();
     }
     for t in &targets {
-        if let (Some(log), true) = (&t.log, t.name == "rr" || t.name == "sticky") {
+        let hands_off = matches!(t.name, "rr" | "sticky" | "node-rr" | "node-sticky");
+        if let (Some(log), true) = (&t.log, hands_off) {
             let text = std::fs::read_to_string(log).unwrap_or_default();
             match text.lines().rev().find(|l| l.contains("balancer totals")) {
                 Some(line) => {
@@ -790,6 +921,55 @@ fn run(o: &Options, env: &Env) -> i32 {
             1
         } else {
             0
+        }
+    }
+}
+
+/// The Node contenders against the Node baseline (`node-reuseport`, else
+/// `node-shared`): the same server in every row, so the ratio is the front's cost.
+fn node_table(o: &Options, targets: &[Target], results: &Results) {
+    let Some(base) = ["node-reuseport", "node-shared"]
+        .iter()
+        .find_map(|b| targets.iter().position(|t| t.name == *b))
+    else {
+        return;
+    };
+    println!();
+    println!(
+        "## Node servers: ratio to {} (medians of paired ratios)",
+        targets[base].name
+    );
+    for (li, &load) in o.loads.iter().enumerate() {
+        println!();
+        println!("### {}", load.as_str());
+        println!();
+        println!("| mode | req/s | ratio | p99 ms | p99 ratio | errors |");
+        println!("|---|---:|---:|---:|---:|---:|");
+        for (ti, t) in targets.iter().enumerate() {
+            if !t.name.starts_with("node-") {
+                continue;
+            }
+            let runs: Vec<(&Report, &Report)> = (0..o.repeats)
+                .filter_map(|rep| {
+                    Some((
+                        results[rep][li][ti].as_ref()?,
+                        results[rep][li][base].as_ref()?,
+                    ))
+                })
+                .collect();
+            let rps = median(runs.iter().map(|(r, _)| r.rps()).collect());
+            let ratio = median(runs.iter().map(|(r, b)| r.rps() / b.rps()).collect());
+            let p99 = median(runs.iter().map(|(r, _)| r.pct_ms(0.99)).collect());
+            let p99_ratio = median(
+                runs.iter()
+                    .map(|(r, b)| r.pct_ms(0.99) / b.pct_ms(0.99))
+                    .collect(),
+            );
+            let errors: u64 = runs.iter().map(|(r, _)| r.errors.total()).sum();
+            println!(
+                "| {} | {rps:.0} | {ratio:.3} | {p99:.3} | {p99_ratio:.2} | {errors} |",
+                t.name
+            );
         }
     }
 }
