@@ -4,7 +4,7 @@
 //! ```text
 //! cargo build --release --features axum --bin recluster --example axum
 //! target/release/recluster --listen 127.0.0.1:8080 -- target/release/examples/axum
-//! curl http://127.0.0.1:8080/      # -> hello from worker 1
+//! curl http://127.0.0.1:8080/      # -> hello from worker 1 gen=1
 //! ```
 
 use axum::{routing::get, Router};
@@ -15,7 +15,10 @@ async fn main() -> std::io::Result<()> {
     let stop = listener.shutdown();
     let app = Router::new().route(
         "/",
-        get(|| async { format!("hello from worker {}\n", recluster::worker::id()) }),
+        get(|| async {
+            use recluster::worker::{generation, id};
+            format!("hello from worker {} gen={}\n", id(), generation())
+        }),
     );
     // On stop: no new connections, in-flight requests finish, then serve returns.
     axum::serve(listener, app)

@@ -1,5 +1,6 @@
 //! The benchmark worker: a minimal HTTP/1.1 keep-alive server that answers every
-//! request with `200 OK` and a short body naming its `WORKER_ID`.
+//! request with `200 OK` and a short body naming its `WORKER_ID` and generation
+//! (`worker=1 gen=3`).
 //!
 //! It is what `cargo bench --bench compare` runs behind every front balancer, so that
 //! the only thing that changes between the measurements is how connections reach it:
@@ -39,7 +40,10 @@ const MAX_HEAD: usize = 8192;
 async fn main() -> std::io::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let id = std::env::var("WORKER_ID").unwrap_or_else(|_| "0".into());
-    let body: &'static [u8] = format!("worker={id}\n").into_bytes().leak();
+    let generation = recluster::worker::generation();
+    let body: &'static [u8] = format!("worker={id} gen={generation}\n")
+        .into_bytes()
+        .leak();
     let mut tasks = tokio::task::JoinSet::new();
     match args.as_slice() {
         [flag, addr] if flag == "--reuseport" => {
