@@ -37,6 +37,11 @@ const WORKERS: usize = 2;
 const TIMEOUT: &str = "30s";
 /// A retiring worker exits within this of its retirement (idle grace 1 s + slack).
 const DRAIN_BOUND: Duration = Duration::from_secs(4);
+/// Every `THINKER`-th client pauses this long between requests (pacing, like a
+/// browser between resources): stop then often finds its connection idle, and the
+/// next request must still be answered, not cut.
+const THINK: Duration = Duration::from_millis(5);
+const THINKER: usize = 4;
 /// Requests each generation serves before the next reload.
 const REQUESTS_PER_GENERATION: u64 = 200;
 
@@ -159,7 +164,10 @@ impl Load {
                 let (stop, by_gen, failed) = (stop.clone(), by_gen.clone(), failed.clone());
                 // `sticky` hashes the client's address: several spread the clients.
                 let src = Ipv4Addr::new(127, 0, 0, 1 + t as u8);
-                std::thread::spawn(move || client(addr, src, started, &stop, &by_gen, &failed))
+                let think = (t % THINKER == THINKER - 1).then_some(THINK);
+                std::thread::spawn(move || {
+                    client(addr, src, think, started, &stop, &by_gen, &failed)
+                })
             })
             .collect();
         Load {
@@ -197,10 +205,11 @@ impl Load {
 }
 
 /// One client: a connection reused until the server says `Connection: close` (or
-/// closes it), then a new one; no retry.
+/// closes it), then a new one; no retry. With `think`, a pause after each response.
 fn client(
     addr: SocketAddr,
     src: Ipv4Addr,
+    think: Option<Duration>,
     started: Instant,
     stop: &AtomicBool,
     by_gen: &[AtomicU64],
@@ -252,6 +261,10 @@ fn client(
                 if response.close {
                     totals.closes += 1;
                     conn = None;
+                }
+                if let Some(think) = think {
+                    // Pacing only (it may end early): nothing waits on it.
+                    std::thread::park_timeout(think);
                 }
             }
             Err(kind) => {
