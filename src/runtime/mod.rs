@@ -34,8 +34,10 @@ use journal::Journal;
 use command::{Launcher, WorkerCommand};
 
 mod advice;
+mod cgroup;
 pub(crate) mod command;
 pub(crate) mod control;
+mod guard;
 pub(crate) mod handle;
 mod journal;
 pub(crate) mod launch;
@@ -54,6 +56,8 @@ pub(crate) struct Setup {
     pub timing: Timing,
     pub stop_signal: Signal,
     pub subreaper: bool,
+    /// Whether workers get cgroups of their own where cgroup v2 is writable.
+    pub cgroups: bool,
     pub listeners: Vec<TcpListener>,
     pub ends: handle::Ends,
 }
@@ -70,6 +74,8 @@ struct Proc {
     channel: Option<Arc<WorkerChannel>>,
     /// The task reading the worker's messages.
     reader: Option<tokio::task::JoinHandle<()>>,
+    /// The worker's own cgroup, where cgroups are used.
+    cgroup: Option<cgroup::Leaf>,
 }
 
 /// The driver's state besides the supervisor core.
@@ -92,6 +98,8 @@ struct Driver {
     messages: mpsc::Sender<Input>,
     fatal: Option<Error>,
     exit: bool,
+    /// Kills the workers if the master dies; their cgroups (`guard.rs`).
+    guard: guard::Guard,
 }
 
 /// Runs a cluster until it has terminated.
@@ -137,6 +145,8 @@ pub(crate) async fn run(setup: Setup) -> Result<(), Error> {
         driver.publish();
     }
     driver.journal.flush(Instant::now(), true);
+    let clean = driver.procs.is_empty();
+    driver.guard.finish(clean).await;
     match driver.fatal.take() {
         Some(e) => Err(e),
         None => {
@@ -196,6 +206,7 @@ impl Driver {
             balancer_task = Some(running.done);
             balancer = Some(tx);
         }
+        let guard = guard::Guard::start(setup.cgroups);
         Ok(Driver {
             sup: Supervisor::new(setup.workers, setup.timing).with_ready_when(setup.ready_when),
             setup,
@@ -210,6 +221,7 @@ impl Driver {
             messages,
             fatal: None,
             exit: false,
+            guard,
         })
     }
 
@@ -285,10 +297,15 @@ impl Driver {
             }
         };
         let channel_fd = worker_end.as_ref().map(|e| e.as_raw_fd());
-        let spawned = self.launcher.launch(slot, generation, channel_fd);
+        let cgroup = self.guard.leaf();
+        let contain = self.guard.contain(cgroup.as_ref());
+        let spawned = self
+            .launcher
+            .launch(slot, generation, channel_fd, contain);
         drop(worker_end); // the worker has its copy; the channel keeps one for reclaiming
         match spawned {
             Ok(pid) => {
+                self.guard.spawned(pid, cgroup.as_ref());
                 let probing = shared && self.setup.ready_when == ReadyWhen::Listening;
                 let reader = channel
                     .clone()
@@ -300,12 +317,14 @@ impl Driver {
                         probing,
                         channel,
                         reader,
+                        cgroup,
                     },
                 );
                 self.by_pid.insert(pid, id);
                 self.sup.handle(Input::Spawned { id, pid }, now)
             }
             Err(e) => {
+                self.guard.released(None, cgroup);
                 let error = spawn_error(SpawnStep::Launch, &e);
                 self.sup.handle(Input::SpawnFailed { id, error }, now)
             }
@@ -356,6 +375,8 @@ impl Driver {
                     pid, "killed what the worker left in its process group"
                 );
             }
+            // The group is empty now: the guard forgets it; the worker's cgroup goes.
+            self.guard.released(Some(pid), p.cgroup);
             let slot = self.sup.info(id).map(|w| w.slot);
             // First the core (which routes the slot away), then the connections the
             // worker never read go to the workers that remain.
