@@ -220,8 +220,9 @@ impl Guard {
         if let (Some(p), Some(pid)) = (&self.process, pid) {
             if !send(p.sock.as_raw_fd(), REMOVE, pid as i32) && !self.warned {
                 self.warned = true;
-                warn!(event = "guard_lagging", error = %io::Error::last_os_error(),
-                    "the guard missed a record: it may not know every worker");
+                warn!(event = "guard_unreachable", error = %io::Error::last_os_error(),
+                    "the guard missed a record (stopped or gone): should the master be killed, \
+                     workers it does not know may outlive it");
             }
         }
         if let Some(leaf) = leaf {
