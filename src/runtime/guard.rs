@@ -499,7 +499,10 @@ unsafe fn guard_main(plan: &Plan) -> ! {
     }
     libc::chdir(c"/".as_ptr());
     libc::prctl(libc::PR_SET_NAME, NAME.as_ptr() as libc::c_ulong, 0, 0, 0);
-    // The command line reads `recluster-guard`; the environment reads empty.
+    // The command line reads `recluster-guard`; the environment reads empty. The
+    // ranges are the kernel's (`/proc/self/stat`), checked before the fork to lie in
+    // one writable mapping; this process's copy of them is private (copy-on-write), and
+    // nothing here reads them again (no `std::env`, no `getenv`).
     let (arg, arg_len) = plan.scrub[0];
     if arg_len > 0 {
         let dst = arg as *mut u8;
