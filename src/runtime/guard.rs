@@ -42,9 +42,12 @@
 //!   socket are sent whole, so the master's and the children's never mix, and
 //!   `MSG_NOSIGNAL` means a dead guard raises no SIGPIPE.
 //! * **No stale group is killed.** The master sends `remove <pgid>` only after it has
-//!   reaped the worker and SIGKILLed its group (which it already did), so a group id
-//!   leaves the guard's table once nothing in the group is left, before the kernel can
-//!   hand the number out again. A child whose exec failed is removed the same way.
+//!   reaped the worker and SIGKILLed its group (which it already did). The kernel does
+//!   not hand out a number again while a process of that group lives, and every one of
+//!   them has a SIGKILL pending by then, so the id leaves the guard's table before it
+//!   can name anyone else. A child whose exec failed is removed the same way. (The
+//!   window that remains is the master's own: between reaping a worker whose group was
+//!   already empty and its `killpg`, as before.)
 //! * **Bounded.** Records are 8 bytes; the table holds [`CAPACITY`] groups (a cluster
 //!   has a few live workers at a time: active, pending and retiring); `add`s beyond it
 //!   are dropped (the cgroup, where there is one, still covers them). The sends never

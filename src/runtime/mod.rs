@@ -375,7 +375,8 @@ impl Driver {
                     pid, "killed what the worker left in its process group"
                 );
             }
-            // The group is empty now: the guard forgets it; the worker's cgroup goes.
+            // Everything in the group has a SIGKILL pending, and the number cannot be
+            // reused while any of it lives: the guard forgets it. The cgroup goes too.
             self.guard.released(Some(pid), p.cgroup);
             let slot = self.sup.info(id).map(|w| w.slot);
             // First the core (which routes the slot away), then the connections the
