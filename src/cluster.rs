@@ -30,6 +30,7 @@ pub struct ClusterBuilder {
     stop_signal: Signal,
     backlog: i32,
     subreaper: bool,
+    cgroups: bool,
 }
 
 impl ClusterBuilder {
@@ -38,6 +39,13 @@ impl ClusterBuilder {
     /// Only for a process that runs one cluster and no other children: it reaps every child.
     pub fn subreaper(mut self, on: bool) -> Self {
         self.subreaper = on;
+        self
+    }
+
+    /// Put each worker in a cgroup of its own where cgroup v2 is writable, so that even
+    /// daemons that left its process group are killed with it (default: on).
+    pub fn cgroups(mut self, on: bool) -> Self {
+        self.cgroups = on;
         self
     }
 
@@ -164,6 +172,7 @@ impl ClusterBuilder {
                 timing: self.timing,
                 stop_signal: self.stop_signal,
                 subreaper: self.subreaper,
+                cgroups: self.cgroups,
                 listeners,
                 ends,
                 via,
@@ -223,6 +232,7 @@ impl Cluster {
             stop_signal: Signal::SIGTERM,
             backlog: config::DEFAULT_BACKLOG,
             subreaper: std::process::id() == 1,
+            cgroups: true,
         }
     }
 

@@ -93,6 +93,10 @@ pub struct Options {
     #[arg(long, env = "RECLUSTER_SUBREAPER", num_args = 0..=1, default_missing_value = "true", require_equals = true)]
     pub subreaper: Option<bool>,
 
+    /// Put each worker in a cgroup of its own where cgroup v2 is writable (killed as one)
+    #[arg(long, env = "RECLUSTER_CGROUPS", num_args = 0..=1, default_value = "true", default_missing_value = "true", require_equals = true)]
+    pub cgroups: bool,
+
     /// Unix socket for `status`, `reload` and `terminate` commands (mode 0600)
     #[arg(long, env = "RECLUSTER_CONTROL", value_name = "PATH")]
     pub control: Option<std::path::PathBuf>,
@@ -229,7 +233,8 @@ pub fn main() -> i32 {
         .ready_timeout(opts.ready_timeout)
         .stuck_timeout(opts.stuck_timeout)
         .stop_signal(opts.stop_signal)
-        .backlog(opts.backlog);
+        .backlog(opts.backlog)
+        .cgroups(opts.cgroups);
     if let Some(on) = opts.subreaper {
         builder = builder.subreaper(on);
     }

@@ -13,7 +13,7 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use super::launch::{spawn, SpawnSpec};
+use super::launch::{spawn, Contain, SpawnSpec};
 use crate::error::CommandError;
 
 /// Finds the program the way execvp would and checks that it can be executed.
@@ -178,13 +178,14 @@ impl Launcher {
 
     /// Starts worker `unique` (a number never reused in this cluster) of `slot` and
     /// `generation`, with `channel_fd` (its end of the worker channel) at fd 3 when
-    /// workers use one; returns its pid.
+    /// workers use one, contained as `contain` says; returns its pid.
     pub fn launch(
         &self,
         unique: u64,
         slot: usize,
         generation: u64,
         channel_fd: Option<RawFd>,
+        contain: Contain<'_>,
     ) -> io::Result<u32> {
         let mut env = self.env.clone();
         env.push(assignment("WORKER_ID", slot.to_string()));
@@ -203,6 +204,7 @@ impl Launcher {
                 None => &self.listen_fds,
             },
             listen_pid: !self.channel,
+            contain,
         };
         spawn(&spec)
     }

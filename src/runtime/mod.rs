@@ -37,8 +37,10 @@ use handle::{Command, Snapshot};
 use journal::Journal;
 
 mod advice;
+mod cgroup;
 pub(crate) mod command;
 pub(crate) mod control;
+mod guard;
 pub(crate) mod handle;
 mod journal;
 pub(crate) mod launch;
@@ -57,6 +59,8 @@ pub(crate) struct Setup {
     pub timing: Timing,
     pub stop_signal: Signal,
     pub subreaper: bool,
+    /// Whether workers get cgroups of their own where cgroup v2 is writable.
+    pub cgroups: bool,
     pub listeners: Vec<TcpListener>,
     pub ends: handle::Ends,
     /// How workers receive connections (`rr`/`sticky`).
@@ -79,6 +83,8 @@ struct Proc {
     link: Option<Link>,
     /// The task reading the worker's messages.
     reader: Option<tokio::task::JoinHandle<()>>,
+    /// The worker's own cgroup, where cgroups are used.
+    cgroup: Option<cgroup::Leaf>,
 }
 
 /// The driver's state besides the supervisor core.
@@ -103,6 +109,8 @@ struct Driver {
     messages: mpsc::Sender<Input>,
     fatal: Option<Error>,
     exit: bool,
+    /// Kills the workers if the master dies; their cgroups (`guard.rs`).
+    guard: guard::Guard,
 }
 
 /// Runs a cluster until it has terminated.
@@ -148,6 +156,8 @@ pub(crate) async fn run(setup: Setup) -> Result<(), Error> {
         driver.publish();
     }
     driver.journal.flush(Instant::now(), true);
+    let clean = driver.procs.is_empty();
+    driver.guard.finish(clean).await;
     match driver.fatal.take() {
         Some(e) => Err(e),
         None => {
@@ -220,6 +230,7 @@ impl Driver {
             balancer_task = Some(running.done);
             balancer = Some(tx);
         }
+        let guard = guard::Guard::start(setup.cgroups);
         Ok(Driver {
             sup: Supervisor::new(setup.workers, setup.timing).with_ready_when(setup.ready_when),
             setup,
@@ -235,6 +246,7 @@ impl Driver {
             messages,
             fatal: None,
             exit: false,
+            guard,
         })
     }
 
@@ -325,10 +337,15 @@ impl Driver {
             }
         };
         let channel_fd = worker_end.as_ref().map(|e| e.as_raw_fd());
-        let spawned = self.launcher.launch(id.0, slot, generation, channel_fd);
+        let cgroup = self.guard.leaf();
+        let contain = self.guard.contain(cgroup.as_ref());
+        let spawned = self
+            .launcher
+            .launch(id.0, slot, generation, channel_fd, contain);
         drop(worker_end); // the worker has its copy (a channel keeps one for reclaiming)
         match spawned {
             Ok(pid) => {
+                self.guard.spawned(pid, cgroup.as_ref());
                 let probing = shared && self.setup.ready_when == ReadyWhen::Listening;
                 let reader = match &link {
                     Some(Link::Channel(ch)) => Some(tokio::spawn(reader::read_worker(
@@ -354,12 +371,14 @@ impl Driver {
                         probing,
                         link,
                         reader,
+                        cgroup,
                     },
                 );
                 self.by_pid.insert(pid, id);
                 self.sup.handle(Input::Spawned { id, pid }, now)
             }
             Err(e) => {
+                self.guard.released(None, cgroup);
                 let error = spawn_error(SpawnStep::Launch, &e);
                 self.sup.handle(Input::SpawnFailed { id, error }, now)
             }
@@ -410,6 +429,9 @@ impl Driver {
                     pid, "killed what the worker left in its process group"
                 );
             }
+            // Everything in the group has a SIGKILL pending, and the number cannot be
+            // reused while any of it lives: the guard forgets it. The cgroup goes too.
+            self.guard.released(Some(pid), p.cgroup);
             let slot = self.sup.info(id).map(|w| w.slot);
             // First the core (which routes the slot away), then the connections the
             // worker never read go to the workers that remain.
