@@ -596,10 +596,11 @@ fn handle_line(ch: &NodeChannel, task: &Task, reader: &mut Reader, v: Value) -> 
     match cmd {
         "ready" => reader.said.ready().then_some(Input::Ready { id }),
         "disconnect" => reader.said.replace().then_some(Input::ReplaceRequested { id }),
-        _ => {
-            debug!(event = "node_user_message", pid = task.pid, "a message from a node worker");
-            None
-        }
+        // The application's own: to the event stream, as Node's primary emits `message`.
+        _ => Some(Input::Message {
+            id,
+            text: v.to_string(),
+        }),
     }
 }
 
