@@ -74,9 +74,8 @@ pub(crate) fn advice(s: &Situation) -> String {
                 "In --balance {} --via node recluster is the Node cluster primary: the \
                  worker must be the node process itself running a script whose server \
                  calls listen(port), and recluster serves that port (a --listen address \
-                 with the same port, or one it binds on the first request). Only the \
-                 process recluster starts speaks the channel: not npm start, and a shell \
-                 wrapper must exec node. A server whose listen failed says why above \
+                 with the same port, or one it binds on the first request). Not npm start: \
+                 npm is a Node script itself, takes the channel, and the app never sees it. A server whose listen failed says why above \
                  (listen EADDRINUSE: another process holds the port). See docs/NODE.md. ",
                 s.balance
             );
@@ -182,7 +181,7 @@ mod tests {
             failures: 3,
             silent: true,
         });
-        assert!(via_node.contains("exec node") && via_node.contains("docs/NODE.md"), "{via_node}");
+        assert!(via_node.contains("npm start") && via_node.contains("docs/NODE.md"), "{via_node}");
         assert!(!via_node.contains("RECLUSTER_FD"), "{via_node}");
         for text in [rr, node, shared, ready, via_node] {
             assert!(text.contains("Will my server work?"));

@@ -208,6 +208,9 @@ impl Driver {
             } else {
                 launcher.use_channel();
             }
+            if setup.via == Via::Node && crate::config::Via::for_program(setup.program.as_os_str()) == Via::Node {
+                crate::via::node::check_version(&setup.program);
+            }
             if setup.via_chosen {
                 info!(event = "via_chosen", via = %setup.via, "the command runs node: workers get connections through Node's cluster IPC (--via node)");
             }

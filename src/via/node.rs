@@ -63,6 +63,13 @@ pub const WINDOW: usize = 8;
 /// The longest line a worker may send; anything longer is an offence and skipped.
 pub const MAX_LINE: usize = 64 * 1024;
 
+/// How long a worker may run without a word of Node's cluster protocol before the
+/// master says, once, that it is probably not `node` running a script.
+pub const SILENT_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Node major versions the dialect was checked against (docs/NODE.md).
+pub const TESTED_MAJORS: &[u32] = &[20];
+
 /// How long a stopping worker whose channel has closed may take to exit by itself
 /// before it gets the stop signal.
 pub const EXIT_GRACE: std::time::Duration = std::time::Duration::from_millis(250);
@@ -78,6 +85,8 @@ pub(crate) struct Ports {
     /// balancer ends when the driver drops its sender, whatever workers remain.
     updates: mpsc::WeakUnboundedSender<Update>,
     backlog: i32,
+    /// The "never spoke Node's protocol" warning was given (once per cluster).
+    warned_silent: std::sync::atomic::AtomicBool,
 }
 
 /// One listening socket, by its index in the balancer.
@@ -94,6 +103,7 @@ impl Ports {
             inner: Mutex::new(listening.iter().map(|&addr| Port { addr, asked: None }).collect()),
             updates: updates.downgrade(),
             backlog,
+            warned_silent: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -374,6 +384,8 @@ pub(crate) async fn run(ch: Arc<NodeChannel>, task: Task) {
     let mut awaiting_ack: Option<(u64, u32)> = None;
     let mut cbuf = FdBuf::new();
     let mut buf = vec![0u8; 16 * 1024];
+    let silent_at = Instant::now() + SILENT_AFTER;
+    let mut silent_checked = false;
     loop {
         if out.is_none() && awaiting_ack.is_none() {
             out = next_out(&ch);
@@ -390,6 +402,11 @@ pub(crate) async fn run(ch: Arc<NodeChannel>, task: Task) {
                 Err(_) => break,
             },
             _ = ch.wake.notified(), if !want_write && awaiting_ack.is_none() => None,
+            _ = tokio::time::sleep_until(silent_at), if !silent_checked => {
+                silent_checked = true;
+                warn_if_silent(&ch, &task);
+                None
+            }
         };
         let Some(mut guard) = ready else { continue };
         if guard.ready().is_readable() {
@@ -478,6 +495,68 @@ pub(crate) async fn run(ch: Arc<NodeChannel>, task: Task) {
         let _ = killpg(Pid::from_raw(task.pid as i32), task.stop_signal);
     }
     debug!(event = "node_channel_closed", pid = task.pid, "a node worker closed its channel");
+}
+
+/// Says once per cluster that a worker runs without a word of Node's protocol: the
+/// usual cause is a launcher written in Node (`npm start`: npm itself becomes the
+/// cluster worker and deletes the variables) or `node -e`, which Node does not make a
+/// cluster worker. (A shell wrapper passes fd 3 and the variables on: it works.)
+fn warn_if_silent(ch: &NodeChannel, task: &Task) {
+    use std::sync::atomic::Ordering;
+    if ch.state().spoke || ch.ports.warned_silent.swap(true, Ordering::Relaxed) {
+        return;
+    }
+    warn!(
+        event = "node_silent",
+        pid = task.pid,
+        after_ms = SILENT_AFTER.as_millis() as u64,
+        "a worker has said nothing in Node's cluster protocol since it started: with --via \
+         node the worker must be node running a script (node server.js). Under npm start \
+         (or any launcher written in Node) the launcher takes the channel and the app never \
+         sees it; node -e is never a cluster worker. See docs/NODE.md"
+    );
+}
+
+/// Logs the version of the Node the workers run, and warns when the dialect was not
+/// checked against that major version (a Node that answers differently then shows as
+/// workers that never get ready, and this line says why to look).
+pub(crate) fn check_version(program: &std::path::Path) {
+    let program = program.to_path_buf();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let asked = std::thread::Builder::new()
+        .name("recluster-node-version".into())
+        .spawn(move || {
+            let out = std::process::Command::new(&program)
+                .arg("--version")
+                .stdin(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .output();
+            let _ = tx.send(out);
+        });
+    if asked.is_err() {
+        return;
+    }
+    // A node that does not answer in time is not waited for: the workers will show it.
+    let Ok(Ok(out)) = rx.recv_timeout(std::time::Duration::from_secs(5)) else {
+        return;
+    };
+    let version = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let major = version
+        .strip_prefix('v')
+        .and_then(|v| v.split('.').next())
+        .and_then(|m| m.parse::<u32>().ok());
+    match major {
+        Some(m) if TESTED_MAJORS.contains(&m) => {
+            info!(event = "node_version", version = %version, tested = true, "node version")
+        }
+        _ => warn!(
+            event = "node_version",
+            version = %version,
+            tested = false,
+            "recluster's Node cluster dialect was checked against Node {TESTED_MAJORS:?}, not \
+             this one: if workers never get ready, see docs/NODE.md"
+        ),
+    }
 }
 
 /// The next thing to write: an answer first, then the oldest offered connection.
