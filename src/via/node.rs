@@ -22,9 +22,10 @@
 //!   worker (Node's own primary loses these: node issues 3551 and 21746). Node answers
 //!   `accepted` before its server reads a byte, so a connection handed back was never
 //!   served.
-//! * **Bounded.** At most [`WINDOW`] connections per worker are written and not yet
-//!   accepted (Node's primary keeps one); a worker with a full window is "full" to the
-//!   balancer, as a full worker channel is. A line longer than [`MAX_LINE`], a line that
+//! * **Bounded.** At most [`WINDOW`] connections per worker are offered and not yet
+//!   accepted (Node's primary keeps one in flight and queues the rest in one shared
+//!   list); a worker with a full window is "full" to the balancer, as a full worker
+//!   channel is. A line longer than [`MAX_LINE`], a line that
 //!   is not JSON, or a worker over the message budget (acknowledgements of
 //!   connections excepted) is an offence, passed on as [`Input::Garbage`] as on the
 //!   worker channel; the core kills the worker at its garbage limit.
@@ -57,8 +58,14 @@ use crate::runtime::reader::{Budget, Said};
 use crate::supervisor::{Input, WorkerId, GARBAGE_LIMIT};
 use crate::via::channel::Conn;
 
-/// Connections written to one worker and not yet accepted; more wait in the balancer.
-pub const WINDOW: usize = 8;
+/// Connections offered to one worker and not yet accepted (queued here or written);
+/// more wait in the balancer. Node needs one handle acknowledged before the next is
+/// written, so this is a queue more than a window: it only bounds the descriptors
+/// the master holds for a worker. It is as deep as a burst of one client's
+/// connections can be, because a `sticky` connection that finds its worker full
+/// goes to another worker after `STICKY_WAIT`, and socket.io's polling sessions break
+/// when that happens.
+pub const WINDOW: usize = 64;
 
 /// The longest line a worker may send; anything longer is an offence and skipped.
 pub const MAX_LINE: usize = 64 * 1024;
