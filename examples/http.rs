@@ -1,5 +1,6 @@
 //! The benchmark worker: a minimal HTTP/1.1 keep-alive server that answers every
-//! request with `200 OK` and a short body naming its `WORKER_ID`.
+//! request with `200 OK` and a short body naming its `WORKER_ID` and generation
+//! (`worker=1 gen=3`).
 //!
 //! It is what `cargo bench --bench compare` runs behind every front balancer, so that
 //! the only thing that changes between the measurements is how connections reach it:
@@ -25,21 +26,47 @@
 //! up to `\r\n\r\n`, a `Content-Length` body is skipped, `Connection: close` (or
 //! HTTP/1.0 without `keep-alive`) closes after the response, pipelined requests are
 //! answered in order. It is single-threaded (one process per core is the point of a
-//! cluster). On stop it accepts no more, finishes its open connections and exits.
+//! cluster).
+//!
+//! On stop (the master's `stop`, or SIGTERM) it drains as `docs/PROTOCOL.md` ("Draining
+//! on stop") says, with [`recluster::worker::Stopping`]: it accepts no more; a request
+//! in flight, already buffered or arriving is answered with `Connection: close`, then
+//! the connection is closed; a connection with no request begun gets [`IDLE_GRACE`] to
+//! begin one before it is closed. Once every connection is closed it exits; the
+//! master's `--timeout` (SIGKILL) is the only bound on the whole drain.
 
 use std::net::SocketAddr;
 
+use recluster::worker::Stopping;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Largest request head accepted; beyond it the connection gets `431` and is closed.
 const MAX_HEAD: usize = 8192;
 
+/// After stop, how long a connection with no request begun waits for the client's next
+/// request (answered with `Connection: close`) before it is closed, and how long a
+/// closing connection waits for the client's EOF (see [`close_gracefully`]).
+///
+/// Closing an idle keep-alive connection races a request the client may be sending
+/// at that moment: the client sees the connection end with no response. A client that
+/// uses its connection sends its next request within milliseconds of the previous
+/// response, well within this grace: its request is answered, with `Connection: close`,
+/// and it reconnects to another worker. Only a connection left unused for a whole
+/// second is closed without a last answer, which is what any keep-alive timeout does
+/// (Node's default is 5 s, nginx's 75 s): a client sending on a connection that idle
+/// retries on a new one (RFC 9112 §9.3.1). One second also keeps the drain short next
+/// to a production `--timeout` (1 h), so old workers do not linger for idle browsers.
+const IDLE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> std::io::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let id = std::env::var("WORKER_ID").unwrap_or_else(|_| "0".into());
-    let body: &'static [u8] = format!("worker={id}\n").into_bytes().leak();
+    let generation = recluster::worker::generation();
+    let body: &'static [u8] = format!("worker={id} gen={generation}\n")
+        .into_bytes()
+        .leak();
     let mut tasks = tokio::task::JoinSet::new();
     match args.as_slice() {
         [flag, addr] if flag == "--reuseport" => {
@@ -49,10 +76,16 @@ async fn main() -> std::io::Result<()> {
             let listener = reuseport_listener(addr)?;
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            // SIGTERM is the stop: the same drain as under recluster.
+            let (stop, stopping) = tokio::sync::watch::channel(false);
+            let stopping = Stopping::from(stopping);
             loop {
                 let stream = tokio::select! {
                     biased;
-                    _ = term.recv() => break,
+                    _ = term.recv() => {
+                        stop.send_replace(true);
+                        break;
+                    }
                     r = listener.accept() => match r {
                         Ok((s, _)) => s,
                         // EMFILE and the like: back off a little instead of spinning.
@@ -62,7 +95,7 @@ async fn main() -> std::io::Result<()> {
                         }
                     },
                 };
-                tasks.spawn(serve(stream, body));
+                tasks.spawn(serve(stream, body, stopping.clone()));
                 while tasks.try_join_next().is_some() {}
             }
         }
@@ -70,7 +103,7 @@ async fn main() -> std::io::Result<()> {
             let mut listener = recluster::worker::Listener::from_env()?;
             recluster::worker::ready()?;
             while let Some((stream, _peer)) = listener.accept().await? {
-                tasks.spawn(serve(stream, body));
+                tasks.spawn(serve(stream, body, listener.stopping()));
                 while tasks.try_join_next().is_some() {}
             }
         }
@@ -79,11 +112,9 @@ async fn main() -> std::io::Result<()> {
             std::process::exit(2);
         }
     }
-    // Stop: drain the connections in flight, bounded, then exit.
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
+    // Stop: every connection drains (see `serve`), then exit. No bound of our own:
+    // the master's `--timeout` is the bound, and a fixed one here would cut requests.
+    while tasks.join_next().await.is_some() {}
     Ok(())
 }
 
@@ -99,14 +130,21 @@ fn reuseport_listener(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListen
     tokio::net::TcpListener::from_std(sock.into())
 }
 
-/// Serves one connection: answers each request, until the client closes or asks to.
-async fn serve(mut stream: TcpStream, body: &'static [u8]) {
+/// Serves one connection: answers each request, until the client closes or asks to,
+/// or, once `stopping`, until one more request has been answered (see [`IDLE_GRACE`]).
+async fn serve(mut stream: TcpStream, body: &'static [u8], stopping: Stopping) {
     let _ = stream.set_nodelay(true);
     let mut buf = vec![0u8; MAX_HEAD];
     let mut filled = 0;
     let mut out = Vec::with_capacity(256);
+    // Pinned once per connection: waiting on it again costs no allocation.
+    let stop = stopping.stopped();
+    tokio::pin!(stop);
+    let mut stopped = false;
     loop {
         // Answer every complete request in the buffer (pipelining), then write once.
+        // After stop, the first one is answered with `Connection: close`, and is the last.
+        let draining = stopped || stopping.is_stopping();
         let mut close = false;
         out.clear();
         let mut start = 0;
@@ -116,10 +154,10 @@ async fn serve(mut stream: TcpStream, body: &'static [u8]) {
             if start + req.len > filled {
                 break;
             }
-            respond(&mut out, body, req.close);
+            close = req.close || draining;
+            respond(&mut out, body, close);
             start += req.len;
-            if req.close {
-                close = true;
+            if close {
                 break;
             }
         }
@@ -127,7 +165,7 @@ async fn serve(mut stream: TcpStream, body: &'static [u8]) {
             return;
         }
         if close {
-            let _ = stream.shutdown().await;
+            close_gracefully(stream, &mut buf).await;
             return;
         }
         buf.copy_within(start..filled, 0);
@@ -138,11 +176,51 @@ async fn serve(mut stream: TcpStream, body: &'static [u8]) {
                 .await;
             return;
         }
-        match stream.read(&mut buf[filled..]).await {
+        let read = if !stopped {
+            tokio::select! {
+                biased;
+                r = stream.read(&mut buf[filled..]) => r,
+                _ = &mut stop => {
+                    stopped = true;
+                    continue;
+                }
+            }
+        } else if filled == 0 {
+            // Stopping, no request begun: the client gets IDLE_GRACE to begin one.
+            match tokio::time::timeout(IDLE_GRACE, stream.read(&mut buf)).await {
+                Ok(r) => r,
+                Err(_idle) => {
+                    close_gracefully(stream, &mut buf).await;
+                    return;
+                }
+            }
+        } else {
+            // Stopping, a request begun: it is finished and answered (the master's
+            // `--timeout` bounds a client that never finishes it).
+            stream.read(&mut buf[filled..]).await
+        };
+        match read {
             Ok(0) | Err(_) => return,
             Ok(n) => filled += n,
         }
     }
+}
+
+/// Closes a connection without losing the response just written: half-closes, then
+/// reads (and discards) until the client's EOF, for at most [`IDLE_GRACE`].
+///
+/// Closing a socket with unread bytes in it (a request the client sent before it read
+/// `Connection: close`) makes the kernel reset the connection, and a reset can destroy
+/// the response still on its way to the client. A client that read the response closes
+/// at once, so this wait is one round trip.
+async fn close_gracefully(mut stream: TcpStream, buf: &mut [u8]) {
+    if stream.shutdown().await.is_err() {
+        return;
+    }
+    let _ = tokio::time::timeout(IDLE_GRACE, async {
+        while let Ok(1..) = stream.read(buf).await {}
+    })
+    .await;
 }
 
 /// A complete request at the start of a buffer.

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 
-use crate::config::{self, Balance, ReadyWhen, Timing};
+use crate::config::{self, Balance, ReadyWhen, Timing, Via};
 use crate::error::{ConfigError, Error};
 use crate::runtime::command::WorkerCommand;
 use crate::runtime::handle::ClusterHandle;
@@ -24,11 +24,13 @@ pub struct ClusterBuilder {
     workers: usize,
     listen: Vec<SocketAddr>,
     balance: Balance,
+    via: Option<Via>,
     ready_when: ReadyWhen,
     timing: Timing,
     stop_signal: Signal,
     backlog: i32,
     subreaper: bool,
+    cgroups: bool,
 }
 
 impl ClusterBuilder {
@@ -37,6 +39,13 @@ impl ClusterBuilder {
     /// Only for a process that runs one cluster and no other children: it reaps every child.
     pub fn subreaper(mut self, on: bool) -> Self {
         self.subreaper = on;
+        self
+    }
+
+    /// Put each worker in a cgroup of its own where cgroup v2 is writable, so that even
+    /// daemons that left its process group are killed with it (default: on).
+    pub fn cgroups(mut self, on: bool) -> Self {
+        self.cgroups = on;
         self
     }
 
@@ -55,6 +64,13 @@ impl ClusterBuilder {
     /// How connections reach workers (default: round robin).
     pub fn balance(mut self, balance: Balance) -> Self {
         self.balance = balance;
+        self
+    }
+
+    /// How workers receive connections in `rr`/`sticky` (default: `node` when the
+    /// command's program is `node` or `nodejs`, else the worker channel).
+    pub fn via(mut self, via: Via) -> Self {
+        self.via = Some(via);
         self
     }
 
@@ -113,11 +129,28 @@ impl ClusterBuilder {
         if self.workers == 0 {
             return Err(Error::Config(ConfigError::NoWorkers));
         }
+        let via_chosen = self.via.is_none() && self.balance != Balance::Shared;
+        let via = match self.via {
+            Some(via) => via,
+            None if self.balance == Balance::Shared => Via::Channel,
+            None => Via::for_program(&self.command.program),
+        };
+        match (self.balance, via) {
+            (Balance::Shared, Via::Node | Via::Socket) if self.via.is_some() => {
+                return Err(Error::Config(ConfigError::ViaShared(via)));
+            }
+            (_, Via::Socket) => return Err(Error::Config(ConfigError::ViaSocket)),
+            _ => {}
+        }
+        let via_chosen = via_chosen && via != Via::Channel;
         let path_var = std::env::var_os("PATH");
         let program =
             crate::runtime::command::resolve_program(&self.command.program, path_var.as_ref())
                 .map_err(Error::Command)?;
-        let addrs = if self.listen.is_empty() {
+        let addrs = if self.listen.is_empty() && via == Via::Node && self.balance != Balance::Shared {
+            // A Node worker's `listen(port)` names its port; the master binds it then.
+            Vec::new()
+        } else if self.listen.is_empty() {
             vec![SocketAddr::from(([127, 0, 0, 1], 8080))]
         } else {
             self.listen.clone()
@@ -139,8 +172,12 @@ impl ClusterBuilder {
                 timing: self.timing,
                 stop_signal: self.stop_signal,
                 subreaper: self.subreaper,
+                cgroups: self.cgroups,
                 listeners,
                 ends,
+                via,
+                via_chosen,
+                backlog: self.backlog,
             },
             handle,
         })
@@ -189,11 +226,13 @@ impl Cluster {
             workers: config::default_workers(),
             listen: Vec::new(),
             balance: Balance::default(),
+            via: None,
             ready_when: ReadyWhen::default(),
             timing: Timing::default(),
             stop_signal: Signal::SIGTERM,
             backlog: config::DEFAULT_BACKLOG,
             subreaper: std::process::id() == 1,
+            cgroups: true,
         }
     }
 

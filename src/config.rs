@@ -48,6 +48,56 @@ impl FromStr for Balance {
     }
 }
 
+/// How a worker receives the connections the master accepted (`--via`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Via {
+    /// recluster's worker channel: the worker library, or its protocol (docs/PROTOCOL.md).
+    #[default]
+    Channel,
+    /// Node's own cluster IPC: an unmodified Node server's `listen(port)` (docs/NODE.md).
+    Node,
+    /// Per-slot SO_REUSEPORT sockets balanced in the kernel (not available yet).
+    Socket,
+}
+
+impl Via {
+    /// The name used on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Via::Channel => "channel",
+            Via::Node => "node",
+            Via::Socket => "socket",
+        }
+    }
+
+    /// The delivery an unset `--via` means for `program`: `node` for Node itself.
+    pub fn for_program(program: &std::ffi::OsStr) -> Via {
+        let base = std::path::Path::new(program).file_name();
+        match base.and_then(|b| b.to_str()) {
+            Some("node" | "nodejs") => Via::Node,
+            _ => Via::Channel,
+        }
+    }
+}
+
+impl fmt::Display for Via {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Via {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "channel" => Ok(Via::Channel),
+            "node" => Ok(Via::Node),
+            "socket" => Ok(Via::Socket),
+            _ => Err(format!("expected channel, node or socket, got `{s}`")),
+        }
+    }
+}
+
 /// When a new worker counts as ready to take connections (recluster's `readyWhen`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum ReadyWhen {

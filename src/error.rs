@@ -56,12 +56,27 @@ impl std::error::Error for Error {
 pub enum ConfigError {
     /// Zero worker slots.
     NoWorkers,
+    /// `--balance shared` with a `--via` that needs the master to accept.
+    ViaShared(crate::config::Via),
+    /// `--via socket`, which is not available yet.
+    ViaSocket,
 }
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ConfigError::NoWorkers => f.write_str("--workers must be at least 1"),
+            ConfigError::ViaShared(via) => write!(
+                f,
+                "--balance shared cannot be combined with --via {via}: in shared mode the \
+                 workers accept on the inherited socket themselves. Use --balance rr or \
+                 sticky with --via {via}, or keep --balance shared and have the server \
+                 listen on fd 3 (Node: server.listen({{fd: 3}}))"
+            ),
+            ConfigError::ViaSocket => f.write_str(
+                "--via socket is not available yet: use --via channel (the worker library), \
+                 --via node (an unmodified Node server), or --balance shared",
+            ),
         }
     }
 }

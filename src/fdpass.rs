@@ -70,6 +70,22 @@ impl Default for FdBuf {
 /// still owns every descriptor. On success the receiver holds its own copies; the
 /// caller's may be closed.
 pub fn send(sock: BorrowedFd<'_>, data: &[u8], fds: &[RawFd], cbuf: &mut FdBuf) -> io::Result<()> {
+    send_some(sock, data, fds, cbuf).map(drop)
+}
+
+/// Sends what it can of `data`, with `fds` attached to its first byte, without
+/// blocking; returns how many bytes went.
+///
+/// On a `SOCK_STREAM` socket part of `data` may go: the descriptors then went with it,
+/// and the rest is sent later without them (the receiver gets them with the first
+/// byte). On a `SOCK_SEQPACKET` socket it is all or nothing, as [`send`].
+#[cfg_attr(not(feature = "master"), allow(dead_code))]
+pub fn send_some(
+    sock: BorrowedFd<'_>,
+    data: &[u8],
+    fds: &[RawFd],
+    cbuf: &mut FdBuf,
+) -> io::Result<usize> {
     assert!(
         fds.len() <= MAX_FDS,
         "at most MAX_FDS descriptors per message"
@@ -115,7 +131,7 @@ pub fn send(sock: BorrowedFd<'_>, data: &[u8], fds: &[RawFd], cbuf: &mut FdBuf) 
             )
         };
         if n >= 0 {
-            return Ok(());
+            return Ok(n as usize);
         }
         let err = io::Error::last_os_error();
         if err.kind() != io::ErrorKind::Interrupted {
@@ -280,12 +296,23 @@ pub fn set_flags(fd: BorrowedFd<'_>, nonblocking: bool, cloexec: bool) -> io::Re
 #[cfg_attr(not(feature = "master"), allow(dead_code))]
 /// A connected pair of non-blocking, close-on-exec `SOCK_SEQPACKET` unix sockets.
 pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    socket_pair(libc::SOCK_SEQPACKET)
+}
+
+#[cfg_attr(not(feature = "master"), allow(dead_code))]
+/// A connected pair of non-blocking, close-on-exec `SOCK_STREAM` unix sockets (Node's IPC).
+pub fn stream_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    socket_pair(libc::SOCK_STREAM)
+}
+
+#[cfg_attr(not(feature = "master"), allow(dead_code))]
+fn socket_pair(kind: libc::c_int) -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0 as RawFd; 2];
     // SAFETY: socketpair writes two descriptors into the array on success.
     let rc = unsafe {
         libc::socketpair(
             libc::AF_UNIX,
-            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            kind | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
             0,
             fds.as_mut_ptr(),
         )

@@ -114,7 +114,9 @@ fn a_subreaper_master_adopts_and_reaps_a_grandchild_that_escaped_the_group() {
         "setsid sleep 300 & echo $! > {helper}; exec \"$0\"",
         helper = helper.display()
     );
-    let m = wrapped(&script, &["--subreaper"]);
+    // Without cgroups: in its worker's cgroup the escaped grandchild would be killed with
+    // the worker (`master_death.rs`) before it could be seen adopted.
+    let m = wrapped(&script, &["--subreaper", "--cgroups=false"]);
     m.addr();
     let worker_pid = m.wait_cluster_ready(1)[&0];
     let escaped = read_pid(&helper);

@@ -43,7 +43,8 @@ use crate::channel;
 use crate::config::Balance;
 use crate::fdpass::{FdBuf, MAX_FDS};
 use crate::supervisor::{Input, WorkerId};
-use crate::via::channel::{Conn, WorkerChannel};
+use crate::via::channel::Conn;
+use crate::via::Link;
 
 mod router;
 mod sticky;
@@ -98,11 +99,14 @@ impl BalanceStats {
 /// A change the driver tells the balancer about.
 #[derive(Debug)]
 pub(crate) enum Update {
-    /// The slot's active worker changed: route to this worker's channel, or nowhere.
+    /// The slot's active worker changed: route to this worker, or nowhere.
     Route {
         slot: usize,
-        worker: Option<(WorkerId, Arc<WorkerChannel>)>,
+        worker: Option<(WorkerId, Link)>,
     },
+    /// A listening socket bound after the start (a Node worker asked for its port):
+    /// accept on it too, as listener number `listeners.len()`.
+    AddListener(TcpListener),
     /// Connections taken back from an exited worker, to hand out again.
     Reclaimed(Vec<Conn>),
     /// The cluster is terminating: close the listening sockets, so that new clients
@@ -164,7 +168,7 @@ pub(crate) struct Balancer {
     mode: Balance,
     listeners: Vec<Acceptor>,
     router: Router,
-    table: Vec<Option<Arc<WorkerChannel>>>,
+    table: Vec<Option<Link>>,
     /// The active worker of each slot, for stuck reports.
     workers: Vec<Option<WorkerId>>,
     /// What is known of each slot's queue (see [`stuck`]).
@@ -181,6 +185,10 @@ pub(crate) struct Balancer {
     stats: Arc<BalanceStats>,
     paused_until: Option<Instant>,
     last_emfile_log: Option<Instant>,
+    /// The listeners were closed for good (terminate): accept on none again.
+    closed: bool,
+    /// Connections a Node worker could not take in one flush, reused.
+    refused: Vec<Conn>,
 }
 
 /// A listening socket the balancer accepts on.
@@ -188,6 +196,19 @@ struct Acceptor {
     fd: AsyncFd<TcpListener>,
     /// The local address when it is the same for every connection (not a wildcard).
     fixed_local: Option<SocketAddr>,
+}
+
+impl Acceptor {
+    /// Accepting on `l` (set non-blocking here), registered with this thread's runtime.
+    fn new(l: TcpListener) -> io::Result<Acceptor> {
+        l.set_nonblocking(true)?;
+        let local = l.local_addr()?;
+        let fixed_local = (!local.ip().is_unspecified()).then_some(local);
+        Ok(Acceptor {
+            fd: crate::fdpass::register(l)?,
+            fixed_local,
+        })
+    }
 }
 
 impl Balancer {
@@ -202,15 +223,7 @@ impl Balancer {
     ) -> io::Result<Balancer> {
         let listeners = listeners
             .into_iter()
-            .map(|l| {
-                l.set_nonblocking(true)?;
-                let local = l.local_addr()?;
-                let fixed_local = (!local.ip().is_unspecified()).then_some(local);
-                Ok(Acceptor {
-                    fd: crate::fdpass::register(l)?,
-                    fixed_local,
-                })
-            })
+            .map(Acceptor::new)
             .collect::<io::Result<Vec<_>>>()?;
         Ok(Balancer {
             mode,
@@ -230,6 +243,8 @@ impl Balancer {
             stats,
             paused_until: None,
             last_emfile_log: None,
+            closed: false,
+            refused: Vec::with_capacity(MAX_FDS),
         })
     }
 
@@ -290,7 +305,21 @@ impl Balancer {
                 }
                 self.flush_all();
             }
-            Update::CloseListeners => self.listeners.clear(),
+            Update::AddListener(l) => {
+                if !self.closed {
+                    match Acceptor::new(l) {
+                        Ok(a) => self.listeners.push(a),
+                        // Only registering with epoll can fail here (out of memory);
+                        // later sockets would then be numbered one off: say so loudly.
+                        Err(e) => tracing::error!(event = "listen_failed", error = %e,
+                            "cannot accept on a socket a worker asked for; restart the cluster"),
+                    }
+                }
+            }
+            Update::CloseListeners => {
+                self.closed = true;
+                self.listeners.clear();
+            }
         }
         if self.router.has_ready() && !self.parked.is_empty() {
             self.retry_parked();
@@ -460,7 +489,25 @@ impl Balancer {
     /// Sends slot `slot`'s batch in one message; on failure re-dispatches or parks it.
     fn flush(&mut self, slot: usize, now: Instant) {
         let result = match &self.table[slot] {
-            Some(ch) => {
+            Some(Link::Node(node)) => {
+                // One connection at a time, as far as the worker's window goes; what
+                // does not fit stays in the batch, to be re-dispatched as on a full queue.
+                let mut taken = 0;
+                for conn in self.batches[slot].drain(..) {
+                    match node.offer(conn) {
+                        Ok(()) => taken += 1,
+                        Err(conn) => self.refused.push(conn),
+                    }
+                }
+                BalanceStats::add(&self.stats.handed, taken);
+                std::mem::swap(&mut self.batches[slot], &mut self.refused);
+                if self.batches[slot].is_empty() {
+                    Ok(())
+                } else {
+                    Err(io::ErrorKind::WouldBlock.into())
+                }
+            }
+            Some(Link::Channel(ch)) => {
                 self.text.clear();
                 self.raw.clear();
                 for c in &self.batches[slot] {

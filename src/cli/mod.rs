@@ -17,7 +17,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::cli::pidfile::PidFile;
 use crate::cli::stderr_log::StderrLog;
-use crate::config::{self, Balance, ReadyWhen};
+use crate::config::{self, Balance, ReadyWhen, Via};
 use crate::{Cluster, WorkerCommand};
 
 mod pidfile;
@@ -43,7 +43,7 @@ pub struct Options {
         env = "RECLUSTER_LISTEN",
         value_delimiter = ',',
         value_parser = parse_addr,
-        help = "Address to listen on, host:port or [v6]:port; repeatable [default: 127.0.0.1:8080]"
+        help = "Address to listen on, host:port or [v6]:port; repeatable [default: 127.0.0.1:8080; with --via node, the ports the workers listen on]"
     )]
     pub listen: Vec<SocketAddr>,
 
@@ -62,6 +62,12 @@ pub struct Options {
     /// Maximum the respawn delay doubles up to; 0 disables doubling
     #[arg(long, env = "RECLUSTER_BACKOFF", default_value = "0", value_parser = config::parse_duration)]
     pub backoff: Duration,
+
+    /// How workers get connections in rr/sticky: channel (recluster's worker channel),
+    /// node (Node's cluster IPC: an unmodified server's listen(port)) or socket [default:
+    /// node when the program is node or nodejs, else channel]
+    #[arg(long, env = "RECLUSTER_VIA", value_parser = Via::from_str)]
+    pub via: Option<Via>,
 
     /// When a new worker counts as ready: started, listening or ready
     #[arg(long, env = "RECLUSTER_READY_WHEN", default_value = "listening", value_parser = ReadyWhen::from_str)]
@@ -86,6 +92,10 @@ pub struct Options {
     /// Become a child subreaper and reap orphaned grandchildren [default: on when PID 1]
     #[arg(long, env = "RECLUSTER_SUBREAPER", num_args = 0..=1, default_missing_value = "true", require_equals = true)]
     pub subreaper: Option<bool>,
+
+    /// Put each worker in a cgroup of its own where cgroup v2 is writable (killed as one)
+    #[arg(long, env = "RECLUSTER_CGROUPS", num_args = 0..=1, default_value = "true", default_missing_value = "true", require_equals = true)]
+    pub cgroups: bool,
 
     /// Unix socket for `status`, `reload` and `terminate` commands (mode 0600)
     #[arg(long, env = "RECLUSTER_CONTROL", value_name = "PATH")]
@@ -223,9 +233,13 @@ pub fn main() -> i32 {
         .ready_timeout(opts.ready_timeout)
         .stuck_timeout(opts.stuck_timeout)
         .stop_signal(opts.stop_signal)
-        .backlog(opts.backlog);
+        .backlog(opts.backlog)
+        .cgroups(opts.cgroups);
     if let Some(on) = opts.subreaper {
         builder = builder.subreaper(on);
+    }
+    if let Some(via) = opts.via {
+        builder = builder.via(via);
     }
     for addr in &opts.listen {
         builder = builder.listen(*addr);

@@ -13,13 +13,15 @@ use std::fmt::Write;
 use std::net::SocketAddr;
 use std::path::Path;
 
-use crate::config::{Balance, ReadyWhen};
+use crate::config::{Balance, ReadyWhen, Via};
 use crate::supervisor::StartFailure;
 
 /// What the advice is built from.
 pub(crate) struct Situation<'a> {
     /// The balance mode.
     pub balance: Balance,
+    /// How workers receive connections in `rr`/`sticky`.
+    pub via: Via,
     /// The readiness rule.
     pub ready_when: ReadyWhen,
     /// The addresses the master listens on.
@@ -59,11 +61,25 @@ pub(crate) fn advice(s: &Situation) -> String {
              listening. ",
         );
     }
-    if s.silent {
+    if s.silent && s.via == Via::Node {
+        text.push_str("It never said listening or ready over Node's cluster IPC. ");
+    } else if s.silent {
         text.push_str("It never spoke on its worker channel. ");
     }
     let node = is_node(s.program);
     match s.balance {
+        Balance::RoundRobin | Balance::Sticky if s.via == Via::Node => {
+            let _ = write!(
+                text,
+                "In --balance {} --via node recluster is the Node cluster primary: the \
+                 worker must be the node process itself running a script whose server \
+                 calls listen(port), and recluster serves that port (a --listen address \
+                 with the same port, or one it binds on the first request). Not npm start: \
+                 npm is a Node script itself, takes the channel, and the app never sees it. A server whose listen failed says why above \
+                 (listen EADDRINUSE: another process holds the port). See docs/NODE.md. ",
+                s.balance
+            );
+        }
         Balance::RoundRobin | Balance::Sticky => {
             let _ = write!(
                 text,
@@ -77,8 +93,8 @@ pub(crate) fn advice(s: &Situation) -> String {
             );
             if node {
                 text.push_str(
-                    "For Node.js today: --balance shared and server.listen({fd: 3}) \
-                     (--via node, for unmodified Node servers under rr and sticky, is planned). ",
+                    "For an unmodified Node.js server: --via node (the default when the \
+                     command is node), or --balance shared and server.listen({fd: 3}). ",
                 );
             }
         }
@@ -120,6 +136,7 @@ mod tests {
         let addrs = ["127.0.0.1:8080".parse().unwrap()];
         advice(&Situation {
             balance,
+            via: Via::Channel,
             ready_when: ReadyWhen::Listening,
             addrs: &addrs,
             program: OsStr::new(program),
@@ -145,6 +162,7 @@ mod tests {
         let addrs = ["127.0.0.1:8080".parse().unwrap()];
         let ready = advice(&Situation {
             balance: Balance::Shared,
+            via: Via::Channel,
             ready_when: ReadyWhen::Ready,
             addrs: &addrs,
             program: OsStr::new("./server"),
@@ -153,7 +171,19 @@ mod tests {
             silent: false,
         });
         assert!(ready.contains("--ready-when listening") && ready.contains("sd_notify"));
-        for text in [rr, node, shared, ready] {
+        let via_node = advice(&Situation {
+            balance: Balance::Sticky,
+            via: Via::Node,
+            ready_when: ReadyWhen::Listening,
+            addrs: &addrs,
+            program: OsStr::new("node"),
+            last: StartFailure::Exited(ExitStatus::Code(1)),
+            failures: 3,
+            silent: true,
+        });
+        assert!(via_node.contains("npm start") && via_node.contains("docs/NODE.md"), "{via_node}");
+        assert!(!via_node.contains("RECLUSTER_FD"), "{via_node}");
+        for text in [rr, node, shared, ready, via_node] {
             assert!(text.contains("Will my server work?"));
             assert!(
                 !text.split_whitespace().any(|t| t.contains('=')),

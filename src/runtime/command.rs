@@ -13,7 +13,7 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use super::launch::{spawn, SpawnSpec};
+use super::launch::{spawn, Contain, SpawnSpec};
 use crate::error::CommandError;
 
 /// Finds the program the way execvp would and checks that it can be executed.
@@ -104,6 +104,8 @@ pub(crate) struct Launcher {
     listen_fds: Vec<RawFd>,
     /// Workers get a worker channel at fd 3 instead of the listening sockets.
     channel: bool,
+    /// That channel is Node's cluster IPC: each worker gets its `NODE_UNIQUE_ID`.
+    node: bool,
 }
 
 impl Launcher {
@@ -138,6 +140,7 @@ impl Launcher {
             env,
             listen_fds,
             channel: false,
+            node: false,
         }
     }
 
@@ -155,22 +158,42 @@ impl Launcher {
         ));
     }
 
+    /// Workers get Node's cluster IPC at fd 3 (`--via node`): `NODE_CHANNEL_FD` and,
+    /// per worker, `NODE_UNIQUE_ID`, which make Node's `cluster.isWorker` true.
+    pub fn use_node_channel(&mut self) {
+        self.channel = true;
+        self.node = true;
+        self.env.retain(|e| {
+            !e.as_bytes().starts_with(b"LISTEN_FDS=")
+                && !e.as_bytes().starts_with(b"LISTEN_FDNAMES=")
+        });
+        self.env.push(assignment("NODE_CHANNEL_FD", "3"));
+        self.env.push(assignment("NODE_CHANNEL_SERIALIZATION_MODE", "json"));
+    }
+
     /// How many listening sockets a `shared` worker inherits.
     pub fn listen_fds(&self) -> usize {
         self.listen_fds.len()
     }
 
-    /// Starts the worker of `slot` and `generation`, with `channel_fd` (its end of the
-    /// worker channel) at fd 3 when workers use one; returns its pid.
+    /// Starts worker `unique` (a number never reused in this cluster) of `slot` and
+    /// `generation`, with `channel_fd` (its end of the worker channel) at fd 3 when
+    /// workers use one, contained as `contain` says; returns its pid.
     pub fn launch(
         &self,
+        unique: u64,
         slot: usize,
         generation: u64,
         channel_fd: Option<RawFd>,
+        contain: Contain<'_>,
     ) -> io::Result<u32> {
         let mut env = self.env.clone();
         env.push(assignment("WORKER_ID", slot.to_string()));
         env.push(assignment("RECLUSTER_GENERATION", generation.to_string()));
+        if self.node {
+            // Node's worker ids start at 1 (`cluster.worker.id`).
+            env.push(assignment("NODE_UNIQUE_ID", (unique + 1).to_string()));
+        }
         let channel = channel_fd.map(|fd| [fd]);
         let spec = SpawnSpec {
             program: &self.program,
@@ -181,6 +204,7 @@ impl Launcher {
                 None => &self.listen_fds,
             },
             listen_pid: !self.channel,
+            contain,
         };
         spawn(&spec)
     }
@@ -196,6 +220,11 @@ const OWN_VARS: &[&str] = &[
     "LISTEN_FDNAMES",
     "NOTIFY_SOCKET",
     "WORKER_ID",
+    // Node's IPC: set only for `--via node`, never inherited (a recluster started by
+    // Node's `fork` must not hand its own channel's number to its workers).
+    "NODE_CHANNEL_FD",
+    "NODE_CHANNEL_SERIALIZATION_MODE",
+    "NODE_UNIQUE_ID",
 ];
 
 /// Whether an inherited variable is withheld from workers.

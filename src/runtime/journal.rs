@@ -8,7 +8,7 @@
 use std::collections::HashSet;
 
 use tokio::time::Instant;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::runtime::ratelimit::RateLimit;
 use crate::supervisor::{Event, ExitStatus, WorkerState};
@@ -166,6 +166,10 @@ impl Journal {
                     "worker stuck: a connection unread for --stuck-timeout; replacing it",
                     unread_ms
                 )
+            }
+            Event::Message { worker: w, text } => {
+                let bytes = text.len();
+                worker_line!(debug, "worker_message", w, "a message from a worker", bytes)
             }
             Event::ReplaceStarted(w) => worker_line!(
                 info,

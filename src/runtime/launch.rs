@@ -5,7 +5,10 @@
 //! pid (`sd_listen_fds` ignores the fds otherwise), and that pid is only known in the
 //! child, after `fork`. Owning the child side also lets us place the listening sockets
 //! at exactly fds `3, 4, …` (clearing their close-on-exec flag), give the worker its
-//! own process group, and tie its life to the master with `PR_SET_PDEATHSIG`.
+//! own process group, tie its life to the master with `PR_SET_PDEATHSIG`, and, before
+//! any program of the worker runs, move it into its own cgroup (`cgroup.rs`) and
+//! record its process group with the guard (`guard.rs`), which kills what the worker
+//! started should the master be killed.
 //!
 //! The master is multi-threaded (tokio), so between `fork` and `execve` the child may
 //! only make async-signal-safe calls: another thread may have held the allocator's or
@@ -20,7 +23,7 @@
 //! when idle) would get healthy workers SIGKILLed. A runtime worker thread, or a
 //! dedicated thread that lives as long as the supervisor, is fine.
 
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -39,6 +42,20 @@ pub(crate) struct SpawnSpec<'a> {
     pub fds: &'a [RawFd],
     /// Whether to add `LISTEN_PID=<the worker's own pid>` to the environment.
     pub listen_pid: bool,
+    /// What the child does to stay contained (see [`Contain`]).
+    pub contain: Contain<'a>,
+}
+
+/// What the child does, before exec, so that a killed master leaves nothing behind
+/// (`guard.rs`, `cgroup.rs`).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Contain<'a> {
+    /// The guard's socket: the child records its process group there (`add <pid>`),
+    /// before exec, so no program of the worker can fork before the guard knows.
+    pub guard: Option<RawFd>,
+    /// `cgroup.procs` of the worker's own cgroup: the child moves itself in (a failed
+    /// move leaves it where it is: the master checks the first worker).
+    pub cgroup_procs: Option<&'a CStr>,
 }
 
 /// First descriptor number of the inherited sockets (after stdin, stdout, stderr).
@@ -81,6 +98,10 @@ struct ChildPlan<'a> {
     empty_mask: libc::sigset_t,
     /// The descriptor limit: the fallback loop's bound where `close_range` is missing.
     fd_limit: RawFd,
+    /// The guard's socket, or -1.
+    guard: RawFd,
+    /// `cgroup.procs` of the worker's cgroup, or null.
+    cgroup_procs: *const libc::c_char,
 }
 
 /// Forks and execs a worker; returns its pid once exec succeeded.
@@ -154,6 +175,8 @@ pub(crate) fn spawn(spec: &SpawnSpec<'_>) -> io::Result<u32> {
         nsig: libc::SIGRTMAX() + 1,
         empty_mask,
         fd_limit: fd_limit(),
+        guard: spec.contain.guard.unwrap_or(-1),
+        cgroup_procs: spec.contain.cgroup_procs.map_or(ptr::null(), CStr::as_ptr),
     };
 
     // Block every signal in this thread around the fork so that no handler of the
@@ -169,8 +192,8 @@ pub(crate) fn spawn(spec: &SpawnSpec<'_>) -> io::Result<u32> {
     // SAFETY: the master is multi-threaded, so the child of `fork` holds a copy of
     // memory in which other threads may have been holding locks (allocator, stdio,
     // tracing). The child therefore runs only `exec_child`, which makes nothing but
-    // async-signal-safe system calls (setpgid, prctl, getppid, getpid, rt_sigaction,
-    // sigprocmask, fcntl, dup2, execve, write, _exit) on data prepared above, writes
+    // async-signal-safe system calls (setpgid, prctl, getppid, getpid, open, write,
+    // close, send, rt_sigaction, sigprocmask, fcntl, dup2, execve, _exit) on data prepared above, writes
     // only into its own copies of `listen_pid_buf` and `high`, never allocates, never
     // formats, never returns (it execs or `_exit`s), and never unwinds. Only the
     // forking thread exists in the child, and PR_SET_PDEATHSIG is tied to *this*
@@ -190,10 +213,18 @@ pub(crate) fn spawn(spec: &SpawnSpec<'_>) -> io::Result<u32> {
         return Err(fork_error);
     }
 
+    // A child that recorded itself with the guard and then failed is forgotten once
+    // reaped (it exec'd nothing, so its group held nothing else).
+    let forget = || {
+        if let Some(fd) = spec.contain.guard {
+            super::guard::send(fd, super::guard::REMOVE, pid);
+        }
+    };
     match read_exec_error(&err_read) {
         Ok(None) => Ok(pid as u32),
         Ok(Some(errno)) => {
             reap(pid);
+            forget();
             Err(io::Error::from_raw_os_error(errno))
         }
         Err(e) => {
@@ -201,13 +232,14 @@ pub(crate) fn spawn(spec: &SpawnSpec<'_>) -> io::Result<u32> {
             // SAFETY: `pid` is our own child, not yet reaped, so it names no one else.
             unsafe { libc::kill(pid, libc::SIGKILL) };
             reap(pid);
+            forget();
             Err(e)
         }
     }
 }
 
 /// The soft `RLIMIT_NOFILE`, capped, for the child's fallback loop.
-fn fd_limit() -> RawFd {
+pub(crate) fn fd_limit() -> RawFd {
     // SAFETY: getrlimit writes into the struct we own.
     let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
@@ -289,6 +321,20 @@ unsafe fn exec_child(plan: &ChildPlan<'_>) -> ! {
     }
     if libc::getppid() != plan.parent_pid {
         libc::_exit(127);
+    }
+    // Contained before any program of the worker runs: in its own cgroup (writing `0`
+    // to `cgroup.procs` moves the writer), then recorded with the guard. A master killed
+    // from here on finds the guard knowing this group; one killed before the check
+    // above took this child with it (PR_SET_PDEATHSIG) or made it exit there.
+    if !plan.cgroup_procs.is_null() {
+        let fd = libc::open(plan.cgroup_procs, libc::O_WRONLY | libc::O_CLOEXEC);
+        if fd >= 0 {
+            libc::write(fd, b"0".as_ptr().cast(), 1);
+            libc::close(fd);
+        }
+    }
+    if plan.guard >= 0 {
+        super::guard::send(plan.guard, super::guard::ADD, libc::getpid());
     }
     // Handlers are reset by exec anyway, but SIG_IGN survives it (Rust ignores SIGPIPE,
     // `nohup` ignores SIGHUP). The raw system call also reaches the signals glibc
@@ -413,6 +459,7 @@ mod tests {
             env,
             fds,
             listen_pid,
+            contain: Contain::default(),
         })
     }
 
@@ -580,6 +627,7 @@ mod tests {
             env: &[],
             fds: &[],
             listen_pid: false,
+            contain: Contain::default(),
         })
         .unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::ENOENT));

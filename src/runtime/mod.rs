@@ -28,20 +28,25 @@ use crate::notify::{NotifyMessage, NotifySocket};
 use crate::supervisor::{
     Action, Event, ExitStatus, Input, SpawnError, SpawnStep, Supervisor, WorkerId,
 };
+use crate::config::Via;
 use crate::via::channel::WorkerChannel;
+use crate::via::node::{NodeChannel, Ports};
+use crate::via::Link;
 use command::{Launcher, WorkerCommand};
 use handle::{Command, Snapshot};
 use journal::Journal;
 
 mod advice;
+mod cgroup;
 pub(crate) mod command;
 pub(crate) mod control;
+mod guard;
 pub(crate) mod handle;
 mod journal;
 pub(crate) mod launch;
 mod probe;
 mod ratelimit;
-mod reader;
+pub(crate) mod reader;
 mod reap;
 
 /// Everything the runtime needs to run a cluster, checked and bound by the builder.
@@ -54,8 +59,16 @@ pub(crate) struct Setup {
     pub timing: Timing,
     pub stop_signal: Signal,
     pub subreaper: bool,
+    /// Whether workers get cgroups of their own where cgroup v2 is writable.
+    pub cgroups: bool,
     pub listeners: Vec<TcpListener>,
     pub ends: handle::Ends,
+    /// How workers receive connections (`rr`/`sticky`).
+    pub via: Via,
+    /// `via` was chosen from the command, not given: say so once.
+    pub via_chosen: bool,
+    /// The backlog of sockets bound later (a Node worker asked for a port).
+    pub backlog: i32,
 }
 
 /// How often a starting worker is checked in /proc for listening (`shared` + `listening`).
@@ -66,10 +79,12 @@ struct Proc {
     pid: u32,
     /// Whether /proc should be polled for this worker's listening.
     probing: bool,
-    /// The master's end of its worker channel (`rr`/`sticky`).
-    channel: Option<Arc<WorkerChannel>>,
+    /// The master's end of its channel (`rr`/`sticky`).
+    link: Option<Link>,
     /// The task reading the worker's messages.
     reader: Option<tokio::task::JoinHandle<()>>,
+    /// The worker's own cgroup, where cgroups are used.
+    cgroup: Option<cgroup::Leaf>,
 }
 
 /// The driver's state besides the supervisor core.
@@ -88,10 +103,14 @@ struct Driver {
     balancer: Option<mpsc::UnboundedSender<Update>>,
     /// Fires when the balancer has ended, awaited at the end so its last counts are in.
     balancer_task: Option<tokio::sync::oneshot::Receiver<()>>,
+    /// The sockets Node workers may ask for (`--via node`).
+    ports: Option<Arc<Ports>>,
     /// Worker messages, as supervisor inputs, from the channel readers.
     messages: mpsc::Sender<Input>,
     fatal: Option<Error>,
     exit: bool,
+    /// Kills the workers if the master dies; their cgroups (`guard.rs`).
+    guard: guard::Guard,
 }
 
 /// Runs a cluster until it has terminated.
@@ -137,6 +156,8 @@ pub(crate) async fn run(setup: Setup) -> Result<(), Error> {
         driver.publish();
     }
     driver.journal.flush(Instant::now(), true);
+    let clean = driver.procs.is_empty();
+    driver.guard.finish(clean).await;
     match driver.fatal.take() {
         Some(e) => Err(e),
         None => {
@@ -171,16 +192,28 @@ impl Driver {
         messages: mpsc::Sender<Input>,
     ) -> Result<Driver, Error> {
         let mut launcher = Launcher::new(&setup, notify.path());
-        let addrs = setup
+        let addrs: Vec<std::net::SocketAddr> = setup
             .listeners
             .iter()
             .filter_map(|l| l.local_addr().ok())
             .collect();
         let mut balancer = None;
         let mut balancer_task = None;
+        let mut ports = None;
         if setup.balance != Balance::Shared {
-            launcher.use_channel();
             let (tx, rx) = mpsc::unbounded_channel();
+            if setup.via == Via::Node {
+                launcher.use_node_channel();
+                ports = Some(Arc::new(Ports::new(&addrs, &tx, setup.backlog)));
+            } else {
+                launcher.use_channel();
+            }
+            if setup.via == Via::Node && crate::config::Via::for_program(setup.program.as_os_str()) == Via::Node {
+                crate::via::node::check_version(&setup.program);
+            }
+            if setup.via_chosen {
+                info!(event = "via_chosen", via = %setup.via, "the command runs node: workers get connections through Node's cluster IPC (--via node)");
+            }
             let listeners = std::mem::take(&mut setup.listeners);
             let running = crate::balance::start(
                 setup.balance,
@@ -200,6 +233,7 @@ impl Driver {
             balancer_task = Some(running.done);
             balancer = Some(tx);
         }
+        let guard = guard::Guard::start(setup.cgroups);
         Ok(Driver {
             sup: Supervisor::new(setup.workers, setup.timing).with_ready_when(setup.ready_when),
             setup,
@@ -211,9 +245,11 @@ impl Driver {
             journal: Journal::new(),
             balancer,
             balancer_task,
+            ports,
             messages,
             fatal: None,
             exit: false,
+            guard,
         })
     }
 
@@ -233,17 +269,25 @@ impl Driver {
                     generation,
                 } => self.spawn(id, slot, generation),
                 Action::Stop { id } => {
+                    let mut signal_now = true;
                     if let Some(p) = self.procs.get_mut(&id) {
                         p.probing = false;
-                        if let Some(ch) = &p.channel {
-                            if !ch.stop() {
+                        match &p.link {
+                            Some(Link::Channel(ch)) if !ch.stop() => {
                                 // Its queue is full: `stop` follows as soon as it reads.
                                 let ch = ch.clone();
                                 tokio::spawn(async move { ch.stop_when_writable().await });
                             }
+                            // Node's graceful disconnect; the stop signal follows when the
+                            // worker closes its channel (a Node worker dies of SIGTERM at
+                            // once, requests in flight and all), unless it never spoke.
+                            Some(Link::Node(n)) => signal_now = !n.stop(),
+                            Some(Link::Channel(_)) | None => {}
                         }
                     }
-                    self.signal(id, self.setup.stop_signal);
+                    if signal_now {
+                        self.signal(id, self.setup.stop_signal);
+                    }
                     Vec::new()
                 }
                 Action::Kill { id } => {
@@ -254,8 +298,8 @@ impl Driver {
                     // In `shared` there is no balancer: workers accept themselves.
                     if let Some(tx) = &self.balancer {
                         let worker = worker.and_then(|id| {
-                            let channel = self.procs.get(&id)?.channel.clone()?;
-                            Some((id, channel))
+                            let link = self.procs.get(&id)?.link.clone()?;
+                            Some((id, link))
                         });
                         let _ = tx.send(Update::Route { slot, worker });
                     }
@@ -282,39 +326,62 @@ impl Driver {
     fn spawn(&mut self, id: WorkerId, slot: usize, generation: u64) -> Vec<Action> {
         let shared = self.setup.balance == Balance::Shared;
         let now = Instant::now();
-        let (channel, worker_end) = if shared {
-            (None, None)
-        } else {
-            match WorkerChannel::new() {
-                Ok((ch, end)) => (Some(Arc::new(ch)), Some(end)),
-                Err(e) => {
-                    let error = spawn_error(SpawnStep::Channel, &e);
-                    return self.sup.handle(Input::SpawnFailed { id, error }, now);
-                }
+        let made = match (&self.ports, &self.balancer) {
+            _ if shared => Ok((None, None)),
+            (Some(ports), Some(tx)) => NodeChannel::new(tx, ports.clone())
+                .map(|(n, end)| (Some(Link::Node(Arc::new(n))), Some(end))),
+            _ => WorkerChannel::new().map(|(ch, end)| (Some(Link::Channel(Arc::new(ch))), Some(end))),
+        };
+        let (link, worker_end) = match made {
+            Ok(made) => made,
+            Err(e) => {
+                let error = spawn_error(SpawnStep::Channel, &e);
+                return self.sup.handle(Input::SpawnFailed { id, error }, now);
             }
         };
         let channel_fd = worker_end.as_ref().map(|e| e.as_raw_fd());
-        let spawned = self.launcher.launch(slot, generation, channel_fd);
-        drop(worker_end); // the worker has its copy; the channel keeps one for reclaiming
+        let cgroup = self.guard.leaf();
+        let contain = self.guard.contain(cgroup.as_ref());
+        let spawned = self
+            .launcher
+            .launch(id.0, slot, generation, channel_fd, contain);
+        drop(worker_end); // the worker has its copy (a channel keeps one for reclaiming)
         match spawned {
             Ok(pid) => {
+                self.guard.spawned(pid, cgroup.as_ref());
                 let probing = shared && self.setup.ready_when == ReadyWhen::Listening;
-                let reader = channel
-                    .clone()
-                    .map(|ch| tokio::spawn(reader::read_worker(id, ch, self.messages.clone())));
+                let reader = match &link {
+                    Some(Link::Channel(ch)) => Some(tokio::spawn(reader::read_worker(
+                        id,
+                        ch.clone(),
+                        self.messages.clone(),
+                    ))),
+                    Some(Link::Node(n)) => Some(tokio::spawn(crate::via::node::run(
+                        n.clone(),
+                        crate::via::node::Task {
+                            id,
+                            pid,
+                            stop_signal: self.setup.stop_signal,
+                            inputs: self.messages.clone(),
+                        },
+                    ))),
+                    None => None,
+                };
                 self.procs.insert(
                     id,
                     Proc {
                         pid,
                         probing,
-                        channel,
+                        link,
                         reader,
+                        cgroup,
                     },
                 );
                 self.by_pid.insert(pid, id);
                 self.sup.handle(Input::Spawned { id, pid }, now)
             }
             Err(e) => {
+                self.guard.released(None, cgroup);
                 let error = spawn_error(SpawnStep::Launch, &e);
                 self.sup.handle(Input::SpawnFailed { id, error }, now)
             }
@@ -365,12 +432,19 @@ impl Driver {
                     pid, "killed what the worker left in its process group"
                 );
             }
+            // Everything in the group has a SIGKILL pending, and the number cannot be
+            // reused while any of it lives: the guard forgets it. The cgroup goes too.
+            self.guard.released(Some(pid), p.cgroup);
             let slot = self.sup.info(id).map(|w| w.slot);
             // First the core (which routes the slot away), then the connections the
             // worker never read go to the workers that remain.
             self.feed(Input::Exited { id, status });
-            if let Some(ch) = p.channel {
-                self.hand_back(&ch, slot, pid);
+            match p.link {
+                Some(Link::Channel(ch)) => self.hand_back(ch.reclaim(), slot, pid),
+                Some(Link::Node(n)) => {
+                    self.hand_back(n.reclaim_after_exit(&mut Vec::new()), slot, pid)
+                }
+                None => {}
             }
         }
     }
@@ -378,15 +452,17 @@ impl Driver {
     /// Takes back what a live worker (found stuck, and routed away) has not read.
     fn reclaim(&self, id: WorkerId) {
         if let Some(p) = self.procs.get(&id) {
-            if let Some(ch) = &p.channel {
-                self.hand_back(ch, self.sup.info(id).map(|w| w.slot), p.pid);
+            let slot = self.sup.info(id).map(|w| w.slot);
+            match &p.link {
+                Some(Link::Channel(ch)) => self.hand_back(ch.reclaim(), slot, p.pid),
+                Some(Link::Node(n)) => self.hand_back(n.reclaim_unsent(), slot, p.pid),
+                None => {}
             }
         }
     }
 
-    /// Takes back the connections queued on `ch` and not read; the balancer hands them out again.
-    fn hand_back(&self, ch: &WorkerChannel, slot: Option<usize>, pid: u32) {
-        let conns = ch.reclaim();
+    /// Gives the balancer connections a worker never took, to hand out again.
+    fn hand_back(&self, conns: Vec<crate::via::channel::Conn>, slot: Option<usize>, pid: u32) {
         if !conns.is_empty() {
             info!(
                 event = "reclaimed",
@@ -472,6 +548,7 @@ impl Driver {
                 let silent = self.setup.balance != Balance::Shared && !heard;
                 let text = crate::runtime::advice::advice(&crate::runtime::advice::Situation {
                     balance: self.setup.balance,
+                    via: self.setup.via,
                     ready_when: self.setup.ready_when,
                     addrs: &self.addrs,
                     program: self.setup.command.program(),

@@ -198,6 +198,7 @@ mod tests {
             env: &env,
             fds,
             listen_pid: false,
+            contain: Default::default(),
         })
         .unwrap();
         Worker(pid)

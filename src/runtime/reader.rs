@@ -69,7 +69,7 @@ pub(crate) async fn read_worker(id: WorkerId, ch: Arc<WorkerChannel>, tx: mpsc::
 
 /// Which one-shot messages have been passed on.
 #[derive(Default)]
-struct Said {
+pub(crate) struct Said {
     listening: bool,
     ready: bool,
     replace: bool,
@@ -86,21 +86,36 @@ impl Said {
         };
         (!std::mem::replace(flag, true)).then_some(input)
     }
+
+    /// Whether `listening` is said for the first time (Node's dialect).
+    pub(crate) fn listening(&mut self) -> bool {
+        !std::mem::replace(&mut self.listening, true)
+    }
+
+    /// Whether `ready` is said for the first time (Node's dialect).
+    pub(crate) fn ready(&mut self) -> bool {
+        !std::mem::replace(&mut self.ready, true)
+    }
+
+    /// Whether a replacement is asked for the first time (Node's dialect).
+    pub(crate) fn replace(&mut self) -> bool {
+        !std::mem::replace(&mut self.replace, true)
+    }
 }
 
 /// [`MESSAGE_BUDGET`] lines per one-second window.
-struct Budget {
+pub(crate) struct Budget {
     since: Instant,
     used: u32,
 }
 
 impl Budget {
-    fn new(now: Instant) -> Budget {
+    pub(crate) fn new(now: Instant) -> Budget {
         Budget { since: now, used: 0 }
     }
 
     /// Whether one more line fits this window.
-    fn take(&mut self, now: Instant) -> bool {
+    pub(crate) fn take(&mut self, now: Instant) -> bool {
         if now.saturating_duration_since(self.since) >= Duration::from_secs(1) {
             self.since = now;
             self.used = 0;

@@ -237,6 +237,14 @@ pub enum Input {
         /// How long its oldest unread connection has waited, as far as the balancer saw.
         unread_for: Duration,
     },
+    /// The worker sent a message of the application's own (Node's `process.send`), as
+    /// JSON text; passed on to the event stream.
+    Message {
+        /// Which worker it is about.
+        id: WorkerId,
+        /// The message, as the worker wrote it (one line of JSON, at most 64 KiB).
+        text: String,
+    },
     /// The worker process was reaped.
     Exited {
         /// Which worker it is about.
@@ -376,6 +384,13 @@ pub enum Event {
     },
     /// Terminate started.
     Terminating,
+    /// A worker sent a message of the application's own (`--via node`: `process.send`).
+    Message {
+        /// The worker, as the core knew it then (its slot is `WORKER_ID`).
+        worker: WorkerInfo,
+        /// The message as JSON text.
+        text: String,
+    },
 }
 
 #[derive(Debug)]
@@ -520,6 +535,16 @@ impl Supervisor {
                 }
             }
             Input::Stuck { id, unread_for } => self.stuck(id, unread_for, now, &mut out),
+            Input::Message { id, text } => {
+                if self.heard(id) {
+                    if let Some(w) = self.workers.get(&id) {
+                        out.push(Action::Report(Event::Message {
+                            worker: w.info,
+                            text,
+                        }));
+                    }
+                }
+            }
             Input::Exited { id, status } => self.gone(id, Some(status), now, &mut out),
         }
         self.fire_timers(now, &mut out);

@@ -825,3 +825,30 @@ async fn a_stuck_worker_during_a_reload_leaves_its_slot_to_the_pending_one() {
         .iter()
         .any(|a| matches!(a, Action::Reclaim { .. })));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_workers_own_message_goes_to_the_event_stream_with_its_slot() {
+    let (mut sim, out) = Sim::start(2, timing());
+    let first = ids(&out);
+    let out = sim.feed(Input::Message {
+        id: first[1],
+        text: r#"{"hello":1}"#.into(),
+    });
+    let worker = sim.sup.info(first[1]).unwrap();
+    assert_eq!(worker.slot, 1);
+    assert_eq!(
+        out,
+        vec![Action::Report(Event::Message {
+            worker,
+            text: r#"{"hello":1}"#.into()
+        })]
+    );
+    // From a worker that is gone: nothing.
+    sim.exit(first[1]);
+    assert!(sim
+        .feed(Input::Message {
+            id: first[1],
+            text: "{}".into()
+        })
+        .is_empty());
+}

@@ -5,7 +5,33 @@
 //!   holds the master's end. The frames are in [`crate::channel`], the descriptor
 //!   passing in `fdpass`.
 //!
-//! Node's cluster IPC (`node`) and per-slot SO_REUSEPORT sockets (`socket`) are the
-//! next two ways, and live here beside it.
+//! * [`node`]: Node's own cluster IPC, so that an unmodified Node server's
+//!   `listen(port)` takes its connections from the master.
+//!
+//! Per-slot SO_REUSEPORT sockets (`socket`) are the next way, and will live here too.
+//! The balancer holds each active worker as a [`Link`], whichever way it receives.
+
+use std::sync::Arc;
 
 pub(crate) mod channel;
+pub(crate) mod node;
+
+/// How the balancer reaches one active worker.
+#[derive(Debug, Clone)]
+pub(crate) enum Link {
+    /// recluster's worker channel.
+    Channel(Arc<channel::WorkerChannel>),
+    /// Node's cluster IPC.
+    Node(Arc<node::NodeChannel>),
+}
+
+impl Link {
+    /// A fingerprint of the oldest connection the worker has not taken yet (see
+    /// `balance::stuck`); `None` when it has taken everything.
+    pub fn unread_head(&self) -> Option<u64> {
+        match self {
+            Link::Channel(ch) => ch.unread_head(),
+            Link::Node(n) => n.unread_head(),
+        }
+    }
+}
