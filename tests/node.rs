@@ -564,6 +564,11 @@ fn ready_when_ready_waits_for_process_send_ready() {
         let ready_line = c
             .master
             .wait_event(&format!("worker_ready slot={slot} pid={pid}"), DEADLINE);
+        // Waited for: a master that took the worker as ready before this line
+        // should fail on the times below, not here.
+        poll_until(DEADLINE, || {
+            !app_lines(&c.master, "ready_sent", pid).is_empty()
+        });
         let sent = app_lines(&c.master, "ready_sent", pid);
         let sent_ms: u64 = sent
             .first()
