@@ -22,5 +22,5 @@ for (let id = 0; id < workers; id++) {
 }
 process.on('SIGTERM', () => {
   cluster.disconnect(() => process.exit(0));
-  setTimeout(() => process.exit(0), 2000).unref();
+  setTimeout(() => process.exit(0), 2000);
 });
