@@ -290,6 +290,17 @@ impl Driver {
                     }
                     Vec::new()
                 }
+                Action::Drain { id } => {
+                    match self.procs.get(&id).and_then(|p| p.link.clone()) {
+                        Some(Link::Channel(ch)) => {
+                            if !ch.stop() {
+                                tokio::spawn(async move { ch.stop_when_writable().await });
+                            }
+                        }
+                        _ => self.signal(id, self.setup.stop_signal),
+                    }
+                    Vec::new()
+                }
                 Action::Kill { id } => {
                     self.signal(id, Signal::SIGKILL);
                     Vec::new()

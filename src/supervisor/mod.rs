@@ -45,9 +45,10 @@
 //!   `--stuck-timeout` ([`Input::Stuck`], found by the balancer) is treated as one that
 //!   was not ready in time: routed away at once (its clients go to their next choice),
 //!   the connections queued to it are taken back ([`Action::Reclaim`]) and handed to
-//!   the others, it retires (stop, then SIGKILL after `timeout`: a worker that was
-//!   only slow finishes what it holds), and its slot is respawned as for a worker
-//!   that died. Reported once per worker ([`Event::Stuck`]).
+//!   the others, it retires ([`Action::Drain`]: the stop message without the stop
+//!   signal, so a worker that was only slow, busy with one long request, finishes it
+//!   and then reads `stop`; SIGKILL after `timeout`), and its slot is respawned as for
+//!   a worker that died. Reported once per worker ([`Event::Stuck`]).
 //! * **A command that cannot run**: when a spawn fails because the program cannot be
 //!   executed ([`SpawnError::cannot_execute`]) before any worker was ever ready, the
 //!   cluster gives up ([`Event::CannotExecute`]): every worker is killed and the run
@@ -268,6 +269,14 @@ pub enum Action {
     },
     /// Tell the worker to stop: stop message and stop signal.
     Stop {
+        /// Which worker it is about.
+        id: WorkerId,
+    },
+    /// Tell a stuck worker to stop without cutting what it holds: the stop message on
+    /// its worker channel only (it reads it once it reads again), no stop signal; under
+    /// Node's IPC the stop signal, since a Node worker that holds its event loop that
+    /// long serves none of its connections and its unaccepted ones come back at its exit.
+    Drain {
         /// Which worker it is about.
         id: WorkerId,
     },
@@ -763,7 +772,12 @@ impl Supervisor {
         self.slots[slot].active = None;
         out.push(Action::Route { slot, worker: None });
         out.push(Action::Reclaim { id });
-        self.retire(id, now, out);
+        if let Some(w) = self.workers.get_mut(&id) {
+            w.info.state = WorkerState::Retiring;
+            w.deadline = Some(now + self.timing.timeout);
+            out.push(Action::Report(Event::Retiring(w.info)));
+            out.push(Action::Drain { id });
+        }
         if self.slots[slot].pending.is_none() {
             self.schedule_respawn(slot, uptime, now, out);
         }

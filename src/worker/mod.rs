@@ -440,6 +440,23 @@ fn raise_fd_limit() {
         lim.rlim_cur.min(i32::MAX as libc::rlim_t) as i64
     };
     let _ = FD_LIMIT.set(limit);
+    // A hard limit so low that a whole message of descriptors never fits: this worker
+    // would never read a connection (they wait, and the master replaces it as stuck).
+    // Say so plainly, once, rather than serve nothing in silence.
+    let need = fdpass::MAX_FDS as i64 + 8;
+    let open = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as i64);
+    if limit - open < need {
+        let line = format!(
+            "recluster worker {}: the descriptor limit ({limit}, {open} in use) leaves no room \
+             for a message of {} connections, so this worker cannot take any: raise the hard \
+             limit (ulimit -H -n) to at least {}\n",
+            std::process::id(),
+            fdpass::MAX_FDS,
+            open + need + 64
+        );
+        // SAFETY: write(2) of a buffer we own to stderr; a failure is ignored.
+        unsafe { libc::write(2, line.as_ptr().cast(), line.len()) };
+    }
 }
 
 /// The highest descriptor number this library knows to be in use: a cheap sign of how
