@@ -452,9 +452,7 @@ impl Driver {
             self.feed(Input::Exited { id, status });
             match p.link {
                 Some(Link::Channel(ch)) => self.hand_back(ch.reclaim(), slot, pid),
-                Some(Link::Node(n)) => {
-                    self.hand_back(n.reclaim_after_exit(&mut Vec::new()), slot, pid)
-                }
+                Some(Link::Node(n)) => self.hand_back(n.reclaim_after_exit(), slot, pid),
                 None => {}
             }
         }

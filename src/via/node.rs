@@ -270,7 +270,8 @@ impl NodeChannel {
 
     /// After the worker exited: reads what it wrote before it died (its last answers),
     /// then takes back every connection it did not accept.
-    pub fn reclaim_after_exit(&self, inbuf: &mut Vec<u8>) -> Vec<Conn> {
+    pub fn reclaim_after_exit(&self) -> Vec<Conn> {
+        let mut inbuf = Vec::new();
         let mut buf = [0u8; 16 * 1024];
         loop {
             let mut fds = Vec::new();
