@@ -68,8 +68,13 @@ pub const MAX_PARK: Duration = Duration::from_secs(30);
 /// Most connections held back (queues full) before accepting pauses.
 const PARK_LIMIT: usize = 4096;
 
-/// How often held-back connections are retried while workers' queues are full.
+/// How soon held-back connections are retried while workers' queues are full; each
+/// retry that moves nothing doubles the wait, up to [`PARK_RETRY_MAX`], so thousands of
+/// connections held for stopped workers do not cost a core.
 const PARK_RETRY: Duration = Duration::from_millis(2);
+
+/// The longest wait between two retries of held-back connections.
+const PARK_RETRY_MAX: Duration = Duration::from_millis(16);
 
 /// Counters of the balancer, readable at any time.
 #[derive(Debug, Default)]
@@ -189,6 +194,8 @@ pub(crate) struct Balancer {
     closed: bool,
     /// Connections a Node worker could not take in one flush, reused.
     refused: Vec<Conn>,
+    /// The current wait before held-back connections are retried (see [`PARK_RETRY`]).
+    park_retry: Duration,
 }
 
 /// A listening socket the balancer accepts on.
@@ -245,6 +252,7 @@ impl Balancer {
             last_emfile_log: None,
             closed: false,
             refused: Vec::with_capacity(MAX_FDS),
+            park_retry: PARK_RETRY,
         })
     }
 
@@ -263,7 +271,7 @@ impl Balancer {
             let accepting = self.router.has_ready()
                 && self.paused_until.is_none()
                 && self.parked.len() < PARK_LIMIT;
-            let retry = (!self.parked.is_empty()).then(|| now + PARK_RETRY);
+            let retry = (!self.parked.is_empty()).then(|| now + self.park_retry);
             let wake = match (self.paused_until, retry) {
                 (Some(pause), Some(retry)) => Some(pause.min(retry)),
                 (pause, retry) => pause.or(retry),
@@ -282,6 +290,9 @@ impl Balancer {
                     // Anything handed over frees descriptors: a pause for lack of them ends.
                     if self.retry_parked() > 0 {
                         self.paused_until = None;
+                        self.park_retry = PARK_RETRY;
+                    } else {
+                        self.park_retry = (self.park_retry * 2).min(PARK_RETRY_MAX);
                     }
                 }
             }
@@ -291,6 +302,8 @@ impl Balancer {
     fn update(&mut self, update: Update) {
         match update {
             Update::Route { slot, worker } => {
+                // A new worker may take what is held back: retry soon again.
+                self.park_retry = PARK_RETRY;
                 self.router.set_ready(slot, worker.is_some());
                 self.watches[slot].reset();
                 let (id, channel) = worker.unzip();
