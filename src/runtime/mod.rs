@@ -273,16 +273,12 @@ impl Driver {
                     if let Some(p) = self.procs.get_mut(&id) {
                         p.probing = false;
                         match &p.link {
-                            Some(Link::Channel(ch)) if !ch.stop() => {
-                                // Its queue is full: `stop` follows as soon as it reads.
-                                let ch = ch.clone();
-                                tokio::spawn(async move { ch.stop_when_writable().await });
-                            }
+                            Some(Link::Channel(ch)) => ch.stop_soon(),
                             // Node's graceful disconnect; the stop signal follows when the
                             // worker closes its channel (a Node worker dies of SIGTERM at
                             // once, requests in flight and all), unless it never spoke.
                             Some(Link::Node(n)) => signal_now = !n.stop(),
-                            Some(Link::Channel(_)) | None => {}
+                            None => {}
                         }
                     }
                     if signal_now {
@@ -292,11 +288,7 @@ impl Driver {
                 }
                 Action::Drain { id } => {
                     match self.procs.get(&id).and_then(|p| p.link.clone()) {
-                        Some(Link::Channel(ch)) => {
-                            if !ch.stop() {
-                                tokio::spawn(async move { ch.stop_when_writable().await });
-                            }
-                        }
+                        Some(Link::Channel(ch)) => ch.stop_soon(),
                         _ => self.signal(id, self.setup.stop_signal),
                     }
                     Vec::new()

@@ -86,6 +86,15 @@ impl WorkerChannel {
         self.send_stop()
     }
 
+    /// Marks the channel stopped and sends `stop`: now, or, when the worker's queue is
+    /// full, from a task as soon as it has read enough to take it (on this runtime).
+    pub fn stop_soon(self: &std::sync::Arc<Self>) {
+        if !self.stop() {
+            let ch = self.clone();
+            tokio::spawn(async move { ch.stop_when_writable().await });
+        }
+    }
+
     /// Sends `stop` once the worker has read enough of its queue to take it.
     pub async fn stop_when_writable(&self) {
         loop {
