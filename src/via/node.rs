@@ -13,9 +13,11 @@
 //!   descriptor travels in SCM_RIGHTS with the line
 //!   `{"cmd":"NODE_HANDLE","type":"net.Native","msg":{…"act":"newconn"…}}`; the worker
 //!   answers `NODE_HANDLE_ACK` (or `NODE_HANDLE_NACK`: no descriptor arrived, sent
-//!   again up to [`NACK_RETRIES`] times), and nothing else may be written before that
-//!   answer: Node reads one handle per message. Then it answers the `newconn` itself
-//!   with `{"ack":seq,"accepted":bool}`.
+//!   again up to [`NACK_RETRIES`] times), in the order the lines were written. Up to
+//!   [`PIPELINE`] handles are written before the first is answered (Node's own primary
+//!   writes one), each in a write of its own; a line without a handle waits until
+//!   every handle written was answered, as Node's sender does. Then the worker answers
+//!   the `newconn` itself with `{"ack":seq,"accepted":bool}`.
 //! * **Never lost.** The master keeps its copy of every connection it wrote until the
 //!   worker says `accepted: true`. A connection refused, not acknowledged, or written
 //!   to a worker that went away is handed back to the balancer and goes to another
@@ -59,9 +61,8 @@ use crate::supervisor::{Input, WorkerId, GARBAGE_LIMIT};
 use crate::via::channel::Conn;
 
 /// Connections offered to one worker and not yet accepted (queued here or written);
-/// more wait in the balancer. Node needs one handle acknowledged before the next is
-/// written, so this is a queue more than a window: it only bounds the descriptors
-/// the master holds for a worker. It is as deep as a burst of one client's
+/// more wait in the balancer. It bounds the descriptors the master holds for a
+/// worker; at most [`PIPELINE`] of them are written and unacknowledged. It is as deep as a burst of one client's
 /// connections can be, because a `sticky` connection that finds its worker full
 /// goes to another worker after `STICKY_WAIT`, and socket.io's polling sessions break
 /// when that happens.
@@ -80,6 +81,16 @@ pub const TESTED_MAJORS: &[u32] = &[20];
 /// How long a stopping worker whose channel has closed may take to exit by itself
 /// before it gets the stop signal.
 pub const EXIT_GRACE: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Handles written to one worker before the first of them is acknowledged. Node's
+/// own primary writes one and waits for its `NODE_HANDLE_ACK`, so a worker takes one
+/// connection per turn of its event loop. Node's receiver needs less: the kernel
+/// never joins two descriptor-carrying writes in one read, each read hands Node at
+/// most one descriptor, kept until the line it came with is complete, and the
+/// answers come in the order the lines were written. What it cannot take is a
+/// second descriptor before the first line is complete, so a handle line that went
+/// out in more than one write is answered before the next is written.
+pub const PIPELINE: usize = 16;
 
 /// How often a handle the worker did not receive (`NODE_HANDLE_NACK`) is sent again.
 pub const NACK_RETRIES: u32 = 3;
@@ -374,6 +385,8 @@ struct Out {
     handle: Option<u64>,
     /// How many times this `newconn` was sent before (NACKs).
     sent: u32,
+    /// Writes that sent only part of the line so far.
+    writes: u32,
 }
 
 /// Runs the channel of one worker until it closes: writes answers and connections,
@@ -388,16 +401,29 @@ pub(crate) async fn run(ch: Arc<NodeChannel>, task: Task) {
         offences: 0,
     };
     let mut out: Option<Out> = None;
-    // A handle was written and its NODE_HANDLE_ACK has not come: write nothing else.
-    // (`seq`, times sent)
-    let mut awaiting_ack: Option<(u64, u32)> = None;
+    // Handles written whose NODE_HANDLE_ACK (or NACK) has not come, oldest first:
+    // (`seq`, times sent). Node answers them in the order they were written.
+    let mut awaiting: VecDeque<(u64, u32)> = VecDeque::new();
+    // Handles to write again after a NACK: (`seq`, times sent so far).
+    let mut resend: VecDeque<(u64, u32)> = VecDeque::new();
+    // A handle line went out in more than one write: no other handle until it is
+    // answered (see [`PIPELINE`]).
+    let mut split = false;
     let mut cbuf = FdBuf::new();
     let mut buf = vec![0u8; 16 * 1024];
     let silent_at = Instant::now() + SILENT_AFTER;
     let mut silent_checked = false;
     loop {
-        if out.is_none() && awaiting_ack.is_none() {
-            out = next_out(&ch);
+        if out.is_none() {
+            let room = if split { 0 } else { PIPELINE.saturating_sub(awaiting.len()) };
+            out = match resend.pop_front() {
+                Some((seq, sent)) if room > 0 => Some(newconn_out(&ch, seq, sent)),
+                Some(back) => {
+                    resend.push_front(back);
+                    None
+                }
+                None => next_out(&ch, awaiting.is_empty(), room > 0),
+            };
         }
         let want_write = out.is_some();
         let interest = if want_write {
@@ -410,7 +436,7 @@ pub(crate) async fn run(ch: Arc<NodeChannel>, task: Task) {
                 Ok(g) => Some(g),
                 Err(_) => break,
             },
-            _ = ch.wake.notified(), if !want_write && awaiting_ack.is_none() => None,
+            _ = ch.wake.notified(), if !want_write => None,
             _ = tokio::time::sleep_until(silent_at), if !silent_checked => {
                 silent_checked = true;
                 warn_if_silent(&ch, &task);
@@ -425,18 +451,20 @@ pub(crate) async fn run(ch: Arc<NodeChannel>, task: Task) {
                     for heard in reader.take(&buf[..got.len], got.fds_truncated) {
                         let input = match heard {
                             Heard::HandleAck => {
-                                awaiting_ack = None;
+                                awaiting.pop_front();
+                                split &= !awaiting.is_empty();
                                 None
                             }
                             Heard::HandleNack => {
                                 // Node got the line without the descriptor: again, a few times.
-                                if let Some((seq, sent)) = awaiting_ack.take() {
+                                if let Some((seq, sent)) = awaiting.pop_front() {
                                     if sent <= NACK_RETRIES {
-                                        out = Some(newconn_out(&ch, seq, sent));
+                                        resend.push_back((seq, sent));
                                     } else if let Some(conn) = remove_in_flight(&ch, seq) {
                                         ch.hand_back(vec![conn]);
                                     }
                                 }
+                                split &= !awaiting.is_empty();
                                 None
                             }
                             Heard::Line(v) => handle_line(&ch, &task, &mut reader, v),
@@ -473,9 +501,12 @@ pub(crate) async fn run(ch: Arc<NodeChannel>, task: Task) {
                         o.at += n;
                         if o.at == o.bytes.len() {
                             if let Some(seq) = o.handle {
-                                awaiting_ack = Some((seq, o.sent + 1));
+                                awaiting.push_back((seq, o.sent + 1));
+                                split |= o.writes > 0;
                             }
                             out = None;
+                        } else {
+                            o.writes += 1;
                         }
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -569,18 +600,25 @@ pub(crate) fn check_version(program: &std::path::Path) {
     }
 }
 
-/// The next thing to write: an answer first, then the oldest offered connection.
-fn next_out(ch: &NodeChannel) -> Option<Out> {
+/// The next thing to write: an answer first (only once every handle written was
+/// answered, `answered`), then the oldest offered connection (if `handle_room`).
+fn next_out(ch: &NodeChannel, answered: bool, handle_room: bool) -> Option<Out> {
     let mut st = ch.state();
-    if let Some(line) = st.control.pop_front() {
+    if !st.control.is_empty() {
+        // Node's order: nothing but handles between a handle and its answer.
+        if !answered {
+            return None;
+        }
+        let line = st.control.pop_front()?;
         return Some(Out {
             bytes: line,
             at: 0,
             handle: None,
             sent: 0,
+            writes: 0,
         });
     }
-    if st.gone {
+    if st.gone || !handle_room {
         return None;
     }
     let conn = st.queue.pop_front()?;
@@ -597,6 +635,7 @@ fn next_out(ch: &NodeChannel) -> Option<Out> {
         at: 0,
         handle: Some(seq),
         sent: 0,
+        writes: 0,
     })
 }
 
@@ -615,6 +654,7 @@ fn newconn_out(ch: &NodeChannel, seq: u64, sent: u32) -> Out {
         at: 0,
         handle: Some(seq),
         sent,
+        writes: 0,
     }
 }
 
