@@ -64,7 +64,7 @@ pub(crate) fn advice(s: &Situation) -> String {
     if s.silent && s.via == Via::Node {
         text.push_str("It never said listening or ready over Node's cluster IPC. ");
     } else if s.silent {
-        text.push_str("It never spoke on its worker channel. ");
+        text.push_str("The last one never spoke on its worker channel. ");
     }
     let node = is_node(s.program);
     match s.balance {

@@ -31,7 +31,7 @@ use crate::supervisor::{
 use crate::config::Via;
 use crate::via::channel::WorkerChannel;
 use crate::via::node::{NodeChannel, Ports};
-use crate::via::Link;
+use crate::via::{reader, GiveBack, Link, Returned};
 use command::{Launcher, WorkerCommand};
 use handle::{Command, Snapshot};
 use journal::Journal;
@@ -46,7 +46,6 @@ mod journal;
 pub(crate) mod launch;
 mod probe;
 mod ratelimit;
-pub(crate) mod reader;
 mod reap;
 
 /// Everything the runtime needs to run a cluster, checked and bound by the builder.
@@ -204,7 +203,7 @@ impl Driver {
             let (tx, rx) = mpsc::unbounded_channel();
             if setup.via == Via::Node {
                 launcher.use_node_channel();
-                ports = Some(Arc::new(Ports::new(&addrs, &tx, setup.backlog)));
+                ports = Some(Arc::new(Ports::new(&addrs, give_back(&tx), setup.backlog)));
             } else {
                 launcher.use_channel();
             }
@@ -331,7 +330,7 @@ impl Driver {
         let now = Instant::now();
         let made = match (&self.ports, &self.balancer) {
             _ if shared => Ok((None, None)),
-            (Some(ports), Some(tx)) => NodeChannel::new(tx, ports.clone())
+            (Some(ports), Some(_)) => NodeChannel::new(ports.clone())
                 .map(|(n, end)| (Some(Link::Node(Arc::new(n))), Some(end))),
             _ => WorkerChannel::new().map(|(ch, end)| (Some(Link::Channel(Arc::new(ch))), Some(end))),
         };
@@ -606,4 +605,18 @@ fn spawn_error(step: SpawnStep, e: &std::io::Error) -> SpawnError {
         step,
         errno: e.raw_os_error().unwrap_or(libc::EINVAL),
     }
+}
+
+/// What a delivery path gives back goes to the balancer's queue; nowhere once the
+/// balancer has ended (the sender is weak: workers left over never keep it alive).
+fn give_back(updates: &mpsc::UnboundedSender<Update>) -> GiveBack {
+    let updates = updates.downgrade();
+    Arc::new(move |returned| {
+        if let Some(updates) = updates.upgrade() {
+            let _ = updates.send(match returned {
+                Returned::Conns(conns) => Update::Reclaimed(conns),
+                Returned::Listener(listener) => Update::AddListener(listener),
+            });
+        }
+    })
 }

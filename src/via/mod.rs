@@ -11,10 +11,24 @@
 //! Per-slot SO_REUSEPORT sockets (`socket`) are the next way, and will live here too.
 //! The balancer holds each active worker as a [`Link`], whichever way it receives.
 
+use std::net::TcpListener;
 use std::sync::Arc;
 
 pub(crate) mod channel;
 pub(crate) mod node;
+pub(crate) mod reader;
+
+/// What a delivery path gives back to the balancer.
+pub(crate) enum Returned {
+    /// Connections a worker did not take, for another worker.
+    Conns(Vec<channel::Conn>),
+    /// A socket bound because a worker asked for its port, to accept on from now on.
+    Listener(TcpListener),
+}
+
+/// Where a delivery path sends what it gives back (the runtime points it at the
+/// balancer); a call after the balancer has ended does nothing.
+pub(crate) type GiveBack = Arc<dyn Fn(Returned) + Send + Sync>;
 
 /// How the balancer reaches one active worker.
 #[derive(Debug, Clone)]

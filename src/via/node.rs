@@ -54,9 +54,9 @@ use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::balance::Update;
 use crate::fdpass::{self, FdBuf};
-use crate::runtime::reader::{Budget, Said};
+use crate::via::reader::{Budget, Said};
+use crate::via::{GiveBack, Returned};
 use crate::supervisor::{Input, WorkerId, GARBAGE_LIMIT};
 use crate::via::channel::Conn;
 
@@ -99,9 +99,8 @@ pub const NACK_RETRIES: u32 = 3;
 /// when a worker first asks for a port no `--listen` address has.
 pub(crate) struct Ports {
     inner: Mutex<Vec<Port>>,
-    /// New sockets go to the balancer, which accepts on them from then on. Weak: the
-    /// balancer ends when the driver drops its sender, whatever workers remain.
-    updates: mpsc::WeakUnboundedSender<Update>,
+    /// New sockets and connections handed back go to the balancer.
+    give_back: GiveBack,
     backlog: i32,
     /// The "never spoke Node's protocol" warning was given (once per cluster).
     warned_silent: std::sync::atomic::AtomicBool,
@@ -116,10 +115,10 @@ struct Port {
 
 impl Ports {
     /// The registry of `listening` (the balancer's sockets, in its order).
-    pub fn new(listening: &[SocketAddr], updates: &mpsc::UnboundedSender<Update>, backlog: i32) -> Ports {
+    pub fn new(listening: &[SocketAddr], give_back: GiveBack, backlog: i32) -> Ports {
         Ports {
             inner: Mutex::new(listening.iter().map(|&addr| Port { addr, asked: None }).collect()),
-            updates: updates.downgrade(),
+            give_back,
             backlog,
             warned_silent: std::sync::atomic::AtomicBool::new(false),
         }
@@ -147,9 +146,7 @@ impl Ports {
             asked: (port == 0).then(|| asked.to_string()),
         });
         info!(event = "listening", addr = %addr, index, balance = "node", "listening (asked for by a worker)");
-        if let Some(updates) = self.updates.upgrade() {
-            let _ = updates.send(Update::AddListener(listener));
-        }
+        (self.give_back)(Returned::Listener(listener));
         Ok((index, addr))
     }
 }
@@ -216,8 +213,7 @@ pub(crate) struct NodeChannel {
     state: Mutex<State>,
     /// Wakes the channel's task: something to write.
     wake: Notify,
-    /// Where connections handed back go (the balancer). Weak, as in [`Ports`].
-    updates: mpsc::WeakUnboundedSender<Update>,
+    /// The cluster's sockets, and where connections handed back go.
     ports: Arc<Ports>,
 }
 
@@ -230,14 +226,13 @@ impl std::fmt::Debug for NodeChannel {
 impl NodeChannel {
     /// Creates a channel; returns it and the end to place in the worker (a blocking
     /// stream socket, as Node expects at `NODE_CHANNEL_FD`).
-    pub fn new(updates: &mpsc::UnboundedSender<Update>, ports: Arc<Ports>) -> io::Result<(NodeChannel, OwnedFd)> {
+    pub fn new(ports: Arc<Ports>) -> io::Result<(NodeChannel, OwnedFd)> {
         let (master, worker) = fdpass::stream_pair()?;
         fdpass::set_flags(worker.as_fd(), false, true)?;
         let channel = NodeChannel {
             fd: fdpass::register(master)?,
             state: Mutex::new(State::default()),
             wake: Notify::new(),
-            updates: updates.downgrade(),
             ports,
         };
         Ok((channel, worker))
@@ -334,8 +329,8 @@ impl NodeChannel {
 
     /// Gives connections back to the balancer, for another worker.
     fn hand_back(&self, conns: Vec<Conn>) {
-        if let (false, Some(updates)) = (conns.is_empty(), self.updates.upgrade()) {
-            let _ = updates.send(Update::Reclaimed(conns));
+        if !conns.is_empty() {
+            (self.ports.give_back)(Returned::Conns(conns));
         }
     }
 
