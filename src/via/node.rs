@@ -936,4 +936,174 @@ mod tests {
         assert_eq!(v["msg"]["seq"], 7);
         assert!(line.ends_with(b"}\n"));
     }
+
+    /// The worker's side of the channel in [`handles_are_pipelined_and_answered_in_order`]:
+    /// reads lines, keeping the descriptor each `NODE_HANDLE` line brought.
+    struct FakeWorker {
+        fd: OwnedFd,
+        inbuf: Vec<u8>,
+        fds: VecDeque<OwnedFd>,
+    }
+
+    impl FakeWorker {
+        fn send(&self, line: &str) {
+            let n = nix::unistd::write(&self.fd, line.as_bytes()).expect("write to the master");
+            assert_eq!(n, line.len());
+        }
+
+        /// The next line, with its descriptor for a `NODE_HANDLE`; `None` when nothing
+        /// came for 300 ms (the master had nothing more to write).
+        fn line(&mut self) -> Option<(Value, Option<OwnedFd>)> {
+            loop {
+                if let Some(end) = self.inbuf.iter().position(|&b| b == b'\n') {
+                    let line: Vec<u8> = self.inbuf.drain(..=end).collect();
+                    let v: Value = serde_json::from_slice(&line).expect("the master writes JSON");
+                    let fd = (v["cmd"] == "NODE_HANDLE").then(|| self.fds.pop_front().expect("a handle line brings its descriptor"));
+                    return Some((v, fd));
+                }
+                let mut poll = libc::pollfd {
+                    fd: self.fd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd, for the duration of the call.
+                if unsafe { libc::poll(&mut poll, 1, 300) } == 0 {
+                    return None;
+                }
+                let mut buf = [0u8; 4096];
+                let mut fds = Vec::new();
+                match fdpass::recv(self.fd.as_fd(), &mut buf, &mut fds, &mut FdBuf::new()) {
+                    Ok(got) => {
+                        assert!(got.len > 0, "the master closed the channel");
+                        assert!(fds.len() <= 1, "one descriptor per read, as Node assumes");
+                        self.inbuf.extend_from_slice(&buf[..got.len]);
+                        self.fds.extend(fds);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => panic!("read from the master: {e}"),
+                }
+            }
+        }
+    }
+
+    /// Reads which client (the byte it wrote) a received connection is.
+    fn client_of(fd: OwnedFd) -> u8 {
+        let mut stream = std::net::TcpStream::from(fd);
+        let mut byte = [0u8; 1];
+        std::io::Read::read_exact(&mut stream, &mut byte).expect("the client's byte");
+        byte[0]
+    }
+
+    #[tokio::test]
+    async fn handles_are_pipelined_and_answered_in_order() {
+        const CLIENTS: usize = 20;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (back_tx, back_rx) = std::sync::mpsc::channel::<Vec<Conn>>();
+        let back_tx = Mutex::new(back_tx);
+        let give_back: GiveBack = Arc::new(move |r| {
+            if let Returned::Conns(conns) = r {
+                let _ = back_tx.lock().unwrap().send(conns);
+            }
+        });
+        let ports = Arc::new(Ports::new(&[addr], give_back, 128));
+        let (ch, worker_end) = NodeChannel::new(ports).unwrap();
+        let ch = Arc::new(ch);
+        let (inputs, mut inputs_rx) = mpsc::channel(1024);
+        tokio::spawn(async move { while inputs_rx.recv().await.is_some() {} });
+        let task = Task {
+            id: WorkerId(1),
+            pid: u32::MAX,
+            stop_signal: Signal::SIGTERM,
+            inputs,
+        };
+        tokio::spawn(run(ch.clone(), task));
+
+        // The worker: one server, then it reads without answering.
+        let mut worker = FakeWorker {
+            fd: worker_end,
+            inbuf: Vec::new(),
+            fds: VecDeque::new(),
+        };
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let (clients_tx, clients_rx) = std::sync::mpsc::channel::<()>();
+        let worker_thread = std::thread::spawn(move || {
+            worker.send("{\"cmd\":\"NODE_CLUSTER\",\"act\":\"online\",\"seq\":0}\n");
+            worker.send(&format!(
+                "{{\"cmd\":\"NODE_CLUSTER\",\"act\":\"queryServer\",\"index\":0,\"data\":null,\"address\":null,\"port\":{},\"addressType\":4,\"backlog\":0,\"seq\":1}}\n",
+                addr.port()
+            ));
+            let (answer, fd) = worker.line().expect("the queryServer answer");
+            assert_eq!((answer["ack"].as_u64(), answer["errno"].as_i64(), fd.is_none()), (Some(1), Some(0), true));
+            ready_tx.send(()).unwrap();
+            clients_rx.recv().unwrap();
+
+            // PIPELINE handles arrive before any acknowledgement, and no more.
+            let mut written = Vec::new();
+            while let Some((v, fd)) = worker.line() {
+                written.push((v["msg"]["seq"].as_u64().expect("a newconn seq"), fd.expect("a descriptor")));
+            }
+            assert_eq!(written.len(), PIPELINE, "handles written before the first acknowledgement");
+            // Answer them in order: the second as not received (its descriptor dropped, as
+            // Node's receiver would have none), every other one acknowledged.
+            let nacked = written[1].0;
+            let mut got: Vec<(u64, OwnedFd)> = Vec::new();
+            for (i, (seq, fd)) in written.into_iter().enumerate() {
+                if i == 1 {
+                    drop(fd);
+                    worker.send("{\"cmd\":\"NODE_HANDLE_NACK\"}\n");
+                } else {
+                    got.push((seq, fd));
+                    worker.send("{\"cmd\":\"NODE_HANDLE_ACK\"}\n");
+                }
+            }
+            // The rest come, the NACKed one again with its connection.
+            while got.len() < CLIENTS {
+                let (v, fd) = worker.line().expect("the remaining handles and the one sent again");
+                got.push((v["msg"]["seq"].as_u64().unwrap(), fd.unwrap()));
+                worker.send("{\"cmd\":\"NODE_HANDLE_ACK\"}\n");
+            }
+            assert!(worker.line().is_none(), "nothing more than {CLIENTS} connections");
+            assert!(got.iter().any(|(seq, _)| *seq == nacked), "the NACKed handle came again");
+            // Accept all but the last; refuse that one.
+            let mut clients = Vec::new();
+            let last = got.len() - 1;
+            for (i, (seq, fd)) in got.into_iter().enumerate() {
+                clients.push(client_of(fd));
+                let accepted = i != last;
+                worker.send(&format!("{{\"cmd\":\"NODE_CLUSTER\",\"ack\":{seq},\"accepted\":{accepted},\"seq\":{}}}\n", i + 2));
+            }
+            (clients, worker)
+        });
+
+        ready_rx.await.unwrap();
+        let mut streams = Vec::new();
+        for i in 0..CLIENTS {
+            let mut client = std::net::TcpStream::connect(addr).unwrap();
+            std::io::Write::write_all(&mut client, &[i as u8]).unwrap();
+            let (stream, peer) = listener.accept().unwrap();
+            let conn = Conn {
+                stream,
+                listener: 0,
+                peer,
+                local: addr,
+                since: Instant::now(),
+            };
+            assert!(ch.offer(conn).is_ok(), "the window takes {CLIENTS}");
+            streams.push(client);
+        }
+        clients_tx.send(()).unwrap();
+        let (mut clients, worker) = tokio::task::spawn_blocking(move || worker_thread.join().unwrap()).await.unwrap();
+        // The refused connection comes back; then nothing is in flight.
+        let back = tokio::task::spawn_blocking(move || back_rx.recv_timeout(std::time::Duration::from_secs(10)))
+            .await
+            .unwrap()
+            .expect("the refused connection handed back");
+        assert_eq!(back.len(), 1);
+        assert_eq!(ch.unread_head(), None, "every connection answered");
+        // Every client reached the worker exactly once.
+        clients.sort_unstable();
+        assert_eq!(clients, (0..CLIENTS as u8).collect::<Vec<_>>());
+        drop(worker);
+    }
 }
