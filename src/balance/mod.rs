@@ -51,7 +51,7 @@ mod sticky;
 pub(crate) mod stuck;
 
 pub use router::Router;
-pub use sticky::ip_hash;
+pub use sticky::{fmix32, ip_hash, seed, slot_for, weight};
 
 /// Most connections accepted per listener wake-up before the others get a turn.
 pub const ACCEPT_BATCH: usize = 256;

@@ -2,7 +2,7 @@
 
 use std::net::IpAddr;
 
-use super::sticky::{ip_hash, weight};
+use super::sticky::slot_for;
 use crate::config::Balance;
 
 /// Chooses slots among the ready ones: round robin, or rendezvous over a client-IP hash.
@@ -42,14 +42,7 @@ impl Router {
     /// The slot for a client at `ip`, skipping slots for which `skip` is true.
     pub fn choose(&mut self, ip: IpAddr, skip: impl Fn(usize) -> bool) -> Option<usize> {
         match self.mode {
-            Balance::Sticky => {
-                let h = ip_hash(ip);
-                self.ready
-                    .iter()
-                    .copied()
-                    .filter(|&s| !skip(s))
-                    .max_by_key(|&s| weight(h, s))
-            }
+            Balance::Sticky => slot_for(ip, self.ready.iter().copied().filter(|&s| !skip(s))),
             _ => {
                 let n = self.ready.len();
                 for i in 0..n {
@@ -66,14 +59,14 @@ impl Router {
 
     /// The slot a client at `ip` prefers among all ready slots (`sticky`), if any is ready.
     pub fn preferred(&self, ip: IpAddr) -> Option<usize> {
-        let h = ip_hash(ip);
-        self.ready.iter().copied().max_by_key(|&s| weight(h, s))
+        slot_for(ip, self.ready.iter().copied())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::balance::sticky::ip_hash;
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
@@ -148,9 +141,8 @@ mod tests {
 
     #[test]
     fn the_sticky_mapping_is_fixed_across_processes() {
-        // Pinned values: a master restart (another process, same binary) keeps affinity.
-        // ahash with fixed seeds is stable only for one build on one CPU family; the
-        // documented 32-bit hash that replaces it (issue 12) pins itself across builds.
+        // Pinned values: a master restart, another build or another machine keeps
+        // affinity (the function is written down in `sticky`).
         let mut r = Router::new(Balance::Sticky);
         for s in 0..4 {
             r.set_ready(s, true);
@@ -158,9 +150,9 @@ mod tests {
         let picks: Vec<usize> = (1..=8)
             .map(|i| r.preferred(IpAddr::from([127, 0, 0, i])).unwrap())
             .collect();
-        assert_eq!(picks, [2, 3, 0, 2, 1, 0, 3, 2]);
-        assert_eq!(ip_hash(ip("127.0.0.1")), 0xddc1_8998_6a76_fcc5);
-        assert_eq!(ip_hash(ip("::ffff:127.0.0.1")), 0xddc1_8998_6a76_fcc5);
-        assert_eq!(ip_hash(ip("2001:db8::1")), 0xfaba_9867_a879_3ee4);
+        assert_eq!(picks, [3, 3, 0, 0, 3, 1, 3, 1]);
+        assert_eq!(ip_hash(ip("127.0.0.1")), 0x7f00_0001);
+        assert_eq!(ip_hash(ip("::ffff:127.0.0.1")), 0x7f00_0001);
+        assert_eq!(ip_hash(ip("2001:db8::1")), 0xda53_5546);
     }
 }
