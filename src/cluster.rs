@@ -139,7 +139,9 @@ impl ClusterBuilder {
             (Balance::Shared, Via::Node | Via::Socket) if self.via.is_some() => {
                 return Err(Error::Config(ConfigError::ViaShared(via)));
             }
-            (_, Via::Socket) => return Err(Error::Config(ConfigError::ViaSocket)),
+            (_, Via::Socket) if self.workers > crate::balance::steer::MAX_STEERED_SLOTS => {
+                return Err(Error::Config(ConfigError::ViaSocketSlots(self.workers)));
+            }
             _ => {}
         }
         let via_chosen = via_chosen && via != Via::Channel;
@@ -156,7 +158,21 @@ impl ClusterBuilder {
             self.listen.clone()
         };
         let mut listeners = Vec::with_capacity(addrs.len());
+        // `--via socket`: slot k's sockets, one per address, for k >= 1 (slot 0's are
+        // `listeners`), each address's in one SO_REUSEPORT group.
+        let mut slot_sockets: Vec<Vec<std::net::TcpListener>> = Vec::new();
         for addr in addrs {
+            if via == Via::Socket && self.balance != Balance::Shared {
+                let mut group = crate::via::socket::bind_group(addr, self.workers, self.backlog)
+                    .map_err(|source| Error::Listen { addr, source })?
+                    .into_iter();
+                listeners.extend(group.next());
+                slot_sockets.resize_with(self.workers - 1, Vec::new);
+                for (slot, socket) in slot_sockets.iter_mut().zip(group) {
+                    slot.push(socket);
+                }
+                continue;
+            }
             let l = crate::listen::bind(addr, self.backlog)
                 .map_err(|source| Error::Listen { addr, source })?;
             listeners.push(l);
@@ -174,6 +190,7 @@ impl ClusterBuilder {
                 subreaper: self.subreaper,
                 cgroups: self.cgroups,
                 listeners,
+                slot_sockets,
                 ends,
                 via,
                 via_chosen,

@@ -58,8 +58,8 @@ pub enum ConfigError {
     NoWorkers,
     /// `--balance shared` with a `--via` that needs the master to accept.
     ViaShared(crate::config::Via),
-    /// `--via socket`, which is not available yet.
-    ViaSocket,
+    /// `--via socket` with more slots than its kernel program can steer.
+    ViaSocketSlots(usize),
 }
 
 impl fmt::Display for ConfigError {
@@ -73,9 +73,11 @@ impl fmt::Display for ConfigError {
                  sticky with --via {via}, or keep --balance shared and have the server \
                  listen on fd 3 (Node: server.listen({{fd: 3}}))"
             ),
-            ConfigError::ViaSocket => f.write_str(
-                "--via socket is not available yet: use --via channel (the worker library), \
-                 --via node (an unmodified Node server), or --balance shared",
+            ConfigError::ViaSocketSlots(workers) => write!(
+                f,
+                "--via socket steers at most {} workers (the kernel's program limit), not \
+                 {workers}: use fewer workers, --via channel, or --balance shared",
+                crate::balance::steer::MAX_STEERED_SLOTS
             ),
         }
     }

@@ -48,6 +48,7 @@ use crate::via::Link;
 
 mod router;
 mod sticky;
+pub(crate) mod steer;
 pub(crate) mod stuck;
 
 pub use router::Router;

@@ -80,7 +80,7 @@ pub(crate) fn advice(s: &Situation) -> String {
                 s.balance
             );
         }
-        Balance::RoundRobin | Balance::Sticky => {
+        Balance::RoundRobin | Balance::Sticky if s.via == Via::Channel => {
             let _ = write!(
                 text,
                 "In --balance {} recluster itself listens on {addrs} and hands each connection \
@@ -98,10 +98,14 @@ pub(crate) fn advice(s: &Situation) -> String {
                 );
             }
         }
-        Balance::Shared => {
+        Balance::RoundRobin | Balance::Sticky | Balance::Shared => {
+            let mode = match s.balance {
+                Balance::Shared => "--balance shared".to_string(),
+                b => format!("--balance {b} --via socket"),
+            };
             let _ = write!(
                 text,
-                "In --balance shared each worker must accept on the listening sockets it \
+                "In {mode} each worker must accept on the listening sockets it \
                  inherits from fd 3 on (LISTEN_FDS, systemd socket activation), not bind \
                  {addrs} itself (that fails with EADDRINUSE: recluster holds it). Node: \
                  server.listen({{fd: 3}}); Python: socket.fromfd(3, socket.AF_INET, \

@@ -102,6 +102,8 @@ pub(crate) struct Launcher {
     argv: Vec<CString>,
     env: Vec<CString>,
     listen_fds: Vec<RawFd>,
+    /// `--via socket`: slot k's worker inherits `slot_fds[k]` instead of `listen_fds`.
+    slot_fds: Vec<Vec<RawFd>>,
     /// Workers get a worker channel at fd 3 instead of the listening sockets.
     channel: bool,
     /// That channel is Node's cluster IPC: each worker gets its `NODE_UNIQUE_ID`.
@@ -139,6 +141,7 @@ impl Launcher {
             argv,
             env,
             listen_fds,
+            slot_fds: Vec::new(),
             channel: false,
             node: false,
         }
@@ -171,6 +174,12 @@ impl Launcher {
         self.env.push(assignment("NODE_CHANNEL_SERIALIZATION_MODE", "json"));
     }
 
+    /// Each slot's worker inherits its own sockets (`--via socket`): `slots[k]` for slot
+    /// k, one per listen address, in the same order as in `shared`.
+    pub fn use_slot_sockets(&mut self, slots: Vec<Vec<RawFd>>) {
+        self.slot_fds = slots;
+    }
+
     /// How many listening sockets a `shared` worker inherits.
     pub fn listen_fds(&self) -> usize {
         self.listen_fds.len()
@@ -201,7 +210,7 @@ impl Launcher {
             env: &env,
             fds: match &channel {
                 Some(fd) => fd,
-                None => &self.listen_fds,
+                None => self.slot_fds.get(slot).unwrap_or(&self.listen_fds),
             },
             listen_pid: !self.channel,
             contain,

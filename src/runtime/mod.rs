@@ -8,7 +8,7 @@
 use std::collections::{HashMap, VecDeque};
 
 use std::net::TcpListener;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -28,6 +28,7 @@ use crate::notify::{NotifyMessage, NotifySocket};
 use crate::supervisor::{
     Action, Event, ExitStatus, Input, SpawnError, SpawnStep, Supervisor, WorkerId,
 };
+use crate::balance::steer::Steering;
 use crate::config::Via;
 use crate::via::channel::WorkerChannel;
 use crate::via::node::{NodeChannel, Ports};
@@ -61,6 +62,8 @@ pub(crate) struct Setup {
     /// Whether workers get cgroups of their own where cgroup v2 is writable.
     pub cgroups: bool,
     pub listeners: Vec<TcpListener>,
+    /// `--via socket`: the sockets of slots 1.. (slot 0's are `listeners`), per address.
+    pub slot_sockets: Vec<Vec<TcpListener>>,
     pub ends: handle::Ends,
     /// How workers receive connections (`rr`/`sticky`).
     pub via: Via,
@@ -68,6 +71,14 @@ pub(crate) struct Setup {
     pub via_chosen: bool,
     /// The backlog of sockets bound later (a Node worker asked for a port).
     pub backlog: i32,
+}
+
+impl Setup {
+    /// Whether workers accept on sockets they inherit (`shared`, `--via socket`), so
+    /// that no balancer runs and /proc tells when they listen.
+    fn workers_accept(&self) -> bool {
+        self.balance == Balance::Shared || self.via == Via::Socket
+    }
 }
 
 /// How often a starting worker is checked in /proc for listening (`shared` + `listening`).
@@ -110,6 +121,8 @@ struct Driver {
     exit: bool,
     /// Kills the workers if the master dies; their cgroups (`guard.rs`).
     guard: guard::Guard,
+    /// `--via socket`: which slots the kernel's program sends connections to.
+    steering: Option<Steering>,
 }
 
 /// Runs a cluster until it has terminated.
@@ -199,7 +212,14 @@ impl Driver {
         let mut balancer = None;
         let mut balancer_task = None;
         let mut ports = None;
-        if setup.balance != Balance::Shared {
+        let mut steering = None;
+        if setup.via == Via::Socket && setup.balance != Balance::Shared {
+            let mut slots = vec![setup.listeners.iter().map(|l| l.as_raw_fd()).collect::<Vec<_>>()];
+            slots.extend(setup.slot_sockets.iter().map(|s| s.iter().map(|l| l.as_raw_fd()).collect()));
+            launcher.use_slot_sockets(slots);
+            steering = Some(Steering::new(setup.balance, setup.workers));
+        }
+        if !setup.workers_accept() {
             let (tx, rx) = mpsc::unbounded_channel();
             if setup.via == Via::Node {
                 launcher.use_node_channel();
@@ -249,6 +269,7 @@ impl Driver {
             fatal: None,
             exit: false,
             guard,
+            steering,
         })
     }
 
@@ -297,7 +318,13 @@ impl Driver {
                     Vec::new()
                 }
                 Action::Route { slot, worker } => {
-                    // In `shared` there is no balancer: workers accept themselves.
+                    // In `shared` there is no balancer: workers accept themselves;
+                    // under `--via socket` the kernel's program follows the ready set.
+                    if let Some(steering) = &mut self.steering {
+                        if let Some((program, attached)) = steering.set_ready(slot, worker.is_some()) {
+                            self.steer(&program, attached);
+                        }
+                    }
                     if let Some(tx) = &self.balancer {
                         let worker = worker.and_then(|id| {
                             let link = self.procs.get(&id)?.link.clone()?;
@@ -326,7 +353,7 @@ impl Driver {
     }
 
     fn spawn(&mut self, id: WorkerId, slot: usize, generation: u64) -> Vec<Action> {
-        let shared = self.setup.balance == Balance::Shared;
+        let shared = self.setup.workers_accept();
         let now = Instant::now();
         let made = match (&self.ports, &self.balancer) {
             _ if shared => Ok((None, None)),
@@ -545,7 +572,7 @@ impl Driver {
                 worker,
                 heard,
             } => {
-                let silent = self.setup.balance != Balance::Shared && !heard;
+                let silent = !self.setup.workers_accept() && !heard;
                 let text = crate::runtime::advice::advice(&crate::runtime::advice::Situation {
                     balance: self.setup.balance,
                     via: self.setup.via,
@@ -586,6 +613,19 @@ impl Driver {
     fn close_listeners(&mut self) {
         if let Some(tx) = &self.balancer {
             let _ = tx.send(Update::CloseListeners);
+        }
+    }
+
+    /// Attaches the kernel's slot choice to every listen address's reuseport group
+    /// (`--via socket`); the `attached`-th time, once per change of the ready set.
+    fn steer(&self, program: &[libc::sock_filter], attached: u64) {
+        let ready = self.steering.as_ref().map(Steering::ready_slots).unwrap_or_default();
+        for l in &self.setup.listeners {
+            let addr = l.local_addr().ok();
+            match crate::balance::steer::attach(l.as_fd(), program) {
+                Ok(()) => info!(event = "steering_attached", attached, ready = ?ready, instructions = program.len(), addr = ?addr, "steering program attached"),
+                Err(e) => warn!(event = "steering_failed", error = %e, addr = ?addr, "cannot attach the steering program: the kernel chooses slots by its own hash meanwhile"),
+            }
         }
     }
 

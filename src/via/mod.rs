@@ -17,6 +17,7 @@ use std::sync::Arc;
 pub(crate) mod channel;
 pub(crate) mod node;
 pub(crate) mod reader;
+pub(crate) mod socket;
 
 /// What a delivery path gives back to the balancer.
 pub(crate) enum Returned {

@@ -1,0 +1,277 @@
+//! The kernel's choice of slot for `--via socket`: a classic BPF program attached to
+//! each reuseport group (`SO_ATTACH_REUSEPORT_CBPF`, no privilege needed), whose
+//! return value is the index of the group's socket, which is the slot.
+//!
+//! * `sticky`: the program computes `balance::sticky`'s function from the client
+//!   address in the network header and returns the slot. It is generated from the set
+//!   of slots with a ready worker and attached again only when that set changes: a
+//!   slot without a ready worker loses its clients to their next choice until it is
+//!   ready again (what it had queued waits for its replacement, which inherits it).
+//! * `rr`: while every slot is ready the program returns an index past the group,
+//!   which makes the kernel use its own flow hash (a 4-tuple hash: an even spread with
+//!   no master involved). While some slot is not ready, the `sticky` program over the
+//!   ready slots keeps new connections away from it.
+//!
+//! The program (`A`, `X` and `M[]` are classic BPF's registers and scratch words):
+//! ```text
+//!   A = version nibble of the IP header; if 6 fold the IPv6 source's four words into
+//!   A, else A = the IPv4 source; M[0] = A
+//!   for each ready slot k, lowest first:
+//!     A = fmix32(M[0] ^ seed(k)); if k is the first or A > M[1]: M[1] = A, M[2] = k
+//!   return M[2]
+//! ```
+//! `fmix32` takes 11 instructions, a slot 16 to 18: with [`MAX_STEERED_SLOTS`] the
+//! program stays inside the kernel's 4,096-instruction limit.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+use super::sticky::seed;
+use crate::config::Balance;
+
+/// The most slots `--via socket` can steer (the program's size grows with them).
+pub const MAX_STEERED_SLOTS: usize = 200;
+
+// Classic BPF opcodes (linux/bpf_common.h, linux/filter.h).
+const LD: u16 = 0x00;
+const LDX: u16 = 0x01;
+const ST: u16 = 0x02;
+const ALU: u16 = 0x04;
+const JMP: u16 = 0x05;
+const RET: u16 = 0x06;
+const MISC: u16 = 0x07;
+const W: u16 = 0x00;
+const B: u16 = 0x10;
+const IMM: u16 = 0x00;
+const ABS: u16 = 0x20;
+const MEM: u16 = 0x60;
+const MUL: u16 = 0x20;
+const RSH: u16 = 0x70;
+const XOR: u16 = 0xa0;
+const JA: u16 = 0x00;
+const JEQ: u16 = 0x10;
+const JGT: u16 = 0x20;
+const K: u16 = 0x00;
+const X: u16 = 0x08;
+const A: u16 = 0x10;
+const TAX: u16 = 0x00;
+/// Loads relative to the network (IP) header.
+const NET: u32 = (-0x10_0000i32) as u32;
+
+/// One classic BPF instruction.
+fn op(code: u16, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
+    libc::sock_filter { code, jt, jf, k }
+}
+
+/// `A = fmix32(A)`, with X as scratch.
+fn fmix32(p: &mut Vec<libc::sock_filter>) {
+    for (shift, mul) in [(16, Some(0x85eb_ca6b)), (13, Some(0xc2b2_ae35)), (16, None)] {
+        p.push(op(MISC | TAX, 0, 0, 0));
+        p.push(op(ALU | RSH | K, 0, 0, shift));
+        p.push(op(ALU | XOR | X, 0, 0, 0));
+        if let Some(m) = mul {
+            p.push(op(ALU | MUL | K, 0, 0, m));
+        }
+    }
+}
+
+/// The program that sends each client to its `sticky` slot among `ready` (slot numbers,
+/// any order); with no slot ready, to the kernel's own choice.
+pub(crate) fn sticky_program(ready: &[usize]) -> Vec<libc::sock_filter> {
+    let mut ready = ready.to_vec();
+    ready.sort_unstable();
+    ready.dedup();
+    let mut p = Vec::new();
+    if ready.is_empty() {
+        p.push(op(RET | K, 0, 0, u32::MAX));
+        return p;
+    }
+    // The source address as one word in M[0].
+    p.push(op(LD | B | ABS, 0, 0, NET));
+    p.push(op(ALU | RSH | K, 0, 0, 4));
+    let mut v6 = Vec::new();
+    v6.push(op(LD | W | ABS, 0, 0, NET.wrapping_add(8)));
+    for i in 1..4u32 {
+        fmix32(&mut v6);
+        v6.push(op(ST, 0, 0, 1));
+        v6.push(op(LD | W | ABS, 0, 0, NET.wrapping_add(8 + 4 * i)));
+        v6.push(op(MISC | TAX, 0, 0, 0));
+        v6.push(op(LD | W | MEM, 0, 0, 1));
+        v6.push(op(ALU | XOR | X, 0, 0, 0));
+    }
+    v6.push(op(ST, 0, 0, 0));
+    // Over the IPv4 load that follows.
+    v6.push(op(JMP | JA, 0, 0, 2));
+    let skip_v6 = u8::try_from(v6.len()).expect("the IPv6 fold is short");
+    p.push(op(JMP | JEQ | K, 0, skip_v6, 6));
+    p.extend(v6);
+    p.push(op(LD | W | ABS, 0, 0, NET.wrapping_add(12)));
+    p.push(op(ST, 0, 0, 0));
+    // Rendezvous: the heaviest ready slot, the first (lowest) on a tie.
+    for (i, &slot) in ready.iter().enumerate() {
+        p.push(op(LD | W | MEM, 0, 0, 0));
+        p.push(op(ALU | XOR | K, 0, 0, seed(slot)));
+        fmix32(&mut p);
+        if i > 0 {
+            p.push(op(LDX | W | MEM, 0, 0, 1));
+            p.push(op(JMP | JGT | X, 0, 3, 0));
+        }
+        p.push(op(ST, 0, 0, 1));
+        p.push(op(LD | W | IMM, 0, 0, slot as u32));
+        p.push(op(ST, 0, 0, 2));
+    }
+    p.push(op(LD | W | MEM, 0, 0, 2));
+    p.push(op(RET | A, 0, 0, 0));
+    p
+}
+
+/// The program for `mode` given which slots are ready (`ready[k]`).
+pub(crate) fn program(mode: Balance, ready: &[bool]) -> Vec<libc::sock_filter> {
+    let slots: Vec<usize> = (0..ready.len()).filter(|&k| ready[k]).collect();
+    if mode == Balance::RoundRobin && slots.len() == ready.len() {
+        // Past the group: the kernel's own flow hash.
+        return vec![op(RET | K, 0, 0, u32::MAX)];
+    }
+    sticky_program(&slots)
+}
+
+/// Sets `program` as the selector of the whole reuseport group `member` belongs to,
+/// replacing the one before atomically while connections flow.
+pub(crate) fn attach(member: BorrowedFd<'_>, program: &[libc::sock_filter]) -> io::Result<()> {
+    let prog = libc::sock_fprog {
+        len: u16::try_from(program.len()).map_err(|_| io::Error::from_raw_os_error(libc::E2BIG))?,
+        filter: program.as_ptr().cast_mut(),
+    };
+    // SAFETY: `prog` points at `program.len()` initialised instructions that outlive
+    // the call; the kernel copies the program and keeps no pointer to our memory.
+    let rc = unsafe {
+        libc::setsockopt(
+            member.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_REUSEPORT_CBPF,
+            (&prog as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Which slots are ready, and the program that follows from it, for each group.
+pub(crate) struct Steering {
+    mode: Balance,
+    ready: Vec<bool>,
+    /// How many times a program was attached (once per change of the ready set).
+    attached: u64,
+}
+
+impl Steering {
+    /// Steering for `slots` slots, none ready yet (the kernel's own choice meanwhile).
+    pub fn new(mode: Balance, slots: usize) -> Steering {
+        Steering {
+            mode,
+            ready: vec![false; slots],
+            attached: 0,
+        }
+    }
+
+    /// Marks `slot` ready or not; returns the program to attach when that changed the
+    /// ready set, with the number of this attachment.
+    pub fn set_ready(&mut self, slot: usize, ready: bool) -> Option<(Vec<libc::sock_filter>, u64)> {
+        let was = self.ready.get_mut(slot)?;
+        if *was == ready {
+            return None;
+        }
+        *was = ready;
+        self.attached += 1;
+        Some((program(self.mode, &self.ready), self.attached))
+    }
+
+    /// The ready slots, for the log.
+    pub fn ready_slots(&self) -> Vec<usize> {
+        (0..self.ready.len()).filter(|&k| self.ready[k]).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::via::socket::bind_group;
+    use socket2::{Domain, Socket, Type};
+    use std::io::{Read, Write};
+    use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+    use std::os::fd::AsFd;
+
+    /// Connects from `source` to `addr`; returns the index of the group member that got it.
+    fn which(group: &[TcpListener], source: IpAddr, addr: SocketAddr) -> usize {
+        let s = Socket::new(Domain::for_address(addr), Type::STREAM, None).unwrap();
+        s.bind(&SocketAddr::new(source, 0).into()).unwrap();
+        s.connect(&addr.into()).unwrap();
+        let mut client: TcpStream = s.into();
+        client.write_all(b"x").unwrap();
+        for l in group {
+            l.set_nonblocking(true).unwrap();
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            for (i, l) in group.iter().enumerate() {
+                if let Ok((mut c, peer)) = l.accept() {
+                    assert_eq!(peer.ip(), source);
+                    let mut b = [0u8; 1];
+                    c.set_nonblocking(false).unwrap();
+                    c.read_exact(&mut b).unwrap();
+                    return i;
+                }
+            }
+            assert!(std::time::Instant::now() < deadline, "no member accepted a connection");
+            std::thread::yield_now();
+        }
+    }
+
+    #[test]
+    fn the_program_agrees_with_the_rust_function_for_v4() {
+        let group = bind_group("127.0.0.1:0".parse().unwrap(), 4, 64).unwrap();
+        let addr = group[0].local_addr().unwrap();
+        for ready in [vec![0, 1, 2, 3], vec![0, 1, 3], vec![2]] {
+            attach(group[0].as_fd(), &sticky_program(&ready)).unwrap();
+            for i in 0..40u8 {
+                let source = IpAddr::from([127, 0, 1 + i / 20, 2 + i]);
+                let want = crate::balance::slot_for(source, ready.iter().copied()).unwrap();
+                assert_eq!(which(&group, source, addr), want, "{source} over {ready:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_program_agrees_with_the_rust_function_for_v6() {
+        let Ok(group) = bind_group("[::1]:0".parse().unwrap(), 3, 64) else {
+            assert!(std::env::var_os("CI").is_none(), "IPv6 loopback is needed under CI");
+            return;
+        };
+        let addr = group[0].local_addr().unwrap();
+        for ready in [vec![0, 1, 2], vec![1, 2]] {
+            attach(group[0].as_fd(), &sticky_program(&ready)).unwrap();
+            let source: IpAddr = "::1".parse().unwrap();
+            let want = crate::balance::slot_for(source, ready.iter().copied()).unwrap();
+            assert_eq!(which(&group, source, addr), want, "::1 over {ready:?}");
+        }
+    }
+
+    #[test]
+    fn programs_fit_the_kernel_limit_and_change_only_with_the_ready_set() {
+        assert!(sticky_program(&(0..MAX_STEERED_SLOTS).collect::<Vec<_>>()).len() <= 4096);
+        let mut s = Steering::new(Balance::Sticky, 3);
+        assert_eq!(s.set_ready(0, true).map(|(_, n)| n), Some(1));
+        assert!(s.set_ready(0, true).is_none(), "no change, no program");
+        assert_eq!(s.set_ready(9, true).map(|(_, n)| n), None);
+        assert_eq!(s.set_ready(1, true).map(|(_, n)| n), Some(2));
+        assert_eq!(s.ready_slots(), [0, 1]);
+        let mut rr = Steering::new(Balance::RoundRobin, 2);
+        rr.set_ready(0, true);
+        let (all, _) = rr.set_ready(1, true).unwrap();
+        assert_eq!(all.len(), 1, "every slot ready: the kernel's own hash");
+    }
+}

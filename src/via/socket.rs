@@ -1,0 +1,36 @@
+//! `--via socket`: every slot accepts on listening sockets of its own, and the kernel
+//! chooses the slot, so no master is on the data path.
+//!
+//! For each listen address the master binds one socket per slot, all with
+//! SO_REUSEPORT on the same address: one *reuseport group*. The kernel gives each new
+//! connection (at SYN time) to one socket of the group; slot `k`'s worker inherits
+//! only slot `k`'s sockets, at fds 3.. as in `shared`, and so does every worker that
+//! replaces it, so nothing queued on a slot is lost to a reload or a respawn. The
+//! master keeps every socket open for its whole life: a group's sockets are indexed in
+//! the order they joined it, and closing one would move the last into its place.
+//! Which socket of a group gets a connection is `balance::steer`'s program.
+
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// Binds `slots` listening sockets on `addr` in one SO_REUSEPORT group, slot 0 first
+/// (a port 0 is resolved by the first and used by the rest). Blocking and
+/// close-on-exec, as `listen::bind` leaves its sockets.
+pub(crate) fn bind_group(addr: SocketAddr, slots: usize, backlog: i32) -> io::Result<Vec<TcpListener>> {
+    let mut group: Vec<TcpListener> = Vec::with_capacity(slots);
+    let mut at = addr;
+    for _ in 0..slots {
+        let with_context = |e: io::Error| io::Error::new(e.kind(), format!("cannot listen on {at}: {e}"));
+        let socket = Socket::new(Domain::for_address(at), Type::STREAM, Some(Protocol::TCP)).map_err(with_context)?;
+        socket.set_reuse_address(true).map_err(with_context)?;
+        socket.set_reuse_port(true).map_err(with_context)?;
+        socket.bind(&at.into()).map_err(with_context)?;
+        socket.listen(backlog).map_err(with_context)?;
+        let listener: TcpListener = socket.into();
+        at = listener.local_addr()?;
+        group.push(listener);
+    }
+    Ok(group)
+}
