@@ -274,4 +274,76 @@ mod tests {
         let (all, _) = rr.set_ready(1, true).unwrap();
         assert_eq!(all.len(), 1, "every slot ready: the kernel's own hash");
     }
+
+    /// Runs a program as the kernel would on a packet whose network header is `ip`.
+    fn run(program: &[libc::sock_filter], ip: &[u8]) -> u32 {
+        let (mut a, mut x, mut m) = (0u32, 0u32, [0u32; 16]);
+        let load = |k: u32, len: usize| -> u32 {
+            let at = k.wrapping_sub(NET) as usize;
+            ip[at..at + len].iter().fold(0, |v, &b| (v << 8) | u32::from(b))
+        };
+        let mut pc = 0;
+        loop {
+            let i = program[pc];
+            pc += 1;
+            let operand = if i.code & X != 0 { x } else { i.k };
+            match i.code {
+                c if c == LD | B | ABS => a = load(i.k, 1),
+                c if c == LD | W | ABS => a = load(i.k, 4),
+                c if c == LD | W | MEM => a = m[i.k as usize],
+                c if c == LD | W | IMM => a = i.k,
+                c if c == LDX | W | MEM => x = m[i.k as usize],
+                c if c == ST => m[i.k as usize] = a,
+                c if c == MISC | TAX => x = a,
+                c if c & !X == ALU | RSH => a >>= operand,
+                c if c & !X == ALU | XOR => a ^= operand,
+                c if c & !X == ALU | MUL => a = a.wrapping_mul(operand),
+                c if c == JMP | JA => pc += i.k as usize,
+                c if c & !X == JMP | JEQ || c & !X == JMP | JGT => {
+                    let yes = if c & !X == JMP | JEQ { a == operand } else { a > operand };
+                    pc += usize::from(if yes { i.jt } else { i.jf });
+                }
+                c if c == RET | K => return i.k,
+                c if c == RET | A => return a,
+                c => panic!("instruction {c:#x} not expected"),
+            }
+        }
+    }
+
+    fn v4_header(ip: std::net::Ipv4Addr) -> Vec<u8> {
+        let mut h = vec![0u8; 20];
+        h[0] = 0x45;
+        h[12..16].copy_from_slice(&ip.octets());
+        h
+    }
+
+    fn v6_header(ip: std::net::Ipv6Addr) -> Vec<u8> {
+        let mut h = vec![0u8; 40];
+        h[0] = 0x60;
+        h[8..24].copy_from_slice(&ip.octets());
+        h
+    }
+
+    #[test]
+    fn the_program_computes_the_rust_function_for_many_v4_and_v6_addresses() {
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        for ready in [vec![0, 1, 2, 3], vec![1, 3], vec![0, 2, 5, 6, 7], (0..64).collect()] {
+            let program = sticky_program(&ready);
+            for _ in 0..2000 {
+                let v4 = std::net::Ipv4Addr::from(next() as u32);
+                let want = crate::balance::slot_for(v4.into(), ready.iter().copied()).unwrap();
+                assert_eq!(run(&program, &v4_header(v4)), want as u32, "{v4} over {ready:?}");
+                let v6 = std::net::Ipv6Addr::from(u128::from(next()) << 64 | u128::from(next()));
+                let want = crate::balance::slot_for(v6.into(), ready.iter().copied()).unwrap();
+                assert_eq!(run(&program, &v6_header(v6)), want as u32, "{v6} over {ready:?}");
+            }
+        }
+        assert_eq!(run(&sticky_program(&[]), &v4_header([1, 2, 3, 4].into())), u32::MAX);
+    }
 }
