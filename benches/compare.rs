@@ -12,7 +12,8 @@
 //! * `reuseport`: the **baseline**, N workers each binding its own socket with
 //!   `SO_REUSEPORT` — no master, the kernel balances;
 //! * `single`: one worker alone;
-//! * `rr`, `sticky`, `shared`: recluster in each balance mode;
+//! * `rr`, `sticky`, `shared`: recluster in each balance mode; `socket-rr`,
+//!   `socket-sticky`: `--via socket` (per-slot SO_REUSEPORT sockets, the kernel chooses);
 //! * `node-recluster`: npm `recluster` (Node's cluster round robin) over an equivalent
 //!   Node worker (`benches/node/`), when `node` and `npm` are present;
 //! * `node-rr`, `node-sticky`: recluster `--via node` over the same unmodified Node
@@ -94,7 +95,7 @@ const USAGE: &str = "usage: cargo bench --bench compare -- [options]
   --master-conns N    connections for the master RSS/fd check (1000000; 0 skips it)
   --loads L,L         conn,keepalive
   --only M,M          contenders besides the reuseport baseline: single,rr,sticky,shared,
-                      node-recluster,node-rr,node-sticky,node-shared,node-reuseport,haproxy
+                      socket-rr,socket-sticky,node-recluster,node-rr,node-sticky,node-shared,node-reuseport,haproxy
   --no-node           skip every Node contender
   --no-haproxy        skip HAProxy
   --quick             --duration 2 --warmup 0.5 --repeats 2 --master-conns 100000
@@ -274,12 +275,22 @@ fn start_reuseport(env: &Env, name: &'static str, n: usize) -> Result<Target, St
     Ok(t)
 }
 
+/// `recluster --balance <balance>` over the HTTP worker; `socket-rr` and `socket-sticky`
+/// are `--via socket` with that balance.
 fn start_recluster(env: &Env, name: &'static str, n: usize) -> Result<Target, String> {
     let addr = localhost(free_port().map_err(|e| e.to_string())?);
     let log = env.work.join(format!("{name}.log"));
     let file = std::fs::File::create(&log).map_err(|e| e.to_string())?;
-    let child = Command::new(&env.recluster)
-        .args(["--workers", &n.to_string(), "--balance", name])
+    let (balance, via) = match name.strip_prefix("socket-") {
+        Some(balance) => (balance, "socket"),
+        None => (name, "channel"),
+    };
+    let mut cmd = Command::new(&env.recluster);
+    if balance != "shared" {
+        cmd.args(["--via", via]);
+    }
+    let child = cmd
+        .args(["--workers", &n.to_string(), "--balance", balance])
         .args(["--listen", &addr.to_string(), "--log-level", "info", "--"])
         .arg(&env.http)
         .env_remove("RUST_LOG")
@@ -653,7 +664,7 @@ fn run(o: &Options, env: &Env) -> i32 {
     if wanted("single") {
         add(start_reuseport(env, "single", 1), &mut targets);
     }
-    for mode in ["rr", "sticky", "shared"] {
+    for mode in ["rr", "sticky", "shared", "socket-rr", "socket-sticky"] {
         if wanted(mode) {
             add(start_recluster(env, mode, o.workers), &mut targets);
         }
@@ -812,8 +823,11 @@ fn run(o: &Options, env: &Env) -> i32 {
                 t.name,
                 split.join("/")
             );
-            if t.name == "rr" || t.name == "sticky" {
+            let socket = t.name.starts_with("socket-");
+            if t.name == "rr" || t.name == "sticky" || socket {
                 let (min_ratio, what) = match load {
+                    // `--via socket`: the kernel balances; the master does nothing per connection.
+                    Load::Conn if socket => (0.97, "conn req/s ≥ 0.97 × baseline"),
                     Load::Conn => (0.85, "conn req/s ≥ 0.85 × baseline"),
                     Load::Keepalive => (0.97, "keepalive req/s ≥ 0.97 × baseline"),
                 };

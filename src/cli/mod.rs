@@ -64,8 +64,9 @@ pub struct Options {
     pub backoff: Duration,
 
     /// How workers get connections in rr/sticky: channel (recluster's worker channel),
-    /// node (Node's cluster IPC: an unmodified server's listen(port)) or socket [default:
-    /// node when the program is node or nodejs, else channel]
+    /// node (Node's cluster IPC: an unmodified server's listen(port)) or socket (each
+    /// slot its own SO_REUSEPORT sockets at fd 3.., the kernel chooses) [default: node
+    /// when the program is node or nodejs, else channel]
     #[arg(long, env = "RECLUSTER_VIA", value_parser = Via::from_str)]
     pub via: Option<Via>,
 
