@@ -180,6 +180,16 @@ impl Launcher {
         self.slot_fds = slots;
     }
 
+    /// Workers that inherit their listening sockets and run Node also get Node's cluster
+    /// IPC right after them (`--via socket`), so that a server's `listen(port)` can be
+    /// answered with the worker's own socket.
+    pub fn add_node_channel(&mut self) {
+        self.node = true;
+        let at = 3 + self.slot_fds.first().map_or(self.listen_fds.len(), Vec::len);
+        self.env.push(assignment("NODE_CHANNEL_FD", at.to_string()));
+        self.env.push(assignment("NODE_CHANNEL_SERIALIZATION_MODE", "json"));
+    }
+
     /// How many listening sockets a `shared` worker inherits.
     pub fn listen_fds(&self) -> usize {
         self.listen_fds.len()
@@ -203,15 +213,20 @@ impl Launcher {
             // Node's worker ids start at 1 (`cluster.worker.id`).
             env.push(assignment("NODE_UNIQUE_ID", (unique + 1).to_string()));
         }
-        let channel = channel_fd.map(|fd| [fd]);
+        // The channel alone at fd 3 (`rr`/`sticky`), or the listening sockets from fd 3
+        // on with Node's channel after them (`--via socket` running node).
+        let fds: Vec<RawFd> = match channel_fd {
+            Some(fd) if self.channel => vec![fd],
+            _ => {
+                let sockets = self.slot_fds.get(slot).unwrap_or(&self.listen_fds);
+                sockets.iter().copied().chain(channel_fd).collect()
+            }
+        };
         let spec = SpawnSpec {
             program: &self.program,
             args: &self.argv,
             env: &env,
-            fds: match &channel {
-                Some(fd) => fd,
-                None => self.slot_fds.get(slot).unwrap_or(&self.listen_fds),
-            },
+            fds: &fds,
             listen_pid: !self.channel,
             contain,
         };

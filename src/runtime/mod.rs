@@ -216,7 +216,23 @@ impl Driver {
         if setup.via == Via::Socket && setup.balance != Balance::Shared {
             let mut slots = vec![setup.listeners.iter().map(|l| l.as_raw_fd()).collect::<Vec<_>>()];
             slots.extend(setup.slot_sockets.iter().map(|s| s.iter().map(|l| l.as_raw_fd()).collect()));
+            if Via::for_program(setup.program.as_os_str()) == Via::Node {
+                // Node: a server's `listen(port)` asks the master, which answers with the
+                // worker's own slot's socket (`via::node`).
+                let addrs_of = |s: &[TcpListener]| -> Vec<(std::net::SocketAddr, std::os::fd::RawFd)> {
+                    s.iter().filter_map(|l| Some((l.local_addr().ok()?, l.as_raw_fd()))).collect()
+                };
+                let mut by_slot = vec![addrs_of(&setup.listeners)];
+                by_slot.extend(setup.slot_sockets.iter().map(|s| addrs_of(s)));
+                let nowhere: GiveBack = Arc::new(|_| {});
+                ports = Some(Arc::new(Ports::new(&addrs, nowhere, setup.backlog).with_slot_sockets(by_slot)));
+                crate::via::node::check_version(&setup.program);
+                info!(event = "via_socket_node", "the command runs node: workers also get Node's cluster IPC, and a server's listen(port) is answered with its slot's socket");
+            }
             launcher.use_slot_sockets(slots);
+            if ports.is_some() {
+                launcher.add_node_channel();
+            }
             steering = Some(Steering::new(setup.balance, setup.workers));
         }
         if !setup.workers_accept() {
@@ -356,9 +372,9 @@ impl Driver {
         let shared = self.setup.workers_accept();
         let now = Instant::now();
         let made = match (&self.ports, &self.balancer) {
-            _ if shared => Ok((None, None)),
-            (Some(ports), Some(_)) => NodeChannel::new(ports.clone())
+            (Some(ports), _) => NodeChannel::new(ports.clone(), slot)
                 .map(|(n, end)| (Some(Link::Node(Arc::new(n))), Some(end))),
+            _ if shared => Ok((None, None)),
             _ => WorkerChannel::new().map(|(ch, end)| (Some(Link::Channel(Arc::new(ch))), Some(end))),
         };
         let (link, worker_end) = match made {

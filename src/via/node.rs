@@ -42,7 +42,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex};
 
 use nix::sys::signal::{killpg, Signal};
@@ -104,6 +104,10 @@ pub(crate) struct Ports {
     backlog: i32,
     /// The "never spoke Node's protocol" warning was given (once per cluster).
     warned_silent: std::sync::atomic::AtomicBool,
+    /// `--via socket`: slot k's listening sockets (address, descriptor), one per
+    /// `--listen` address; a worker's `listen` gets its own slot's socket and accepts
+    /// on it itself. Empty when the master hands connections over.
+    slots: Vec<Vec<(SocketAddr, RawFd)>>,
 }
 
 /// One listening socket, by its index in the balancer.
@@ -121,7 +125,15 @@ impl Ports {
             give_back,
             backlog,
             warned_silent: std::sync::atomic::AtomicBool::new(false),
+            slots: Vec::new(),
         }
+    }
+
+    /// Workers accept on their own slot's sockets (`--via socket`): `slots[k]` are slot
+    /// k's, in `--listen` order; the master keeps them open for its whole life.
+    pub fn with_slot_sockets(mut self, slots: Vec<Vec<(SocketAddr, RawFd)>>) -> Ports {
+        self.slots = slots;
+        self
     }
 
     /// The socket for a worker's `listen(port, address)`: the `--listen` one with that
@@ -190,7 +202,7 @@ struct State {
     /// Written (or being written), not yet accepted: `(seq, conn)`, oldest first.
     in_flight: VecDeque<(u64, Conn)>,
     /// Lines to write before the next connection: answers, `disconnect`.
-    control: VecDeque<Vec<u8>>,
+    control: VecDeque<Line>,
     /// The next `seq` of a message of ours.
     seq: u64,
 }
@@ -215,6 +227,8 @@ pub(crate) struct NodeChannel {
     wake: Notify,
     /// The cluster's sockets, and where connections handed back go.
     ports: Arc<Ports>,
+    /// The worker's slot (which sockets it gets under `--via socket`).
+    slot: usize,
 }
 
 impl std::fmt::Debug for NodeChannel {
@@ -226,7 +240,7 @@ impl std::fmt::Debug for NodeChannel {
 impl NodeChannel {
     /// Creates a channel; returns it and the end to place in the worker (a blocking
     /// stream socket, as Node expects at `NODE_CHANNEL_FD`).
-    pub fn new(ports: Arc<Ports>) -> io::Result<(NodeChannel, OwnedFd)> {
+    pub fn new(ports: Arc<Ports>, slot: usize) -> io::Result<(NodeChannel, OwnedFd)> {
         let (master, worker) = fdpass::stream_pair()?;
         fdpass::set_flags(worker.as_fd(), false, true)?;
         let channel = NodeChannel {
@@ -234,6 +248,7 @@ impl NodeChannel {
             state: Mutex::new(State::default()),
             wake: Notify::new(),
             ports,
+            slot,
         };
         Ok((channel, worker))
     }
@@ -315,7 +330,7 @@ impl NodeChannel {
             st.stopping = true;
             let seq = st.next_seq();
             let line = format!("{{\"cmd\":\"NODE_CLUSTER\",\"act\":\"disconnect\",\"seq\":{seq}}}\n");
-            st.control.push_back(line.into_bytes());
+            st.control.push_back(Line::plain(line.into_bytes()));
         }
         let back: Vec<Conn> = st.queue.drain(..).collect();
         // A worker with no server yet serves nothing to drain: signal it at once (after
@@ -382,6 +397,8 @@ struct Out {
     sent: u32,
     /// Writes that sent only part of the line so far.
     writes: u32,
+    /// A descriptor of the master's own to send with the first byte (a listening socket).
+    fd: Option<RawFd>,
 }
 
 /// Runs the channel of one worker until it closes: writes answers and connections,
@@ -398,7 +415,7 @@ pub(crate) async fn run(ch: Arc<NodeChannel>, task: Task) {
     let mut out: Option<Out> = None;
     // Handles written whose NODE_HANDLE_ACK (or NACK) has not come, oldest first:
     // (`seq`, times sent). Node answers them in the order they were written.
-    let mut awaiting: VecDeque<(u64, u32)> = VecDeque::new();
+    let mut awaiting: VecDeque<Awaited> = VecDeque::new();
     // Handles to write again after a NACK: (`seq`, times sent so far).
     let mut resend: VecDeque<(u64, u32)> = VecDeque::new();
     // A handle line went out in more than one write: no other handle until it is
@@ -452,12 +469,22 @@ pub(crate) async fn run(ch: Arc<NodeChannel>, task: Task) {
                             }
                             Heard::HandleNack => {
                                 // Node got the line without the descriptor: again, a few times.
-                                if let Some((seq, sent)) = awaiting.pop_front() {
-                                    if sent <= NACK_RETRIES {
-                                        resend.push_back((seq, sent));
-                                    } else if let Some(conn) = remove_in_flight(&ch, seq) {
-                                        ch.hand_back(vec![conn]);
+                                match awaiting.pop_front() {
+                                    Some(Awaited::Conn(seq, sent)) if sent <= NACK_RETRIES => {
+                                        resend.push_back((seq, sent))
                                     }
+                                    Some(Awaited::Conn(seq, _)) => {
+                                        if let Some(conn) = remove_in_flight(&ch, seq) {
+                                            ch.hand_back(vec![conn]);
+                                        }
+                                    }
+                                    Some(Awaited::Line(line)) if line.sent <= NACK_RETRIES => {
+                                        ch.state().control.push_front(line)
+                                    }
+                                    Some(Awaited::Line(_)) => {
+                                        warn!(event = "node_handle_refused", pid = task.pid, "a node worker did not receive its listening socket");
+                                    }
+                                    None => {}
                                 }
                                 split &= !awaiting.is_empty();
                                 None
@@ -485,6 +512,7 @@ pub(crate) async fn run(ch: Arc<NodeChannel>, task: Task) {
             if let Some(o) = out.as_mut() {
                 let raw = match (o.handle, o.at) {
                     (Some(seq), 0) => raw_fd_of(&ch, seq),
+                    (None, 0) => o.fd,
                     _ => None,
                 };
                 let fds: &[i32] = match &raw {
@@ -496,7 +524,15 @@ pub(crate) async fn run(ch: Arc<NodeChannel>, task: Task) {
                         o.at += n;
                         if o.at == o.bytes.len() {
                             if let Some(seq) = o.handle {
-                                awaiting.push_back((seq, o.sent + 1));
+                                awaiting.push_back(Awaited::Conn(seq, o.sent + 1));
+                                split |= o.writes > 0;
+                            } else if let Some(fd) = o.fd {
+                                let line = Line {
+                                    bytes: std::mem::take(&mut o.bytes),
+                                    fd: Some(fd),
+                                    sent: o.sent + 1,
+                                };
+                                awaiting.push_back(Awaited::Line(line));
                                 split |= o.writes > 0;
                             }
                             out = None;
@@ -606,11 +642,12 @@ fn next_out(ch: &NodeChannel, answered: bool, handle_room: bool) -> Option<Out> 
         }
         let line = st.control.pop_front()?;
         return Some(Out {
-            bytes: line,
+            bytes: line.bytes,
             at: 0,
             handle: None,
-            sent: 0,
+            sent: line.sent,
             writes: 0,
+            fd: line.fd,
         });
     }
     if st.gone || !handle_room {
@@ -631,6 +668,7 @@ fn next_out(ch: &NodeChannel, answered: bool, handle_room: bool) -> Option<Out> 
         handle: Some(seq),
         sent: 0,
         writes: 0,
+        fd: None,
     })
 }
 
@@ -650,6 +688,7 @@ fn newconn_out(ch: &NodeChannel, seq: u64, sent: u32) -> Out {
         handle: Some(seq),
         sent,
         writes: 0,
+        fd: None,
     }
 }
 
@@ -743,6 +782,9 @@ fn query_server(ch: &NodeChannel, v: &Value) {
         port,
         v.get("addressType").map(Value::to_string).unwrap_or_default()
     );
+    if !ch.ports.slots.is_empty() {
+        return query_slot_socket(ch, v, seq, port, &asked);
+    }
     let resolved = if v.get("fd").is_some_and(|f| !f.is_null()) || !(0..=65535).contains(&port) {
         // `listen({fd})` and unix paths: nothing the master can share this way.
         Err(io::Error::from_raw_os_error(libc::EINVAL))
@@ -774,14 +816,81 @@ fn query_server(ch: &NodeChannel, v: &Value) {
     }
 }
 
+/// Answers a `queryServer` under `--via socket` with the worker's own slot's socket for
+/// that port (or, for `listen({fd: n})`, its `n - 3`th, as it would inherit them), as
+/// Node's primary answers with a shared handle: the worker's server accepts on it
+/// itself, and the kernel's program chooses the slot.
+fn query_slot_socket(ch: &NodeChannel, v: &Value, seq: u64, port: i64, asked: &str) {
+    let mine = ch.ports.slots.get(ch.slot).map(Vec::as_slice).unwrap_or_default();
+    let found = match v.get("fd").and_then(Value::as_i64) {
+        Some(fd) => usize::try_from(fd - 3).ok().and_then(|i| mine.get(i).map(|s| (i, *s))),
+        None => mine.iter().copied().enumerate().find(|(_, (addr, _))| i64::from(addr.port()) == port && port != 0),
+    };
+    let Some((index, (addr, fd))) = found else {
+        warn!(event = "node_listen_failed", port, slot = ch.slot, "under --via socket a node worker must listen on a --listen port (or fd 3..): the master binds no other");
+        answer(ch, format!("\"ack\":{seq},\"errno\":{},\"data\":null", -libc::EADDRNOTAVAIL));
+        return;
+    };
+    let key = format!("{index}:{asked}");
+    ch.state().servers.push((key.clone(), index));
+    let family = if addr.is_ipv4() { "IPv4" } else { "IPv6" };
+    let sockname = serde_json::json!({"address": addr.ip().to_string(), "family": family, "port": addr.port()});
+    answer_with_handle(
+        ch,
+        format!("\"ack\":{seq},\"errno\":0,\"key\":{},\"data\":null,\"sockname\":{sockname}", Value::from(key)),
+        fd,
+    );
+}
+
 /// Queues `{"cmd":"NODE_CLUSTER",<fields>,"seq":n}` for the worker.
 fn answer(ch: &NodeChannel, fields: String) {
     let mut st = ch.state();
     let seq = st.next_seq();
-    st.control
-        .push_back(format!("{{\"cmd\":\"NODE_CLUSTER\",{fields},\"seq\":{seq}}}\n").into_bytes());
+    st.control.push_back(Line::plain(
+        format!("{{\"cmd\":\"NODE_CLUSTER\",{fields},\"seq\":{seq}}}\n").into_bytes(),
+    ));
     drop(st);
     ch.wake.notify_one();
+}
+
+/// Queues the same answer carrying descriptor `fd` (a listening socket, which the
+/// worker's server then accepts on itself), as Node's primary sends a shared handle.
+fn answer_with_handle(ch: &NodeChannel, fields: String, fd: RawFd) {
+    let mut st = ch.state();
+    let seq = st.next_seq();
+    let bytes = format!(
+        "{{\"cmd\":\"NODE_HANDLE\",\"type\":\"net.Native\",\"msg\":{{\"cmd\":\"NODE_CLUSTER\",{fields},\"seq\":{seq}}}}}\n"
+    );
+    st.control.push_back(Line {
+        bytes: bytes.into_bytes(),
+        fd: Some(fd),
+        sent: 0,
+    });
+    drop(st);
+    ch.wake.notify_one();
+}
+
+/// A line of the master's other than a connection, with the descriptor it carries.
+struct Line {
+    bytes: Vec<u8>,
+    /// A descriptor the master keeps open for its whole life (a listening socket).
+    fd: Option<RawFd>,
+    /// How many times it was sent before (NACKs).
+    sent: u32,
+}
+
+impl Line {
+    fn plain(bytes: Vec<u8>) -> Line {
+        Line { bytes, fd: None, sent: 0 }
+    }
+}
+
+/// A handle written and not answered yet.
+enum Awaited {
+    /// Connection `seq`, sent so many times.
+    Conn(u64, u32),
+    /// A line with a listening socket.
+    Line(Line),
 }
 
 /// What one line from the worker amounts to.
@@ -1007,7 +1116,7 @@ mod tests {
             }
         });
         let ports = Arc::new(Ports::new(&[addr], give_back, 128));
-        let (ch, worker_end) = NodeChannel::new(ports).unwrap();
+        let (ch, worker_end) = NodeChannel::new(ports, 0).unwrap();
         let ch = Arc::new(ch);
         let (inputs, mut inputs_rx) = mpsc::channel(1024);
         tokio::spawn(async move { while inputs_rx.recv().await.is_some() {} });
