@@ -1370,6 +1370,8 @@ pub struct LoadTotals {
     /// Replies per worker generation and per worker id.
     pub by_gen: BTreeMap<u32, u64>,
     pub by_id: BTreeMap<usize, u64>,
+    /// The worker ids that served each source address (loads with `sources`).
+    pub by_source: BTreeMap<std::net::Ipv4Addr, BTreeSet<usize>>,
     pub pids: BTreeSet<u32>,
     /// The first few failures, with when they happened (since the load started).
     pub first_failures: Vec<(Duration, String)>,
@@ -1393,6 +1395,9 @@ impl LoadTotals {
         }
         for (k, v) in other.by_id {
             *self.by_id.entry(k).or_default() += v;
+        }
+        for (k, v) in other.by_source {
+            self.by_source.entry(k).or_default().extend(v);
         }
         self.pids.extend(other.pids);
         self.first_failures.extend(other.first_failures);
@@ -1442,15 +1447,18 @@ impl Load {
                     let mut totals = LoadTotals::default();
                     let mut i = t;
                     while !stop.load(Ordering::Relaxed) && started.elapsed() < Load::MAX_DURATION {
+                        let src = (options.sources > 0).then(|| source_ip(i % options.sources));
                         let result = if options.sources == 0 && !options.half_close {
                             request(addr)
                         } else {
-                            let src = (options.sources > 0).then(|| source_ip(i % options.sources));
                             i += threads;
                             request_from(addr, src, options.half_close, Duration::from_secs(10))
                         };
                         match result {
                             Ok(reply) => {
+                                if let Some(ip) = src {
+                                    totals.by_source.entry(ip).or_default().insert(reply.id);
+                                }
                                 totals.ok += 1;
                                 ok.fetch_add(1, Ordering::Relaxed);
                                 *totals.by_gen.entry(reply.gen).or_default() += 1;
