@@ -22,7 +22,7 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -956,5 +956,96 @@ fn socket_io_sessions_survive_sticky_and_break_under_rr() {
     assert!(
         rr["acked"] < 50 && rr["failed"] > 50,
         "rr breaks most polling sessions (as Node's cluster does): {rr:?}"
+    );
+}
+
+/// `--via socket` with an unmodified `listen(PORT)` server: the master answers its
+/// `queryServer` with the worker's own slot's SO_REUSEPORT socket, Node accepts by
+/// itself, and the kernel's program keeps each client IP on the slot that
+/// `recluster::balance::slot_for` names, through reloads.
+#[test]
+fn via_socket_serves_an_unmodified_listen_port_server_on_the_predicted_slot_through_reloads() {
+    let Some(c) = node_cluster(
+        4,
+        &["--via", "socket", "--balance", "sticky", "--timeout", "10"],
+        "http_server.js",
+        &[],
+    ) else {
+        return;
+    };
+    c.master.wait_cluster_ready(4);
+    c.master.wait_event("via_socket_node", DEADLINE);
+    const SOURCES: usize = 200;
+    let load = HttpLoad::start(c.addr, 20, SOURCES);
+    load.wait_more_ok(SOURCES as u64, DEADLINE);
+    for generation in 2..=6 {
+        reload(&c.master, generation);
+        load.wait_more_ok(50, DEADLINE);
+    }
+    load.wait_more_ok(2 * SOURCES as u64, DEADLINE);
+    let totals = load.stop();
+    totals.print("--via socket, sticky, 200 sources, 5 reloads");
+    let off: Vec<_> = totals
+        .workers_by_source
+        .iter()
+        .filter(|(ip, w)| {
+            let want = recluster::balance::slot_for(IpAddr::V4(**ip), 0..4);
+            w.len() != 1 || w.iter().next().copied() != want
+        })
+        .collect();
+    println!(
+        "--via socket node: {} sources, {} not (only) on their predicted slot",
+        totals.workers_by_source.len(),
+        off.len()
+    );
+    assert_eq!(totals.failed(), 0, "failed: {:?}", totals.first_failures);
+    assert_eq!(
+        totals.workers_by_source.len(),
+        SOURCES,
+        "every source was served"
+    );
+    assert!(off.is_empty(), "sources off their predicted slot: {off:?}");
+    assert!(
+        totals.by_gen.contains_key(&6),
+        "the last generation served: {:?}",
+        totals.by_gen
+    );
+    // The kernel chooses: the master accepted nothing.
+    assert!(
+        c.master
+            .lines()
+            .iter()
+            .all(|l| !l.raw.contains("event=\"balancer_totals\"")),
+        "no balancer runs under --via socket"
+    );
+}
+
+#[test]
+fn socket_io_sessions_survive_sticky_via_socket() {
+    let Some(node) = require("node") else {
+        return;
+    };
+    let Some(modules) = node_deps() else {
+        return;
+    };
+    let node = node.display().to_string();
+    let node_path = modules.display().to_string();
+    let c = node_cluster(
+        4,
+        &["--via", "socket", "--balance", "sticky"],
+        "sio_server.js",
+        &[("NODE_PATH", &node_path)],
+    )
+    .expect("node is there");
+    c.master.wait_cluster_ready(4);
+    let r = sio_clients(&node, &modules, c.addr);
+    println!("socket.io, 100 clients from 100 addresses, --balance sticky --via socket: {r:?}");
+    for key in ["connected", "acked", "upgraded", "sources"] {
+        assert_eq!(r[key], 100, "{key} of 100: {r:?}");
+    }
+    assert_eq!(r["failed"], 0, "{r:?}");
+    assert!(
+        r["workers"] >= 2,
+        "sessions spread over several workers: {r:?}"
     );
 }

@@ -312,6 +312,19 @@ impl WorkerCommand {
     pub fn program(&self) -> &OsStr {
         &self.program
     }
+
+    /// Whether this is Node running a script file (`node [options] app.js …`): only then
+    /// does Node become a cluster worker when given a channel. Code given inline (`-e`,
+    /// `-p`) or a REPL does not, and would then fail to listen at all.
+    pub(crate) fn runs_node_script(&self) -> bool {
+        if crate::config::Via::for_program(&self.program) != crate::config::Via::Node {
+            return false;
+        }
+        let inline = ["-e", "--eval", "-p", "--print", "-i", "--interactive", "-"];
+        let args: Vec<&str> = self.args.iter().filter_map(|a| a.to_str()).collect();
+        !args.iter().any(|a| inline.contains(a) || a.starts_with("--eval=") || a.starts_with("--print="))
+            && args.iter().any(|a| !a.starts_with('-'))
+    }
 }
 
 #[cfg(test)]

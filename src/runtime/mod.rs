@@ -216,7 +216,7 @@ impl Driver {
         if setup.via == Via::Socket && setup.balance != Balance::Shared {
             let mut slots = vec![setup.listeners.iter().map(|l| l.as_raw_fd()).collect::<Vec<_>>()];
             slots.extend(setup.slot_sockets.iter().map(|s| s.iter().map(|l| l.as_raw_fd()).collect()));
-            if Via::for_program(setup.program.as_os_str()) == Via::Node {
+            if setup.command.runs_node_script() {
                 // Node: a server's `listen(port)` asks the master, which answers with the
                 // worker's own slot's socket (`via::node`).
                 let addrs_of = |s: &[TcpListener]| -> Vec<(std::net::SocketAddr, std::os::fd::RawFd)> {
