@@ -16,6 +16,8 @@
 //!   `socket-sticky`: `--via socket` (per-slot SO_REUSEPORT sockets, the kernel chooses);
 //! * `node-recluster`: npm `recluster` (Node's cluster round robin) over an equivalent
 //!   Node worker (`benches/node/`), when `node` and `npm` are present;
+//! * `node-socket-rr`, `node-socket-sticky`: recluster `--via socket` over the same
+//!   unmodified Node worker (its `listen(port)` answered with its slot's socket);
 //! * `node-rr`, `node-sticky`: recluster `--via node` over the same unmodified Node
 //!   worker (the master speaks Node's cluster IPC); `node-shared`: recluster
 //!   `--balance shared`, the Node worker serving the inherited socket (`listen({fd:
@@ -95,7 +97,8 @@ const USAGE: &str = "usage: cargo bench --bench compare -- [options]
   --master-conns N    connections for the master RSS/fd check (1000000; 0 skips it)
   --loads L,L         conn,keepalive
   --only M,M          contenders besides the reuseport baseline: single,rr,sticky,shared,
-                      socket-rr,socket-sticky,node-recluster,node-rr,node-sticky,node-shared,node-reuseport,haproxy
+                      socket-rr,socket-sticky,node-recluster,node-rr,node-sticky,node-shared,
+                      node-socket-rr,node-socket-sticky,node-reuseport,haproxy
   --no-node           skip every Node contender
   --no-haproxy        skip HAProxy
   --quick             --duration 2 --warmup 0.5 --repeats 2 --master-conns 100000
@@ -403,7 +406,10 @@ fn start_recluster_node(
     let file = std::fs::File::create(&log).map_err(|e| e.to_string())?;
     let mut cmd = Command::new(&env.recluster);
     cmd.args(["--workers", &n.to_string(), "--balance", balance]);
-    if balance != "shared" {
+    if name.starts_with("node-socket-") {
+        // The same unmodified `listen(port)`, answered with the worker's slot's socket.
+        cmd.args(["--via", "socket"]).env("LISTEN_PORT", "1");
+    } else if balance != "shared" {
         cmd.args(["--via", "node"]);
     }
     let child = cmd
@@ -680,6 +686,8 @@ fn run(o: &Options, env: &Env) -> i32 {
         ("node-rr", "rr"),
         ("node-sticky", "sticky"),
         ("node-shared", "shared"),
+        ("node-socket-rr", "rr"),
+        ("node-socket-sticky", "sticky"),
     ] {
         if wanted(name) {
             if o.node {
