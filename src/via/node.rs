@@ -92,6 +92,13 @@ pub const EXIT_GRACE: std::time::Duration = std::time::Duration::from_millis(250
 /// out in more than one write is answered before the next is written.
 pub const PIPELINE: usize = 16;
 
+/// The most listening sockets a cluster holds under `--via node`, `--listen` ones
+/// included: a worker asking for port after port cannot exhaust the master's fds.
+pub const MAX_PORTS: usize = 64;
+
+/// The most servers one worker may have asked for; more are answered `EMFILE`.
+pub const MAX_SERVERS: usize = 64;
+
 /// How often a handle the worker did not receive (`NODE_HANDLE_NACK`) is sent again.
 pub const NACK_RETRIES: u32 = 3;
 
@@ -149,6 +156,9 @@ impl Ports {
         });
         if let Some(i) = found {
             return Ok((i, ports[i].addr));
+        }
+        if ports.len() >= MAX_PORTS {
+            return Err(io::Error::from_raw_os_error(libc::EMFILE));
         }
         let listener = bind_for(address, port, self.backlog)?;
         let addr = listener.local_addr()?;
@@ -782,6 +792,11 @@ fn query_server(ch: &NodeChannel, v: &Value) {
         port,
         v.get("addressType").map(Value::to_string).unwrap_or_default()
     );
+    if ch.state().servers.len() >= MAX_SERVERS {
+        warn!(event = "node_listen_failed", port, servers = MAX_SERVERS, "a node worker asked for more servers than a worker may have");
+        answer(ch, format!("\"ack\":{seq},\"errno\":{},\"data\":null", -libc::EMFILE));
+        return;
+    }
     if !ch.ports.slots.is_empty() {
         return query_slot_socket(ch, v, seq, port, &asked);
     }
