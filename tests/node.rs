@@ -658,7 +658,17 @@ fn shared_balance_with_via_node_is_refused() {
 fn a_killed_worker_loses_only_connections_it_had_accepted() {
     let Some(c) = node_cluster(
         4,
-        &["--via", "node", "--balance", "rr", "--respawn", "100ms"],
+        // Debug: the master logs each connection a worker accepted (`node_accepted`).
+        &[
+            "--via",
+            "node",
+            "--balance",
+            "rr",
+            "--respawn",
+            "100ms",
+            "--log-level",
+            "debug",
+        ],
         "http_server.js",
         &[("LOG_CONNECTIONS", "1")],
     ) else {
@@ -706,12 +716,25 @@ fn a_killed_worker_loses_only_connections_it_had_accepted() {
         DEADLINE,
     );
     // The victim's stderr is a pipe, written synchronously: every connection it
-    // accepted is logged before it died, and read by now (its exit is logged after).
-    let opened = app_lines(&c.master, "conn_open", victim).len();
-    let closed = app_lines(&c.master, "conn_close", victim).len();
-    let held = opened.saturating_sub(closed) as u64;
+    // finished is logged before it died, and read by now (its exit is logged after).
+    // What it held is what it told the master it accepted (Node answers `accepted`
+    // just before its server sees the connection, so a kill can fall between that
+    // answer and the app's own `conn_open`) less what it finished.
     c.master
         .wait_event_after(mark, &format!("worker_ready slot={victim_slot}"), DEADLINE);
+    let opened = app_lines(&c.master, "conn_open", victim).len();
+    let accepted = c
+        .master
+        .lines()
+        .iter()
+        .filter(|l| l.matches(&format!("node_accepted pid={victim}")))
+        .count();
+    let closed = app_lines(&c.master, "conn_close", victim).len();
+    assert!(
+        accepted >= opened,
+        "the master saw every connection the app opened accepted: {accepted} < {opened}"
+    );
+    let held = accepted.saturating_sub(closed) as u64;
     load.wait_more_ok(300, DEADLINE);
     let totals = load.stop();
     let slow: Vec<Result<Answer, Failure>> = slow
@@ -723,7 +746,7 @@ fn a_killed_worker_loses_only_connections_it_had_accepted() {
     totals.print("rr, a worker SIGKILLed under load");
     let all_connected = totals.connected + connected.load(Ordering::Relaxed);
     println!(
-        "victim slot {victim_slot} pid {victim}: accepted {opened} connections, finished {closed}, held {held} when killed ({victim_slow} slow); \
+        "victim slot {victim_slot} pid {victim}: accepted {accepted} connections (the app saw {opened}), finished {closed}, held {held} when killed ({victim_slow} slow); \
          slow requests failed {slow_failed} of {SLOW}; load failed {}; clients connected {all_connected}; master {b:?}",
         totals.failed()
     );

@@ -402,7 +402,10 @@ impl Driver {
                         self.messages.clone(),
                     ))),
                     Some(Link::Node(n)) => Some(tokio::spawn(crate::via::node::run(
-                        n.clone(),
+                        {
+                            n.set_pid(pid);
+                            n.clone()
+                        },
                         crate::via::node::Task {
                             id,
                             pid,

@@ -239,6 +239,8 @@ pub(crate) struct NodeChannel {
     ports: Arc<Ports>,
     /// The worker's slot (which sockets it gets under `--via socket`).
     slot: usize,
+    /// The worker's pid once started, for the log.
+    pid: std::sync::atomic::AtomicU32,
 }
 
 impl std::fmt::Debug for NodeChannel {
@@ -259,8 +261,14 @@ impl NodeChannel {
             wake: Notify::new(),
             ports,
             slot,
+            pid: std::sync::atomic::AtomicU32::new(0),
         };
         Ok((channel, worker))
+    }
+
+    /// Records the worker's pid, once it is started.
+    pub fn set_pid(&self, pid: u32) {
+        self.pid.store(pid, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -368,8 +376,13 @@ impl NodeChannel {
         };
         let (_, conn) = st.in_flight.remove(i).expect("position is in range");
         drop(st);
-        if !accepted {
-            debug!(event = "node_refused", seq, "a node worker refused a connection: handing it to another");
+        let pid = self.pid.load(std::sync::atomic::Ordering::Relaxed);
+        if accepted {
+            // The worker owns the connection from here on: a test that kills a worker
+            // counts these to know which connections died with it.
+            debug!(event = "node_accepted", pid, seq, "a node worker accepted a connection");
+        } else {
+            debug!(event = "node_refused", pid, seq, "a node worker refused a connection: handing it to another");
             self.hand_back(vec![conn]);
         }
         self.wake.notify_one();
