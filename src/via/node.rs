@@ -820,16 +820,7 @@ fn query_server(ch: &NodeChannel, v: &Value) {
         ch.ports.resolve(address, port as u16, &asked)
     };
     match resolved {
-        Ok((listener, addr)) => {
-            let key = format!("{listener}:{asked}");
-            ch.state().servers.push((key.clone(), listener));
-            let family = if addr.is_ipv4() { "IPv4" } else { "IPv6" };
-            let sockname = serde_json::json!({"address": addr.ip().to_string(), "family": family, "port": addr.port()});
-            answer(
-                ch,
-                format!("\"ack\":{seq},\"errno\":0,\"key\":{},\"data\":null,\"sockname\":{sockname}", Value::from(key)),
-            );
-        }
+        Ok((listener, addr)) => answer(ch, new_server(ch, seq, listener, &asked, addr)),
         Err(e) => {
             warn!(event = "node_listen_failed", error = %e, port, "a node worker asked for a server the master cannot open");
             // Node turns a negative errno into the server's `error` event (`listen EADDRINUSE`).
@@ -859,15 +850,20 @@ fn query_slot_socket(ch: &NodeChannel, v: &Value, seq: u64, port: i64, asked: &s
         answer(ch, format!("\"ack\":{seq},\"errno\":{},\"data\":null", -libc::EADDRNOTAVAIL));
         return;
     };
-    let key = format!("{index}:{asked}");
-    ch.state().servers.push((key.clone(), index));
+    answer_with_handle(ch, new_server(ch, seq, index, asked, addr), fd);
+}
+
+/// Records the worker's server on the balancer's socket `listener` (bound to `addr`)
+/// and returns the fields of the successful answer to its `queryServer` `seq`.
+fn new_server(ch: &NodeChannel, seq: u64, listener: usize, asked: &str, addr: SocketAddr) -> String {
+    let key = format!("{listener}:{asked}");
+    ch.state().servers.push((key.clone(), listener));
     let family = if addr.is_ipv4() { "IPv4" } else { "IPv6" };
     let sockname = serde_json::json!({"address": addr.ip().to_string(), "family": family, "port": addr.port()});
-    answer_with_handle(
-        ch,
-        format!("\"ack\":{seq},\"errno\":0,\"key\":{},\"data\":null,\"sockname\":{sockname}", Value::from(key)),
-        fd,
-    );
+    format!(
+        "\"ack\":{seq},\"errno\":0,\"key\":{},\"data\":null,\"sockname\":{sockname}",
+        Value::from(key)
+    )
 }
 
 /// Queues `{"cmd":"NODE_CLUSTER",<fields>,"seq":n}` for the worker.
