@@ -214,23 +214,19 @@ impl Driver {
         let mut ports = None;
         let mut steering = None;
         if setup.via == Via::Socket && setup.balance != Balance::Shared {
-            let mut slots = vec![setup.listeners.iter().map(|l| l.as_raw_fd()).collect::<Vec<_>>()];
-            slots.extend(setup.slot_sockets.iter().map(|s| s.iter().map(|l| l.as_raw_fd()).collect()));
+            // Each slot's sockets (slot 0's are `listeners`), with their addresses.
+            let by_slot: Vec<Vec<(std::net::SocketAddr, std::os::fd::RawFd)>> = std::iter::once(&setup.listeners)
+                .chain(&setup.slot_sockets)
+                .map(|s| s.iter().filter_map(|l| Some((l.local_addr().ok()?, l.as_raw_fd()))).collect())
+                .collect();
+            launcher.use_slot_sockets(by_slot.iter().map(|s| s.iter().map(|&(_, fd)| fd).collect()).collect());
             if setup.command.runs_node_script() {
                 // Node: a server's `listen(port)` asks the master, which answers with the
                 // worker's own slot's socket (`via::node`).
-                let addrs_of = |s: &[TcpListener]| -> Vec<(std::net::SocketAddr, std::os::fd::RawFd)> {
-                    s.iter().filter_map(|l| Some((l.local_addr().ok()?, l.as_raw_fd()))).collect()
-                };
-                let mut by_slot = vec![addrs_of(&setup.listeners)];
-                by_slot.extend(setup.slot_sockets.iter().map(|s| addrs_of(s)));
                 let nowhere: GiveBack = Arc::new(|_| {});
                 ports = Some(Arc::new(Ports::new(&addrs, nowhere, setup.backlog).with_slot_sockets(by_slot)));
                 crate::via::node::check_version(&setup.program);
                 info!(event = "via_socket_node", "the command runs node: workers also get Node's cluster IPC, and a server's listen(port) is answered with its slot's socket");
-            }
-            launcher.use_slot_sockets(slots);
-            if ports.is_some() {
                 launcher.add_node_channel();
             }
             steering = Some(Steering::new(setup.balance, setup.workers));
@@ -371,11 +367,11 @@ impl Driver {
     fn spawn(&mut self, id: WorkerId, slot: usize, generation: u64) -> Vec<Action> {
         let shared = self.setup.workers_accept();
         let now = Instant::now();
-        let made = match (&self.ports, &self.balancer) {
-            (Some(ports), _) => NodeChannel::new(ports.clone(), slot)
+        let made = match &self.ports {
+            Some(ports) => NodeChannel::new(ports.clone(), slot)
                 .map(|(n, end)| (Some(Link::Node(Arc::new(n))), Some(end))),
-            _ if shared => Ok((None, None)),
-            _ => WorkerChannel::new().map(|(ch, end)| (Some(Link::Channel(Arc::new(ch))), Some(end))),
+            None if shared => Ok((None, None)),
+            None => WorkerChannel::new().map(|(ch, end)| (Some(Link::Channel(Arc::new(ch))), Some(end))),
         };
         let (link, worker_end) = match made {
             Ok(made) => made,
@@ -394,6 +390,9 @@ impl Driver {
         match spawned {
             Ok(pid) => {
                 self.guard.spawned(pid, cgroup.as_ref());
+                if let Some(Link::Node(n)) = &link {
+                    n.set_pid(pid);
+                }
                 let probing = shared && self.setup.ready_when == ReadyWhen::Listening;
                 let reader = match &link {
                     Some(Link::Channel(ch)) => Some(tokio::spawn(reader::read_worker(
@@ -402,10 +401,7 @@ impl Driver {
                         self.messages.clone(),
                     ))),
                     Some(Link::Node(n)) => Some(tokio::spawn(crate::via::node::run(
-                        {
-                            n.set_pid(pid);
-                            n.clone()
-                        },
+                        n.clone(),
                         crate::via::node::Task {
                             id,
                             pid,
