@@ -436,8 +436,8 @@ pub(crate) async fn run(ch: Arc<NodeChannel>, task: Task) {
         offences: 0,
     };
     let mut out: Option<Out> = None;
-    // Handles written whose NODE_HANDLE_ACK (or NACK) has not come, oldest first:
-    // (`seq`, times sent). Node answers them in the order they were written.
+    // Handles written whose NODE_HANDLE_ACK (or NACK) has not come, oldest first
+    // (Node answers them in the order they were written).
     let mut awaiting: VecDeque<Awaited> = VecDeque::new();
     // Handles to write again after a NACK: (`seq`, times sent so far).
     let mut resend: VecDeque<(u64, u32)> = VecDeque::new();
