@@ -315,6 +315,12 @@ impl Balancer {
                 BalanceStats::add(&self.stats.reclaimed, conns.len() as u64);
                 let now = Instant::now();
                 for conn in conns {
+                    // One that workers keep refusing does not go round for ever.
+                    if now.saturating_duration_since(conn.since) >= MAX_PARK {
+                        BalanceStats::add(&self.stats.closed, 1);
+                        warn!(event = "connection_closed", peer = %conn.peer, "no worker took the connection in {MAX_PARK:?}: closing it");
+                        continue;
+                    }
                     self.dispatch(conn, now);
                 }
                 self.flush_all();

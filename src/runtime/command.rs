@@ -320,16 +320,32 @@ impl WorkerCommand {
         if crate::config::Via::for_program(&self.program) != crate::config::Via::Node {
             return false;
         }
-        let inline = ["-e", "--eval", "-p", "--print", "-i", "--interactive", "-"];
         let args: Vec<&str> = self.args.iter().filter_map(|a| a.to_str()).collect();
-        !args.iter().any(|a| inline.contains(a) || a.starts_with("--eval=") || a.starts_with("--print="))
-            && args.iter().any(|a| !a.starts_with('-'))
+        // `-e`, `-p`, `-i` alone or among other short flags (`-pe`), their long forms, `-`.
+        let inline = |a: &str| match a.strip_prefix("--") {
+            Some(long) => ["eval", "print", "interactive"]
+                .iter()
+                .any(|f| long == *f || long.starts_with(&format!("{f}="))),
+            None => a == "-" || (a.starts_with('-') && a[1..].chars().any(|c| matches!(c, 'e' | 'p' | 'i'))),
+        };
+        !args.iter().any(|a| inline(a)) && args.iter().any(|a| !a.starts_with('-'))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn node_runs_a_script_only_with_a_file_and_no_inline_code() {
+        let node = |args: &[&str]| WorkerCommand::new("/usr/bin/node").args(args).runs_node_script();
+        assert!(node(&["app.js"]));
+        assert!(node(&["--max-old-space-size=512", "-r", "dotenv/config", "app.js"]));
+        for inline in [&["-e", "x"][..], &["-pe", "1"], &["--eval=1"], &["--print", "1"], &["-i"], &["-"], &[]] {
+            assert!(!node(inline), "{inline:?}");
+        }
+        assert!(!WorkerCommand::new("python3").arg("app.js").runs_node_script());
+    }
     use std::os::unix::fs::OpenOptionsExt;
 
     #[test]

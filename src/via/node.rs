@@ -485,38 +485,41 @@ pub(crate) async fn run(ch: Arc<NodeChannel>, task: Task) {
                 Ok(got) => {
                     for heard in reader.take(&buf[..got.len], got.fds_truncated) {
                         let input = match heard {
+                            // An answer to no handle is an offence (a flood of them is
+                            // garbage, not work), and so is a handle refused to the end.
                             Heard::HandleAck => {
-                                awaiting.pop_front();
+                                let offence = awaiting.pop_front().is_none();
                                 split &= !awaiting.is_empty();
-                                None
+                                offence.then(|| reader.offence(task.id)).flatten()
                             }
                             Heard::HandleNack => {
                                 // Node got the line without the descriptor: again, a few times.
-                                match awaiting.pop_front() {
+                                let offence = match awaiting.pop_front() {
                                     Some(Awaited::Conn(seq, sent)) if sent <= NACK_RETRIES => {
-                                        resend.push_back((seq, sent))
+                                        resend.push_back((seq, sent));
+                                        false
                                     }
                                     Some(Awaited::Conn(seq, _)) => {
                                         if let Some(conn) = remove_in_flight(&ch, seq) {
                                             ch.hand_back(vec![conn]);
                                         }
+                                        true
                                     }
                                     Some(Awaited::Line(line)) if line.sent <= NACK_RETRIES => {
-                                        ch.state().control.push_front(line)
+                                        ch.state().control.push_front(line);
+                                        false
                                     }
                                     Some(Awaited::Line(_)) => {
                                         warn!(event = "node_handle_refused", pid = task.pid, "a node worker did not receive its listening socket");
+                                        true
                                     }
-                                    None => {}
-                                }
+                                    None => true,
+                                };
                                 split &= !awaiting.is_empty();
-                                None
+                                offence.then(|| reader.offence(task.id)).flatten()
                             }
                             Heard::Line(v) => handle_line(&ch, &task, &mut reader, v),
-                            Heard::Offence => (reader.offences < GARBAGE_LIMIT).then(|| {
-                                reader.offences += 1;
-                                Input::Garbage { id: task.id }
-                            }),
+                            Heard::Offence => reader.offence(task.id),
                         };
                         if let Some(input) = input {
                             if task.inputs.send(input).await.is_err() {
@@ -842,7 +845,10 @@ fn query_server(ch: &NodeChannel, v: &Value) {
 fn query_slot_socket(ch: &NodeChannel, v: &Value, seq: u64, port: i64, asked: &str) {
     let mine = ch.ports.slots.get(ch.slot).map(Vec::as_slice).unwrap_or_default();
     let found = match v.get("fd").and_then(Value::as_i64) {
-        Some(fd) => usize::try_from(fd - 3).ok().and_then(|i| mine.get(i).map(|s| (i, *s))),
+        Some(fd) => fd
+            .checked_sub(3)
+            .and_then(|i| usize::try_from(i).ok())
+            .and_then(|i| mine.get(i).map(|s| (i, *s))),
         None => mine.iter().copied().enumerate().find(|(_, (addr, _))| i64::from(addr.port()) == port && port != 0),
     };
     let Some((index, (addr, fd))) = found else {
@@ -939,6 +945,15 @@ struct Reader {
 }
 
 impl Reader {
+    /// One more offence of worker `id`, as an input for the core, until the core has
+    /// had enough of them to kill it (then nothing more is passed on).
+    fn offence(&mut self, id: WorkerId) -> Option<Input> {
+        (self.offences < GARBAGE_LIMIT).then(|| {
+            self.offences += 1;
+            Input::Garbage { id }
+        })
+    }
+
     fn take(&mut self, bytes: &[u8], fds_came: bool) -> Vec<Heard> {
         let mut out = Vec::new();
         if fds_came {
@@ -1238,5 +1253,38 @@ mod tests {
         clients.sort_unstable();
         assert_eq!(clients, (0..CLIENTS as u8).collect::<Vec<_>>());
         drop(worker);
+    }
+
+    #[tokio::test]
+    async fn answers_to_no_handle_are_offences_up_to_the_garbage_limit() {
+        let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let ports = Arc::new(Ports::new(&[addr], Arc::new(|_| {}), 16));
+        let (ch, worker_end) = NodeChannel::new(ports, 0).unwrap();
+        let (inputs, mut inputs_rx) = mpsc::channel(1024);
+        let task = Task {
+            id: WorkerId(3),
+            pid: u32::MAX,
+            stop_signal: Signal::SIGTERM,
+            inputs,
+        };
+        tokio::spawn(run(Arc::new(ch), task));
+        // A flood of acknowledgements and NACKs of nothing, as fast as it can write.
+        let flood = "{\"cmd\":\"NODE_HANDLE_ACK\"}\n{\"cmd\":\"NODE_HANDLE_NACK\"}\n".repeat(100);
+        let n = nix::unistd::write(&worker_end, flood.as_bytes()).unwrap();
+        assert_eq!(n, flood.len());
+        let mut garbage = 0;
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while garbage < GARBAGE_LIMIT {
+            match tokio::time::timeout_at(deadline, inputs_rx.recv()).await {
+                Ok(Some(Input::Garbage { id })) => {
+                    assert_eq!(id, WorkerId(3));
+                    garbage += 1;
+                }
+                Ok(other) => panic!("unexpected input {other:?}"),
+                Err(_) => panic!("only {garbage} offences reported for 200 answers to nothing"),
+            }
+        }
+        // And no more than the limit: the core has killed the worker by then.
+        assert!(inputs_rx.try_recv().is_err());
     }
 }
