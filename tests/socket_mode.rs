@@ -629,3 +629,47 @@ fn shared_with_via_socket_is_refused_and_each_slot_gets_its_own_sockets() {
         "the master holds every slot's sockets: {links:?}"
     );
 }
+
+/// A worker that shuts its inherited listening socket down (some servers do, to wake
+/// their accept threads) takes the master's copy out of the group with it. The master
+/// finds it when the worker exits, makes it listen again, and steers by where the
+/// kernel now has it: every address still reaches its predicted slot.
+#[test]
+fn a_slot_socket_a_worker_shut_down_listens_again_and_keeps_its_clients() {
+    let Some(python) = require("python3") else {
+        return;
+    };
+    let marker = std::env::temp_dir().join(unique_tag("recluster-shutdown"));
+    let script = format!(
+        r#"
+import os, socket, sys
+s = socket.fromfd(3, socket.AF_INET, socket.SOCK_STREAM)
+if os.environ['WORKER_ID'] == '1' and not os.path.exists({marker:?}):
+    open({marker:?}, 'w').close()
+    s.shutdown(socket.SHUT_RDWR)
+    sys.exit(1)
+while True:
+    c, _ = s.accept()
+    c.sendall(f"id={{os.environ['WORKER_ID']}} pid={{os.getpid()}} gen={{os.environ['RECLUSTER_GENERATION']}}\n".encode())
+    c.close()
+"#,
+        marker = marker.display().to_string()
+    );
+    let m = socket_cluster("sticky", 4)
+        .args(["--respawn", "100ms"])
+        .command([python.display().to_string(), "-c".into(), script])
+        .spawn();
+    let ready = m.wait_cluster_ready(4);
+    m.wait_event("slot_socket_restored slot=1", DEADLINE);
+    let pids: BTreeMap<usize, u32> = ready.iter().map(|(&s, &p)| (s, p)).collect();
+    let ips = sources();
+    let map = map_sources(m.addr(), &ips, &[0, 1, 2, 3], &pids);
+    let _ = std::fs::remove_file(&marker);
+    println!(
+        "slot 1's socket shut down by its first worker, listening again: {} of {} addresses on their predicted slot; per worker {:?}",
+        map.agree,
+        ips.len(),
+        map.share
+    );
+    assert_eq!(map.agree, ips.len(), "off their slot: {:?}", map.wrong);
+}

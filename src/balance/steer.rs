@@ -76,9 +76,18 @@ fn fmix32(p: &mut Vec<libc::sock_filter>) {
 }
 
 /// The program that sends each client to its `sticky` slot among `ready` (slot numbers,
-/// any order); with no slot ready, to the kernel's own choice.
+/// any order), in a group whose sockets are in slot order; with no slot ready, to the
+/// kernel's own choice.
+#[cfg(test)]
 pub(crate) fn sticky_program(ready: &[usize]) -> Vec<libc::sock_filter> {
-    let mut ready = ready.to_vec();
+    let order: Vec<usize> = (0..=ready.iter().copied().max().unwrap_or(0)).collect();
+    mapped_program(ready, &order)
+}
+
+/// [`sticky_program`] for a group whose socket at index `i` is slot `order[i]`; ready
+/// slots with no socket in the group are left out.
+fn mapped_program(ready: &[usize], order: &[usize]) -> Vec<libc::sock_filter> {
+    let mut ready: Vec<usize> = ready.iter().copied().filter(|s| order.contains(s)).collect();
     ready.sort_unstable();
     ready.dedup();
     let mut p = Vec::new();
@@ -116,8 +125,9 @@ pub(crate) fn sticky_program(ready: &[usize]) -> Vec<libc::sock_filter> {
             p.push(op(LDX | W | MEM, 0, 0, 1));
             p.push(op(JMP | JGT | X, 0, 3, 0));
         }
+        let index = order.iter().position(|&s| s == slot).expect("filtered above");
         p.push(op(ST, 0, 0, 1));
-        p.push(op(LD | W | IMM, 0, 0, slot as u32));
+        p.push(op(LD | W | IMM, 0, 0, index as u32));
         p.push(op(ST, 0, 0, 2));
     }
     p.push(op(LD | W | MEM, 0, 0, 2));
@@ -125,14 +135,15 @@ pub(crate) fn sticky_program(ready: &[usize]) -> Vec<libc::sock_filter> {
     p
 }
 
-/// The program for `mode` given which slots are ready (`ready[k]`).
-pub(crate) fn program(mode: Balance, ready: &[bool]) -> Vec<libc::sock_filter> {
+/// The program for `mode` given which slots are ready (`ready[k]`), for a group whose
+/// socket at index `i` is slot `order[i]`.
+pub(crate) fn program(mode: Balance, ready: &[bool], order: &[usize]) -> Vec<libc::sock_filter> {
     let slots: Vec<usize> = (0..ready.len()).filter(|&k| ready[k]).collect();
-    if mode == Balance::RoundRobin && slots.len() == ready.len() {
+    if mode == Balance::RoundRobin && slots.len() == ready.len() && order.len() == ready.len() {
         // Past the group: the kernel's own flow hash.
         return vec![op(RET | K, 0, 0, u32::MAX)];
     }
-    sticky_program(&slots)
+    mapped_program(&slots, order)
 }
 
 /// Sets `program` as the selector of the whole reuseport group `member` belongs to,
@@ -160,34 +171,66 @@ pub(crate) fn attach(member: BorrowedFd<'_>, program: &[libc::sock_filter]) -> i
     }
 }
 
-/// Which slots are ready, and the program that follows from it, for each group.
+/// Which slots are ready, and where each slot's socket is in each group: the kernel
+/// indexes a group's sockets in the order they joined it, and a socket that stops
+/// listening (a worker's `shutdown()` reaches the master's copy too) leaves it, the
+/// last socket taking its place; listening again puts it at the end.
 pub(crate) struct Steering {
     mode: Balance,
     ready: Vec<bool>,
-    /// How many times a program was attached (once per change of the ready set).
+    /// For each group (listen address), the slot of the socket at each index.
+    groups: Vec<Vec<usize>>,
+    /// How many times programs were attached (once per change of the ready set or of
+    /// a group).
     attached: u64,
 }
 
 impl Steering {
-    /// Steering for `slots` slots, none ready yet (the kernel's own choice meanwhile).
-    pub fn new(mode: Balance, slots: usize) -> Steering {
+    /// Steering for `slots` slots over `groups` groups in slot order, none ready yet
+    /// (the kernel's own choice meanwhile).
+    pub fn new(mode: Balance, slots: usize, groups: usize) -> Steering {
         Steering {
             mode,
             ready: vec![false; slots],
+            groups: vec![(0..slots).collect(); groups],
             attached: 0,
         }
     }
 
-    /// Marks `slot` ready or not; returns the program to attach when that changed the
-    /// ready set, with the number of this attachment.
-    pub fn set_ready(&mut self, slot: usize, ready: bool) -> Option<(Vec<libc::sock_filter>, u64)> {
-        let was = self.ready.get_mut(slot)?;
-        if *was == ready {
-            return None;
+    /// Marks `slot` ready or not; true when that changed the ready set.
+    pub fn set_ready(&mut self, slot: usize, ready: bool) -> bool {
+        match self.ready.get_mut(slot) {
+            Some(was) if *was != ready => {
+                *was = ready;
+                true
+            }
+            _ => false,
         }
-        *was = ready;
+    }
+
+    /// `slot`'s socket left `group` (it was found not listening).
+    pub fn left(&mut self, group: usize, slot: usize) {
+        if let Some(order) = self.groups.get_mut(group) {
+            if let Some(i) = order.iter().position(|&s| s == slot) {
+                order.swap_remove(i);
+            }
+        }
+    }
+
+    /// `slot`'s socket joined `group` again (listening again), at its end.
+    pub fn joined(&mut self, group: usize, slot: usize) {
+        if let Some(order) = self.groups.get_mut(group) {
+            if !order.contains(&slot) {
+                order.push(slot);
+            }
+        }
+    }
+
+    /// The program of each group, with the number of this attachment.
+    pub fn programs(&mut self) -> (Vec<Vec<libc::sock_filter>>, u64) {
         self.attached += 1;
-        Some((program(self.mode, &self.ready), self.attached))
+        let programs = self.groups.iter().map(|order| program(self.mode, &self.ready, order)).collect();
+        (programs, self.attached)
     }
 
     /// The ready slots, for the log.
@@ -203,7 +246,7 @@ mod tests {
     use socket2::{Domain, Socket, Type};
     use std::io::{Read, Write};
     use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
-    use std::os::fd::AsFd;
+    use std::os::fd::{AsFd, AsRawFd};
 
     /// Connects from `source` to `addr`; returns the index of the group member that got it.
     fn which(group: &[TcpListener], source: IpAddr, addr: SocketAddr) -> usize {
@@ -261,18 +304,46 @@ mod tests {
     }
 
     #[test]
+    fn a_socket_shut_down_and_listening_again_is_steered_at_its_new_index() {
+        let group = bind_group("127.0.0.1:0".parse().unwrap(), 4, 64).unwrap();
+        let addr = group[0].local_addr().unwrap();
+        let mut s = Steering::new(Balance::Sticky, 4, 1);
+        for slot in 0..4 {
+            s.set_ready(slot, true);
+        }
+        // Slot 1's worker shuts the socket down: it leaves the group (slot 3's socket
+        // takes index 1), then listens again at the end.
+        // SAFETY: shutdown(2) on a socket of this test's own.
+        assert_eq!(unsafe { libc::shutdown(group[1].as_raw_fd(), libc::SHUT_RDWR) }, 0);
+        assert!(!crate::via::socket::is_listening(group[1].as_fd()));
+        s.left(0, 1);
+        crate::via::socket::listen_again(group[1].as_fd(), 64).unwrap();
+        s.joined(0, 1);
+        let (programs, _) = s.programs();
+        attach(group[0].as_fd(), &programs[0]).unwrap();
+        for i in 0..60u8 {
+            let source = IpAddr::from([127, 0, 2, 2 + i]);
+            let want = crate::balance::slot_for(source, 0..4).unwrap();
+            assert_eq!(which(&group, source, addr), want, "{source}");
+        }
+    }
+
+    #[test]
     fn programs_fit_the_kernel_limit_and_change_only_with_the_ready_set() {
         assert!(sticky_program(&(0..MAX_STEERED_SLOTS).collect::<Vec<_>>()).len() <= 4096);
-        let mut s = Steering::new(Balance::Sticky, 3);
-        assert_eq!(s.set_ready(0, true).map(|(_, n)| n), Some(1));
-        assert!(s.set_ready(0, true).is_none(), "no change, no program");
-        assert_eq!(s.set_ready(9, true).map(|(_, n)| n), None);
-        assert_eq!(s.set_ready(1, true).map(|(_, n)| n), Some(2));
+        let mut s = Steering::new(Balance::Sticky, 3, 1);
+        assert!(s.set_ready(0, true));
+        assert!(!s.set_ready(0, true), "no change, no program");
+        assert!(!s.set_ready(9, true));
+        assert!(s.set_ready(1, true));
         assert_eq!(s.ready_slots(), [0, 1]);
-        let mut rr = Steering::new(Balance::RoundRobin, 2);
+        assert_eq!(s.programs().1, 1);
+        let mut rr = Steering::new(Balance::RoundRobin, 2, 1);
         rr.set_ready(0, true);
-        let (all, _) = rr.set_ready(1, true).unwrap();
-        assert_eq!(all.len(), 1, "every slot ready: the kernel's own hash");
+        rr.set_ready(1, true);
+        assert_eq!(rr.programs().0[0].len(), 1, "every slot ready: the kernel's own hash");
+        rr.left(0, 0);
+        assert!(rr.programs().0[0].len() > 1, "a slot's socket left: the program steers");
     }
 
     /// Runs a program as the kernel would on a packet whose network header is `ip`.

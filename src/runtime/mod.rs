@@ -229,7 +229,7 @@ impl Driver {
                 info!(event = "via_socket_node", "the command runs node: workers also get Node's cluster IPC, and a server's listen(port) is answered with its slot's socket");
                 launcher.add_node_channel();
             }
-            steering = Some(Steering::new(setup.balance, setup.workers));
+            steering = Some(Steering::new(setup.balance, setup.workers, setup.listeners.len()));
         }
         if !setup.workers_accept() {
             let (tx, rx) = mpsc::unbounded_channel();
@@ -333,8 +333,9 @@ impl Driver {
                     // In `shared` there is no balancer: workers accept themselves;
                     // under `--via socket` the kernel's program follows the ready set.
                     if let Some(steering) = &mut self.steering {
-                        if let Some((program, attached)) = steering.set_ready(slot, worker.is_some()) {
-                            self.steer(&program, attached);
+                        let changed = steering.set_ready(slot, worker.is_some());
+                        if self.rejoin_slot_sockets() || changed {
+                            self.steer();
                         }
                     }
                     if let Some(tx) = &self.balancer {
@@ -569,6 +570,9 @@ impl Driver {
     /// Side effects of an event besides its log line.
     fn report(&mut self, event: &Event) {
         self.journal.record(event, self.setup.workers);
+        if matches!(event, Event::Exited { .. }) && self.rejoin_slot_sockets() {
+            self.steer();
+        }
         match event {
             Event::Retiring(w) => {
                 if let Some(p) = self.procs.get_mut(&w.id) {
@@ -631,15 +635,66 @@ impl Driver {
         }
     }
 
+    /// Slot `slot`'s socket of listen address `group` (`--via socket`).
+    fn slot_socket(&self, group: usize, slot: usize) -> Option<&TcpListener> {
+        match slot {
+            0 => self.setup.listeners.get(group),
+            k => self.setup.slot_sockets.get(k - 1)?.get(group),
+        }
+    }
+
+    /// Finds slot sockets that stopped listening (a worker's `shutdown()` on its copy
+    /// reaches the master's: the socket leaves its group, and what was queued on it is
+    /// reset) and makes them listen again, tracking where the kernel now has each
+    /// socket in its group. True when a group changed. Run at each exit and change of
+    /// the ready set; if several sockets left at once the kernel's order is a guess.
+    fn rejoin_slot_sockets(&mut self) -> bool {
+        let Some(mut steering) = self.steering.take() else {
+            return false;
+        };
+        let mut changed = false;
+        for group in 0..self.setup.listeners.len() {
+            for slot in 0..self.setup.workers {
+                let Some(socket) = self.slot_socket(group, slot) else { continue };
+                if crate::via::socket::is_listening(socket.as_fd()) {
+                    continue;
+                }
+                changed = true;
+                steering.left(group, slot);
+                let addr = socket.local_addr().ok();
+                match crate::via::socket::listen_again(socket.as_fd(), self.setup.backlog) {
+                    Ok(()) => {
+                        steering.joined(group, slot);
+                        warn!(event = "slot_socket_restored", slot, addr = ?addr, "a worker shut down its listening socket (close it instead): the connections queued on it were reset; it listens again");
+                    }
+                    Err(e) => {
+                        tracing::error!(event = "slot_socket_lost", slot, addr = ?addr, error = %e, "a worker shut down its listening socket and it cannot listen again: this slot gets no connections on it; restart the cluster");
+                    }
+                }
+            }
+        }
+        self.steering = Some(steering);
+        changed
+    }
+
     /// Attaches the kernel's slot choice to every listen address's reuseport group
-    /// (`--via socket`); the `attached`-th time, once per change of the ready set.
-    fn steer(&self, program: &[libc::sock_filter], attached: u64) {
-        let ready = self.steering.as_ref().map(Steering::ready_slots).unwrap_or_default();
-        for l in &self.setup.listeners {
-            let addr = l.local_addr().ok();
-            match crate::balance::steer::attach(l.as_fd(), program) {
+    /// (`--via socket`), through any member still listening: once per change of the
+    /// ready set or of a group.
+    fn steer(&mut self) {
+        let Some(steering) = self.steering.as_mut() else {
+            return;
+        };
+        let ready = steering.ready_slots();
+        let (programs, attached) = steering.programs();
+        for (group, program) in programs.iter().enumerate() {
+            let member = (0..self.setup.workers)
+                .filter_map(|slot| self.slot_socket(group, slot))
+                .find(|s| crate::via::socket::is_listening(s.as_fd()));
+            let Some(member) = member else { continue };
+            let addr = member.local_addr().ok();
+            match crate::balance::steer::attach(member.as_fd(), program) {
                 Ok(()) => info!(event = "steering_attached", attached, ready = ?ready, instructions = program.len(), addr = ?addr, "steering program attached"),
-                Err(e) => warn!(event = "steering_failed", error = %e, addr = ?addr, "cannot attach the steering program: the kernel chooses slots by its own hash meanwhile"),
+                Err(e) => warn!(event = "steering_failed", error = %e, addr = ?addr, "cannot attach the steering program: the program attached before stays"),
             }
         }
     }

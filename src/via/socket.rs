@@ -12,8 +12,36 @@
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{AsRawFd, BorrowedFd};
 
 use socket2::{Domain, Protocol, Socket, Type};
+
+/// Whether `socket` is still listening (`SO_ACCEPTCONN`).
+pub(crate) fn is_listening(socket: BorrowedFd<'_>) -> bool {
+    let mut on: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `on` and `len` are valid for writes of the sizes given, for the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&mut on as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    rc == 0 && on != 0
+}
+
+/// Makes a socket that was shut down listen again (it stays bound to its address).
+pub(crate) fn listen_again(socket: BorrowedFd<'_>, backlog: i32) -> io::Result<()> {
+    // SAFETY: listen(2) on a descriptor we own; no memory is passed.
+    if unsafe { libc::listen(socket.as_raw_fd(), backlog) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
 
 /// Binds `slots` listening sockets on `addr` in one SO_REUSEPORT group, slot 0 first
 /// (a port 0 is resolved by the first and used by the rest). Blocking and
