@@ -27,27 +27,44 @@ fn code(text: &str) -> String {
         .join("\n")
 }
 
-/// The parts a piece of code names: `crate::x` and each `x` of `crate::{x, y::z}`.
+/// The parts a piece of code names: `crate::x`, and the first segment of each item of a
+/// `crate::{x, y::{z, w}}` group (nested groups included).
 fn named(code: &str) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     let mut rest = code;
     while let Some(i) = rest.find("crate::") {
         rest = &rest[i + "crate::".len()..];
         if let Some(group) = rest.strip_prefix('{') {
-            let end = group.find('}').unwrap_or(group.len());
-            for item in group[..end].split(',') {
-                let head = item.trim().split("::").next().unwrap_or("");
-                out.insert(head.to_string());
+            // The group's top-level items, up to its matching brace.
+            let (mut depth, mut item) = (0usize, String::new());
+            for c in group.chars() {
+                match c {
+                    '{' => depth += 1,
+                    '}' if depth == 0 => break,
+                    '}' => depth -= 1,
+                    ',' if depth == 0 => {
+                        out.insert(first_segment(&item));
+                        item.clear();
+                        continue;
+                    }
+                    _ => {}
+                }
+                item.push(c);
             }
+            out.insert(first_segment(&item));
         } else {
-            let head: String = rest
-                .chars()
-                .take_while(|c| c.is_alphanumeric() || *c == '_')
-                .collect();
-            out.insert(head);
+            out.insert(first_segment(rest));
         }
     }
     out
+}
+
+/// The leading identifier of a path.
+fn first_segment(path: &str) -> String {
+    path.trim_start()
+        .chars()
+        .take_while(|c| c.is_alphanumeric() || *c == '_')
+        .collect()
 }
 
 #[test]
