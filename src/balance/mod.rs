@@ -94,11 +94,66 @@ pub struct BalanceStats {
     pub reclaimed: AtomicU64,
     /// Accept errors (fd exhaustion and others).
     pub accept_errors: AtomicU64,
+    /// How long connections waited in the master, from accept to hand-over.
+    pub handoff: Latency,
 }
 
 impl BalanceStats {
     fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// A histogram of durations in microseconds, 4 buckets per power of two (so a
+/// percentile read from it is within 25 %), up to about 131 ms (longer ones count in
+/// the last bucket). Recording is one increment.
+#[derive(Debug)]
+pub struct Latency {
+    buckets: [AtomicU64; 64],
+}
+
+impl Default for Latency {
+    fn default() -> Latency {
+        Latency {
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+}
+
+impl Latency {
+    /// Counts one duration.
+    pub fn record(&self, d: Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        let index = if us < 4 {
+            us as usize
+        } else {
+            let p = 63 - us.leading_zeros() as usize;
+            ((p - 1) * 4 + ((us >> (p - 2)) & 3) as usize).min(63)
+        };
+        self.buckets[index].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The `q` quantile (0 < q ≤ 1) in microseconds: the upper end of its bucket; 0
+    /// when nothing was recorded.
+    pub fn quantile_us(&self, q: f64) -> u64 {
+        let counts: Vec<u64> = self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return 0;
+        }
+        let target = ((total as f64) * q).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (index, &c) in counts.iter().enumerate() {
+            seen += c;
+            if seen >= target {
+                if index < 4 {
+                    return index as u64;
+                }
+                let (p, sub) = (index / 4 + 1, (index % 4) as u64);
+                return ((4 + sub) << (p - 2)) + (1 << (p - 2)) - 1;
+            }
+        }
+        u64::MAX
     }
 }
 
@@ -137,6 +192,10 @@ pub struct BalanceCounts {
     pub reclaimed: u64,
     /// Accept errors, fd exhaustion included.
     pub accept_errors: u64,
+    /// Median time from accept to hand-over, in microseconds (within 25 %).
+    pub handoff_p50_us: u64,
+    /// 99th percentile of the same.
+    pub handoff_p99_us: u64,
 }
 
 impl From<&BalanceStats> for BalanceCounts {
@@ -150,6 +209,8 @@ impl From<&BalanceStats> for BalanceCounts {
             fallbacks: s.fallbacks.load(Relaxed),
             reclaimed: s.reclaimed.load(Relaxed),
             accept_errors: s.accept_errors.load(Relaxed),
+            handoff_p50_us: s.handoff.quantile_us(0.5),
+            handoff_p99_us: s.handoff.quantile_us(0.99),
         }
     }
 }
@@ -555,6 +616,10 @@ impl Balancer {
         match result {
             Ok(()) => {
                 BalanceStats::add(&self.stats.handed, self.batches[slot].len() as u64);
+                let sent = Instant::now();
+                for c in &self.batches[slot] {
+                    self.stats.handoff.record(sent.saturating_duration_since(c.since));
+                }
                 self.batches[slot].clear(); // closes the master's copies
             }
             Err(e) => {
@@ -717,4 +782,24 @@ async fn poll_listeners(listeners: &[Acceptor]) -> usize {
         Poll::Pending
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_quantiles_are_within_a_quarter() {
+        let l = Latency::default();
+        assert_eq!(l.quantile_us(0.99), 0);
+        for us in 1..=1000u64 {
+            l.record(Duration::from_micros(us));
+        }
+        let p50 = l.quantile_us(0.5);
+        let p99 = l.quantile_us(0.99);
+        assert!((500..=625).contains(&p50), "p50 {p50}");
+        assert!((990..=1238).contains(&p99), "p99 {p99}");
+        l.record(Duration::from_secs(5));
+        assert!(l.quantile_us(1.0) >= 100_000, "the longest counts in the last bucket");
+    }
 }

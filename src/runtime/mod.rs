@@ -188,6 +188,8 @@ pub(crate) async fn run(setup: Setup) -> Result<(), Error> {
                     full = c.full,
                     fallbacks = c.fallbacks,
                     accept_errors = c.accept_errors,
+                    handoff_p50_us = c.handoff_p50_us,
+                    handoff_p99_us = c.handoff_p99_us,
                     "balancer totals"
                 );
             }
