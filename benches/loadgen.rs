@@ -17,6 +17,14 @@
 //! * `--sources K`: client `i` binds 127.0.0.(1 + i mod K) before connecting (with
 //!   `IP_BIND_ADDRESS_NO_PORT`, so each source has the whole ephemeral port range per
 //!   destination). Needed for `sticky` and `balance source`, which hash the client IP.
+//! * `--slow-every K --slow-ms N` (both off by default; either at 0 turns it off):
+//!   every K-th request of each client asks `GET /work?ms=N` instead of `GET /`, which
+//!   `examples/http.rs` answers after burning N ms of CPU (N ≤ 1000). Each client
+//!   counts its requests (attempts, successful or not, warm-up included) from a
+//!   random offset in `0..K` of its own, so the clients' slow requests are spread out
+//!   rather than in lockstep. The latency percentiles stay over all requests, slow
+//!   and fast together (the report also gives how many slow ones succeeded). With
+//!   `--load conn` and K = 20, N = 5 this is the `uneven` load of `compare`.
 //!
 //! It reports requests/s, latency percentiles (p50/p99/p99.9, from an HDR histogram
 //! in µs, connect included in `conn`), and errors by kind: refused, reset, timeout,
@@ -83,6 +91,18 @@ pub struct Config {
     pub timeout: Duration,
     /// Threads of the load generator's runtime.
     pub threads: usize,
+    /// Every this many requests of each client, one is slow (`/work?ms=slow_ms`);
+    /// 0: none.
+    pub slow_every: u32,
+    /// CPU milliseconds a slow request costs the worker; 0: no slow requests.
+    pub slow_ms: u32,
+}
+
+impl Config {
+    /// `(every, ms)` when slow requests are on.
+    pub fn slow(&self) -> Option<(u32, u32)> {
+        (self.slow_every > 0 && self.slow_ms > 0).then_some((self.slow_every, self.slow_ms))
+    }
 }
 
 impl Default for Config {
@@ -97,6 +117,8 @@ impl Default for Config {
             sources: 0,
             timeout: Duration::from_secs(2),
             threads: 2,
+            slow_every: 0,
+            slow_ms: 0,
         }
     }
 }
@@ -174,6 +196,10 @@ pub struct Report {
     pub load: Load,
     /// Complete `200` responses.
     pub ok: u64,
+    /// `(every, ms)` of the slow requests, when on (see [`Config::slow`]).
+    pub slow: Option<(u32, u32)>,
+    /// Of `ok`, the responses to slow requests.
+    pub slow_ok: u64,
     /// TCP connections established.
     pub connections: u64,
     pub errors: Errors,
@@ -213,6 +239,9 @@ impl fmt::Display for Report {
             self.errors.total(),
             self.errors
         )?;
+        if let Some((every, ms)) = self.slow {
+            write!(f, "  slow 1/{every} × {ms} ms: ok={}", self.slow_ok)?;
+        }
         let spread: Vec<String> = self.per_worker.iter().map(u64::to_string).collect();
         write!(f, "  per worker [{}]", spread.join(" "))
     }
@@ -262,6 +291,7 @@ impl Shared {
 
 struct ClientResult {
     ok: u64,
+    slow_ok: u64,
     per_worker: Vec<u64>,
     connections: u64,
     errors: Errors,
@@ -301,11 +331,12 @@ async fn run_async(cfg: Config) -> Report {
     }
     let mut hist = new_hist();
     let mut errors = Errors::default();
-    let (mut ok, mut connections) = (0, 0);
+    let (mut ok, mut slow_ok, mut connections) = (0, 0, 0);
     let mut per_worker = vec![0u64; MAX_WORKERS];
     while let Some(r) = set.join_next().await {
         let r = r.expect("load generator client panicked");
         ok += r.ok;
+        slow_ok += r.slow_ok;
         per_worker
             .iter_mut()
             .zip(&r.per_worker)
@@ -323,6 +354,8 @@ async fn run_async(cfg: Config) -> Report {
     Report {
         load: cfg.load,
         ok,
+        slow: cfg.slow(),
+        slow_ok,
         connections,
         errors,
         per_worker: {
@@ -377,6 +410,20 @@ async fn connect(addr: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpStre
 
 /// The request, in both loads: in `conn` the client closes after the response.
 const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n";
+
+/// The slow request: the worker burns `ms` of CPU before answering.
+fn slow_request(ms: u32) -> Vec<u8> {
+    format!("GET /work?ms={ms} HTTP/1.1\r\nHost: bench\r\n\r\n").into_bytes()
+}
+
+/// Where client `i` starts counting towards its first slow request: a random offset
+/// in `0..every`, different per client and per run, so that clients are not in lockstep.
+fn slow_offset(i: usize, every: u32) -> u64 {
+    use std::hash::BuildHasher;
+    // RandomState is randomly keyed per process (and per instance): hashing the
+    // client's index with it is a random number without a dependency.
+    std::collections::hash_map::RandomState::new().hash_one(i) % u64::from(every.max(1))
+}
 
 /// Sends one request and reads its whole response; `buf` is reused.
 async fn request(stream: &mut TcpStream, req: &[u8], buf: &mut Vec<u8>) -> Result<(), Failure> {
@@ -448,6 +495,7 @@ async fn client(shared: Arc<Shared>, i: usize) -> ClientResult {
     let src = source(cfg, i);
     let mut res = ClientResult {
         ok: 0,
+        slow_ok: 0,
         per_worker: vec![0; MAX_WORKERS],
         connections: 0,
         errors: Errors::default(),
@@ -455,11 +503,21 @@ async fn client(shared: Arc<Shared>, i: usize) -> ClientResult {
     };
     let mut buf = Vec::with_capacity(4096);
     let mut conn: Option<TcpStream> = None;
+    let slow = cfg.slow();
+    let slow_req = slow.map(|(_, ms)| slow_request(ms));
+    // Requests sent so far by this client, counted from a random offset.
+    let mut sent = slow.map_or(0, |(every, _)| slow_offset(i, every));
     while !shared.stop.load(Ordering::Relaxed) {
         let started = Instant::now();
         if started >= shared.deadline {
             break;
         }
+        let is_slow = slow.is_some_and(|(every, _)| sent % u64::from(every) == 0);
+        sent += 1;
+        let req = match &slow_req {
+            Some(r) if is_slow => r.as_slice(),
+            _ => REQUEST,
+        };
         // Each request, connect included, is bounded by the timeout only: a request
         // started in the window counts (success or error) even if it ends after it,
         // so that a stall at the end is not lost; the run overruns by at most that.
@@ -474,7 +532,7 @@ async fn client(shared: Arc<Shared>, i: usize) -> ClientResult {
                     s
                 }
             };
-            request(&mut stream, REQUEST, &mut buf).await?;
+            request(&mut stream, req, &mut buf).await?;
             Ok::<_, Failure>(stream)
         })
         .await;
@@ -487,6 +545,7 @@ async fn client(shared: Arc<Shared>, i: usize) -> ClientResult {
             Ok(Ok(stream)) => {
                 if counting {
                     res.ok += 1;
+                    res.slow_ok += u64::from(is_slow);
                     if let Some(w) = worker_of(&buf).filter(|&w| w < MAX_WORKERS) {
                         res.per_worker[w] += 1;
                     }
@@ -545,12 +604,19 @@ pub fn parse_args(args: &[String]) -> Result<Config, String> {
             "--sources" => cfg.sources = val()?.parse().map_err(|e| format!("--sources: {e}"))?,
             "--timeout" => cfg.timeout = secs(&val()?)?,
             "--threads" => cfg.threads = val()?.parse().map_err(|e| format!("--threads: {e}"))?,
+            "--slow-every" => {
+                cfg.slow_every = val()?.parse().map_err(|e| format!("--slow-every: {e}"))?
+            }
+            "--slow-ms" => cfg.slow_ms = val()?.parse().map_err(|e| format!("--slow-ms: {e}"))?,
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument {other}")),
         }
     }
     if cfg.clients == 0 {
         return Err("--clients must be at least 1".into());
+    }
+    if cfg.slow_ms > 1000 {
+        return Err("--slow-ms is at most 1000 (what examples/http.rs burns at most)".into());
     }
     Ok(cfg)
 }
@@ -565,7 +631,8 @@ fn main() {
             }
             eprintln!(
                 "usage: cargo bench --bench loadgen -- --addr HOST:PORT [--load conn|keepalive] [--clients 64] \
-                 [--duration 5] [--warmup 1] [--requests N] [--sources K] [--timeout 2] [--threads 2]"
+                 [--duration 5] [--warmup 1] [--requests N] [--sources K] [--timeout 2] [--threads 2] \
+                 [--slow-every K --slow-ms N]"
             );
             std::process::exit(2);
         }

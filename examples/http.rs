@@ -28,6 +28,15 @@
 //! answered in order. It is single-threaded (one process per core is the point of a
 //! cluster).
 //!
+//! **Uneven work.** A request for `/work?ms=N` (N ≤ [`MAX_WORK_MS`]; a larger N is
+//! capped) burns N ms of CPU before it is answered as usual: a busy loop on the
+//! monotonic clock, not a sleep, as a CPU-bound handler would (see [`burn`]). The
+//! runtime is `current_thread`, so while it spins the whole worker is stopped: its
+//! other connections, its accept loop and, under recluster, the reading of its
+//! channel from the master all wait behind it, which is what the `uneven` load of
+//! `cargo bench --bench compare` (1 request in 20 at 5 ms) measures. Any other path
+//! is answered at once.
+//!
 //! On stop (the master's `stop`, or SIGTERM) it drains as `docs/PROTOCOL.md` ("Draining
 //! on stop") says, with [`recluster::worker::Stopping`]: it accepts no more; a request
 //! in flight, already buffered or arriving is answered with `Connection: close`, then
@@ -58,6 +67,9 @@ const MAX_HEAD: usize = 8192;
 /// retries on a new one (RFC 9112 §9.3.1). One second also keeps the drain short next
 /// to a production `--timeout` (1 h), so old workers do not linger for idle browsers.
 const IDLE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Largest CPU time a `/work?ms=N` request may ask for, in ms; a larger N is capped.
+const MAX_WORK_MS: u64 = 1000;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> std::io::Result<()> {
@@ -155,6 +167,7 @@ async fn serve(mut stream: TcpStream, body: &'static [u8], stopping: Stopping) {
                 break;
             }
             close = req.close || draining;
+            burn(req.work_ms);
             respond(&mut out, body, close);
             start += req.len;
             if close {
@@ -229,6 +242,43 @@ struct Request {
     len: usize,
     /// Whether the connection closes after the response.
     close: bool,
+    /// CPU time to burn before answering (`/work?ms=N`), ms; 0 for any other path.
+    work_ms: u64,
+}
+
+/// Occupies this thread for `ms` milliseconds of wall-clock time, spinning on the
+/// monotonic clock ([`std::time::Instant`]) rather than sleeping, as a CPU-bound handler
+/// would.
+///
+/// It blocks the thread, not just the task: the runtime is `current_thread`, so no
+/// other connection of this worker is read or answered, no connection is accepted and
+/// (under recluster) nothing is read from the master's channel until it returns. On a
+/// multi-threaded runtime it would block one of its threads only; this worker has one.
+/// When the machine is oversubscribed the worker may be descheduled while spinning, so
+/// the CPU time it gets can be less than `ms`; the delay it imposes is never less.
+fn burn(ms: u64) {
+    if ms == 0 {
+        return;
+    }
+    let end = std::time::Instant::now() + std::time::Duration::from_millis(ms);
+    while std::time::Instant::now() < end {
+        std::hint::spin_loop();
+    }
+}
+
+/// The `N` of a request line `GET /work?ms=N ...`, capped at [`MAX_WORK_MS`]; 0 for
+/// any other request target or an unparsable `N`.
+fn work_ms(request_line: &[u8]) -> u64 {
+    let mut parts = request_line.split(|&b| b == b' ');
+    let target = parts.nth(1).unwrap_or_default();
+    let Some(query) = target.strip_prefix(b"/work?") else {
+        return 0;
+    };
+    query
+        .split(|&b| b == b'&')
+        .find_map(|kv| kv.strip_prefix(b"ms="))
+        .and_then(|n| std::str::from_utf8(n).ok()?.parse::<u64>().ok())
+        .map_or(0, |n| n.min(MAX_WORK_MS))
 }
 
 /// Parses the request at the start of `buf`, if its head is complete.
@@ -238,6 +288,7 @@ fn parse_request(buf: &[u8]) -> Option<Request> {
     let mut lines = head.split(|&b| b == b'\n');
     let request_line = lines.next()?;
     let http10 = request_line.ends_with(b"HTTP/1.0\r");
+    let work_ms = work_ms(request_line.strip_suffix(b"\r").unwrap_or(request_line));
     let mut close = http10;
     let mut content_length = 0usize;
     for line in lines {
@@ -262,11 +313,13 @@ fn parse_request(buf: &[u8]) -> Option<Request> {
         return Some(Request {
             len: head_end,
             close: true,
+            work_ms,
         });
     }
     Some(Request {
         len: head_end + content_length,
         close,
+        work_ms,
     })
 }
 
