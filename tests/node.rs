@@ -956,7 +956,7 @@ fn sio_clients(node: &str, modules: &PathBuf, addr: SocketAddr) -> BTreeMap<Stri
 }
 
 #[test]
-fn socket_io_sessions_survive_sticky_and_break_under_rr() {
+fn socket_io_sessions_survive_sticky_and_via_socket_and_break_under_rr() {
     let Some(node) = require("node") else {
         return;
     };
@@ -966,29 +966,38 @@ fn socket_io_sessions_survive_sticky_and_break_under_rr() {
     let node = node.display().to_string();
     let node_path = modules.display().to_string();
     let mut results = BTreeMap::new();
-    for balance in ["sticky", "rr"] {
+    for (front, via, balance) in [
+        ("sticky", "node", "sticky"),
+        ("rr", "node", "rr"),
+        // The same sessions with the kernel choosing the slot (`--via socket`).
+        ("socket", "socket", "sticky"),
+    ] {
         let c = node_cluster(
             4,
-            &["--via", "node", "--balance", balance],
+            &["--via", via, "--balance", balance],
             "sio_server.js",
             &[("NODE_PATH", &node_path)],
         )
         .expect("node is there");
         c.master.wait_cluster_ready(4);
         let r = sio_clients(&node, &modules, c.addr);
-        println!("socket.io, 100 clients from 100 addresses, --balance {balance}: {r:?}");
-        results.insert(balance, r);
+        println!(
+            "socket.io, 100 clients from 100 addresses, --balance {balance} --via {via}: {r:?}"
+        );
+        results.insert(front, r);
     }
-    let sticky = &results["sticky"];
     let rr = &results["rr"];
-    for key in ["connected", "acked", "upgraded", "sources"] {
-        assert_eq!(sticky[key], 100, "sticky: {key} of 100: {sticky:?}");
+    for front in ["sticky", "socket"] {
+        let r = &results[front];
+        for key in ["connected", "acked", "upgraded", "sources"] {
+            assert_eq!(r[key], 100, "{front}: {key} of 100: {r:?}");
+        }
+        assert_eq!(r["failed"], 0, "{front}: {r:?}");
+        assert!(
+            r["workers"] >= 2,
+            "{front} spread the sessions over several workers: {r:?}"
+        );
     }
-    assert_eq!(sticky["failed"], 0, "sticky: {sticky:?}");
-    assert!(
-        sticky["workers"] >= 2,
-        "sticky spread the sessions over several workers: {sticky:?}"
-    );
     assert!(
         rr["acked"] < 50 && rr["failed"] > 50,
         "rr breaks most polling sessions (as Node's cluster does): {rr:?}"
@@ -1006,35 +1015,5 @@ fn via_socket_serves_an_unmodified_listen_port_server_on_the_predicted_slot_thro
         &["--via", "socket", "--balance", "sticky", "--timeout", "10"],
         5,
         true,
-    );
-}
-
-#[test]
-fn socket_io_sessions_survive_sticky_via_socket() {
-    let Some(node) = require("node") else {
-        return;
-    };
-    let Some(modules) = node_deps() else {
-        return;
-    };
-    let node = node.display().to_string();
-    let node_path = modules.display().to_string();
-    let c = node_cluster(
-        4,
-        &["--via", "socket", "--balance", "sticky"],
-        "sio_server.js",
-        &[("NODE_PATH", &node_path)],
-    )
-    .expect("node is there");
-    c.master.wait_cluster_ready(4);
-    let r = sio_clients(&node, &modules, c.addr);
-    println!("socket.io, 100 clients from 100 addresses, --balance sticky --via socket: {r:?}");
-    for key in ["connected", "acked", "upgraded", "sources"] {
-        assert_eq!(r[key], 100, "{key} of 100: {r:?}");
-    }
-    assert_eq!(r["failed"], 0, "{r:?}");
-    assert!(
-        r["workers"] >= 2,
-        "sessions spread over several workers: {r:?}"
     );
 }
