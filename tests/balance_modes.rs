@@ -275,13 +275,7 @@ fn reloads_under_load(mode: &str) {
     m.wait_cluster_ready(2);
     let load = Load::start(addr, 64, 200);
     for generation in 2..=21 {
-        let from = m.mark();
-        m.signal(Signal::SIGUSR2);
-        m.wait_event_after(
-            from,
-            &format!("reload_finished generation={generation}"),
-            DEADLINE,
-        );
+        m.reload_to(generation);
     }
     // Some traffic against the last generation too.
     let after = ask(addr, None).expect("request after the reloads");

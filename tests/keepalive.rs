@@ -338,13 +338,7 @@ fn keepalive_reloads(mode: &str, worker: PathBuf) {
     load.wait_served_by(1, &m);
     let began = Instant::now();
     for generation in 2..=RELOADS + 1 {
-        let mark = m.mark();
-        m.signal(Signal::SIGUSR2);
-        m.wait_event_after(
-            mark,
-            &format!("reload_finished generation={generation}"),
-            DEADLINE,
-        );
+        m.reload_to(generation);
         // The clients move to the new generation as the old one drains.
         load.wait_served_by(generation, &m);
     }

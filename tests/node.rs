@@ -78,17 +78,6 @@ fn node_cluster(
     })
 }
 
-/// Sends SIGUSR2 and waits for the reload to `generation` to finish.
-fn reload(master: &Master, generation: u32) -> LogLine {
-    let mark = master.mark();
-    master.signal(Signal::SIGUSR2);
-    master.wait_event_after(
-        mark,
-        &format!("reload_finished generation={generation}"),
-        DEADLINE,
-    )
-}
-
 /// The lines the Node apps wrote (`node_app <what> … pid=<pid> …`) about `pid`.
 fn app_lines(master: &Master, what: &str, pid: u32) -> Vec<LogLine> {
     let tag = format!("node_app {what} ");
@@ -451,7 +440,7 @@ fn sticky_sources_through_reloads(what: &str, args: &[&str], reloads: u32, predi
     load.wait_more_ok(SOURCES as u64, DEADLINE);
     let started = Instant::now();
     for generation in 2..=reloads + 1 {
-        reload(&c.master, generation);
+        c.master.reload_to(generation);
         load.wait_more_ok(50, DEADLINE);
     }
     let reloads_took = started.elapsed();
@@ -533,7 +522,7 @@ fn twenty_reloads_under_64_clients_fail_no_request() {
     load.wait_more_ok(200, DEADLINE);
     let started = Instant::now();
     for generation in 2..=21 {
-        reload(&c.master, generation);
+        c.master.reload_to(generation);
         load.wait_more_ok(20, DEADLINE);
     }
     let reloads_took = started.elapsed();
@@ -623,7 +612,7 @@ fn a_node_program_is_detected_without_via_and_served_in_rr() {
             .unwrap_or_else(|f| panic!("request {i} failed: {f:?}"));
         seen.insert(a.worker, a.pid);
     }
-    reload(&c.master, 2);
+    c.master.reload_to(2);
     let chosen = c.master.events("via_chosen via=node");
     println!(
         "no --via, program node: answers by WORKER_ID {seen:?}; via_chosen lines: {:?}",

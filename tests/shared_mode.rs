@@ -257,13 +257,7 @@ fn twenty_reloads_in_a_row_under_load_without_failed_connections() {
     load.wait_more_ok(300, DEADLINE);
     let first = workers.clone();
     for generation in 2..=21 {
-        let mark = m.mark();
-        m.signal(Signal::SIGUSR2);
-        m.wait_event_after(
-            mark,
-            &format!("reload_finished generation={generation}"),
-            DEADLINE,
-        );
+        m.reload_to(generation);
         workers = m.ready_workers(generation);
         assert_eq!(workers.len(), 3, "generation {generation}: {workers:?}");
     }

@@ -241,13 +241,7 @@ fn sticky_ten_reloads_under_load_from_200_addresses_fail_nothing_and_move_nobody
     );
     load.wait_more_ok(500, DEADLINE);
     for generation in 2..=11 {
-        let from = m.mark();
-        m.signal(Signal::SIGUSR2);
-        m.wait_event_after(
-            from,
-            &format!("reload_finished generation={generation}"),
-            DEADLINE,
-        );
+        m.reload_to(generation);
         load.wait_more_ok(200, DEADLINE);
     }
     let totals = load.stop();

@@ -80,7 +80,7 @@ mod tests {
 
     #[test]
     fn the_function_is_pinned() {
-        // murmur3's own test value of the finaliser.
+        // Values also computed by an independent implementation (Python).
         assert_eq!(fmix32(0), 0);
         assert_eq!(fmix32(1), 0x514e_28b7);
         assert_eq!(ip_hash(ip("10.0.0.1")), 0x0a00_0001);

@@ -733,6 +733,17 @@ impl Master {
         self.log.state().lines.clone()
     }
 
+    /// Sends SIGUSR2 and waits for the reload to `generation` to finish.
+    pub fn reload_to(&self, generation: u32) -> LogLine {
+        let mark = self.mark();
+        self.signal(nix::sys::signal::Signal::SIGUSR2);
+        self.wait_event_after(
+            mark,
+            &format!("reload_finished generation={generation}"),
+            DEADLINE,
+        )
+    }
+
     /// Number of lines read so far: a mark for [`Master::wait_event_after`].
     pub fn mark(&self) -> usize {
         self.log.state().lines.len()
