@@ -245,6 +245,9 @@ pub(crate) struct Balancer {
     batches: Vec<Vec<Conn>>,
     /// Slots found full during the current dispatch.
     full: Vec<bool>,
+    /// How far behind each slot's worker was when this accept pass began (`rr`: see
+    /// [`Router::choose_idle`]).
+    backlogs: Vec<usize>,
     parked: VecDeque<Parked>,
     text: Vec<u8>,
     raw: Vec<RawFd>,
@@ -305,6 +308,7 @@ impl Balancer {
             updates,
             batches: (0..slots).map(|_| Vec::with_capacity(MAX_FDS)).collect(),
             full: vec![false; slots],
+            backlogs: vec![0; slots],
             parked: VecDeque::new(),
             text: Vec::with_capacity(channel::MAX_MASTER_MESSAGE),
             raw: Vec::with_capacity(MAX_FDS),
@@ -409,6 +413,11 @@ impl Balancer {
 
     fn accept(&mut self, index: usize) {
         let now = Instant::now();
+        if self.mode == Balance::RoundRobin {
+            for (slot, link) in self.table.iter().enumerate() {
+                self.backlogs[slot] = link.as_ref().map_or(0, Link::backlog);
+            }
+        }
         let mut accepted = 0;
         let mut out_of_fds = None;
         while accepted < ACCEPT_BATCH {
@@ -534,7 +543,12 @@ impl Balancer {
                 }
                 s => s,
             },
-            _ => self.router.choose(conn.peer.ip(), |s| full[s]),
+            _ => {
+                // Join the idle queue: what a worker has not read yet, plus what this
+                // pass already gave it.
+                let (backlogs, batches) = (&self.backlogs, &self.batches);
+                self.router.choose_idle(|s| full[s], |s| backlogs[s] + batches[s].len())
+            }
         };
         match slot {
             Some(slot) => {

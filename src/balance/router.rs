@@ -57,6 +57,30 @@ impl Router {
         }
     }
 
+    /// `rr` that avoids busy workers (join the idle queue): in rotation order, the first
+    /// ready slot not skipped whose `backlog` is 0, else the one with the least (the
+    /// first in rotation order on a tie); the rotation moves past the one chosen.
+    pub fn choose_idle(&mut self, skip: impl Fn(usize) -> bool, backlog: impl Fn(usize) -> usize) -> Option<usize> {
+        let n = self.ready.len();
+        let mut best: Option<(usize, usize)> = None; // (backlog, rotation offset)
+        for i in 0..n {
+            let slot = self.ready[(self.next + i) % n];
+            if skip(slot) {
+                continue;
+            }
+            let b = backlog(slot);
+            if best.is_none_or(|(least, _)| b < least) {
+                best = Some((b, i));
+                if b == 0 {
+                    break;
+                }
+            }
+        }
+        let (_, i) = best?;
+        self.next = (self.next + i + 1) % n;
+        Some(self.ready[(self.next + n - 1) % n])
+    }
+
     /// The slot a client at `ip` prefers among all ready slots (`sticky`), if any is ready.
     pub fn preferred(&self, ip: IpAddr) -> Option<usize> {
         slot_for(ip, self.ready.iter().copied())
@@ -93,6 +117,26 @@ mod tests {
             .choose(ip("127.0.0.1"), |s| s != 3)
             .is_some_and(|s| s == 3));
         assert_eq!(r.choose(ip("127.0.0.1"), |_| true), None);
+    }
+
+    #[test]
+    fn idle_rr_prefers_workers_with_nothing_unread_then_the_least_and_rotates_among_equals() {
+        let mut r = Router::new(Balance::RoundRobin);
+        for s in 0..4 {
+            r.set_ready(s, true);
+        }
+        let idle = |_: usize| 0;
+        let picks: Vec<_> = (0..8).map(|_| r.choose_idle(|_| false, idle).unwrap()).collect();
+        assert_eq!(picks, [0, 1, 2, 3, 0, 1, 2, 3], "all idle: plain rotation");
+        // Slot 1 is behind: it is passed over while another has nothing unread.
+        let busy = |s: usize| if s == 1 { 500 } else { 0 };
+        let picks: Vec<_> = (0..6).map(|_| r.choose_idle(|_| false, busy).unwrap()).collect();
+        assert_eq!(picks, [0, 2, 3, 0, 2, 3]);
+        // Everyone behind: the least.
+        let behind = |s: usize| [300, 100, 200, 400][s];
+        assert_eq!(r.choose_idle(|_| false, behind), Some(1));
+        assert_eq!(r.choose_idle(|s| s == 1, behind), Some(2));
+        assert_eq!(r.choose_idle(|_| true, behind), None);
     }
 
     #[test]

@@ -64,6 +64,21 @@ impl WorkerChannel {
         Ok((channel, worker))
     }
 
+    /// Bytes the master sent that the worker has not read yet (`SIOCOUTQ` on the
+    /// master's end: the kernel frees a message's memory once the worker reads it).
+    /// 0 when the worker has read everything; more the further behind it is.
+    pub fn unread_bytes(&self) -> usize {
+        use std::os::fd::AsRawFd;
+        let mut queued: libc::c_int = 0;
+        // SAFETY: SIOCOUTQ writes one int to the pointer given, valid for the call.
+        let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
+        if rc == 0 {
+            usize::try_from(queued).unwrap_or(0)
+        } else {
+            0
+        }
+    }
+
     /// Sends one batch: `text` holds one `conn` record per descriptor in `fds`, in order.
     ///
     /// `WouldBlock` when the worker's queue is full, `BrokenPipe` after `stop`; on any
@@ -216,4 +231,28 @@ impl WorkerChannel {
 fn set_blocking(fd: &OwnedFd) -> io::Result<()> {
     use std::os::fd::AsFd;
     fdpass::set_flags(fd.as_fd(), false, false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn unread_bytes_count_what_the_worker_has_not_read_yet() {
+        let (ch, worker) = WorkerChannel::new().unwrap();
+        assert_eq!(ch.unread_bytes(), 0);
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        use std::os::fd::AsRawFd;
+        ch.send(b"conn 127.0.0.1 1 127.0.0.1 2 0\n", &[a.as_raw_fd()], &mut FdBuf::new()).unwrap();
+        ch.send(b"conn 127.0.0.1 3 127.0.0.1 2 0\n", &[a.as_raw_fd()], &mut FdBuf::new()).unwrap();
+        let two = ch.unread_bytes();
+        assert!(two > 0, "two messages unread");
+        let mut buf = [0u8; 256];
+        let mut fds = Vec::new();
+        fdpass::recv(worker.as_fd(), &mut buf, &mut fds, &mut FdBuf::new()).unwrap();
+        let one = ch.unread_bytes();
+        assert!(0 < one && one < two, "one read: {one} of {two}");
+        fdpass::recv(worker.as_fd(), &mut buf, &mut fds, &mut FdBuf::new()).unwrap();
+        assert_eq!(ch.unread_bytes(), 0, "all read");
+    }
 }

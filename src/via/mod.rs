@@ -49,4 +49,14 @@ impl Link {
             Link::Node(n) => n.unread_head(),
         }
     }
+
+    /// How far behind the worker is: 0 when it has taken everything it was sent, more
+    /// the more it has not (bytes of unread messages on a worker channel, connections
+    /// not yet accepted under Node). Only comparisons between workers mean anything.
+    pub fn backlog(&self) -> usize {
+        match self {
+            Link::Channel(ch) => ch.unread_bytes(),
+            Link::Node(n) => n.backlog(),
+        }
+    }
 }

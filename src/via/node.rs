@@ -298,6 +298,11 @@ impl NodeChannel {
         st.in_flight.front().map(|(seq, _)| *seq).or_else(|| st.queue.front().map(|_| u64::MAX))
     }
 
+    /// Connections offered and not accepted yet.
+    pub fn backlog(&self) -> usize {
+        self.state().load()
+    }
+
     /// Takes back what was offered and not written yet (the worker was found stuck).
     /// What was written stays until the worker answers or exits: handing it to another
     /// worker now could serve one connection twice.
