@@ -96,6 +96,11 @@ if never_from and int(gen) >= never_from:
 
 chan.send(b"listening\n")
 
+# Decided before the flood starts: the master kills a flooder within a millisecond,
+# and a worker killed before claiming the stall would leave the stall to its
+# replacement.
+stall = os.environ.get("STALL_SLOT") == wid and first_to_create(os.environ.get("STALL_ONCE"))
+
 flood = int(knob("FLOOD"))
 if flood and first_to_create(knob("FLOOD_ONCE", "")) and os.fork() == 0:
     try:
@@ -105,7 +110,7 @@ if flood and first_to_create(knob("FLOOD_ONCE", "")) and os.fork() == 0:
     finally:
         os._exit(0)
 
-if os.environ.get("STALL_SLOT") == wid and first_to_create(os.environ.get("STALL_ONCE")):
+if stall:
     while True:
         signal.pause()
 
