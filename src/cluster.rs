@@ -29,6 +29,7 @@ pub struct ClusterBuilder {
     timing: Timing,
     stop_signal: Signal,
     backlog: i32,
+    accept_threads: usize,
     subreaper: bool,
     cgroups: bool,
 }
@@ -124,6 +125,14 @@ impl ClusterBuilder {
         self
     }
 
+    /// Threads that accept and hand connections over in `rr`/`sticky` with the worker
+    /// channel or Node's IPC (default: one per 4 cores, at least 1). With more than one, each listen address is
+    /// bound as a SO_REUSEPORT group of that many sockets, one per thread.
+    pub fn accept_threads(mut self, k: usize) -> Self {
+        self.accept_threads = k.max(1);
+        self
+    }
+
     /// Checks the settings and the command, binds the sockets, and returns the cluster.
     pub fn build(self) -> Result<Cluster, Error> {
         if self.workers == 0 {
@@ -161,7 +170,24 @@ impl ClusterBuilder {
         // `--via socket`: slot k's sockets, one per address, for k >= 1 (slot 0's are
         // `listeners`), each address's in one SO_REUSEPORT group.
         let mut slot_sockets: Vec<Vec<std::net::TcpListener>> = Vec::new();
+        // Several accept threads: thread k's sockets for k >= 1, as `slot_sockets`.
+        let threads = match (self.balance, via) {
+            (Balance::Shared, _) | (_, Via::Socket) => 1,
+            _ => self.accept_threads,
+        };
+        let mut accept_sockets: Vec<Vec<std::net::TcpListener>> = Vec::new();
         for addr in addrs {
+            if threads > 1 {
+                let mut group = crate::via::socket::bind_group(addr, threads, self.backlog)
+                    .map_err(|source| Error::Listen { addr, source })?
+                    .into_iter();
+                listeners.extend(group.next());
+                accept_sockets.resize_with(threads - 1, Vec::new);
+                for (thread, socket) in accept_sockets.iter_mut().zip(group) {
+                    thread.push(socket);
+                }
+                continue;
+            }
             if via == Via::Socket && self.balance != Balance::Shared {
                 let mut group = crate::via::socket::bind_group(addr, self.workers, self.backlog)
                     .map_err(|source| Error::Listen { addr, source })?
@@ -191,6 +217,7 @@ impl ClusterBuilder {
                 cgroups: self.cgroups,
                 listeners,
                 slot_sockets,
+                accept_sockets,
                 ends,
                 via,
                 via_chosen,
@@ -248,6 +275,7 @@ impl Cluster {
             timing: Timing::default(),
             stop_signal: Signal::SIGTERM,
             backlog: config::DEFAULT_BACKLOG,
+            accept_threads: config::default_accept_threads(),
             subreaper: std::process::id() == 1,
             cgroups: true,
         }

@@ -199,6 +199,17 @@ pub fn default_workers() -> usize {
         .unwrap_or(1)
 }
 
+/// Cores per accept thread of the default `--accept-threads`: one thread per this many
+/// cores, at least one. A thread's master CPU per connection is about a third of a
+/// minimal worker's, and real workers cost more, so a quarter of the cores keeps the
+/// master off the critical path without starving the workers (BENCHMARKS.md).
+pub const CORES_PER_ACCEPT_THREAD: usize = 4;
+
+/// Default `--accept-threads`: one per [`CORES_PER_ACCEPT_THREAD`] cores, at least one.
+pub fn default_accept_threads() -> usize {
+    (default_workers() / CORES_PER_ACCEPT_THREAD).max(1)
+}
+
 /// Parses a duration: `250ms`, `2s`, `1.5` (seconds, as recluster), `5m`, `1h`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();

@@ -19,9 +19,15 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 fn cluster(mode: &str, workers: usize, command: &[&str]) -> Master {
+    cluster_with(mode, workers, command, &[])
+}
+
+/// [`cluster`] with more options.
+fn cluster_with(mode: &str, workers: usize, command: &[&str], extra: &[&str]) -> Master {
     Cluster::new()
         .workers(workers)
         .args(["--balance", mode, "--listen", "127.0.0.1:0"])
+        .args(extra)
         .command(command)
         .spawn()
 }
@@ -111,8 +117,20 @@ impl Load {
 
 #[test]
 fn rr_gives_each_of_four_workers_an_equal_share_of_sequential_connections() {
-    let m = cluster("rr", 4, &[&echo()]);
+    rr_shares(1);
+}
+
+#[test]
+fn rr_with_two_accept_threads_gives_each_of_four_workers_an_equal_share() {
+    rr_shares(2);
+}
+
+fn rr_shares(accept_threads: usize) {
+    let k = accept_threads.to_string();
+    let m = cluster_with("rr", 4, &[&echo()], &["--accept-threads", &k]);
     let addr = m.addr();
+    let listening = m.wait_event("listening", DEADLINE);
+    assert_eq!(listening.num("accept_threads"), accept_threads as u64);
     m.wait_cluster_ready(4);
     let mut per_id = BTreeMap::<usize, u32>::new();
     // Spread over source addresses: each half-closed client leaves a TIME_WAIT behind.
@@ -120,11 +138,45 @@ fn rr_gives_each_of_four_workers_an_equal_share_of_sequential_connections() {
         let r = ask(addr, Some(source(i))).expect("request");
         *per_id.entry(r.id).or_default() += 1;
     }
-    println!("rr, 2000 sequential connections over 4 workers: {per_id:?}");
+    println!("rr, 2000 sequential connections over 4 workers, {k} accept threads: {per_id:?}");
     assert_eq!(per_id.keys().copied().collect::<Vec<_>>(), vec![0, 1, 2, 3]);
+    // Each thread rotates evenly over its own share: at most one off per thread.
+    let spread = accept_threads as u32;
     for (id, n) in &per_id {
-        assert!((499..=501).contains(n), "worker {id} got {n}: {per_id:?}");
+        assert!(
+            (500 - spread..=500 + spread).contains(n),
+            "worker {id} got {n}: {per_id:?}"
+        );
     }
+    if accept_threads > 1 {
+        m.signal(Signal::SIGTERM);
+        m.expect_exit(DEADLINE);
+        let threads = accept_thread_totals(&m, accept_threads);
+        assert!(
+            threads.iter().all(|&(_, handed)| handed > 0),
+            "a thread accepted nothing: {threads:?}"
+        );
+    }
+}
+
+/// Each accept thread's (accepted, handed), from its `accept_thread_totals` line,
+/// once the master has stopped; checked to add up to the `balancer_totals` line.
+fn accept_thread_totals(m: &Master, threads: usize) -> Vec<(u64, u64)> {
+    let totals = m.balancer_totals(DEADLINE);
+    let lines = m.events("accept_thread_totals");
+    assert_eq!(lines.len(), threads, "one line per accept thread");
+    let per_thread: Vec<(u64, u64)> = lines
+        .iter()
+        .map(|l| (l.num("accepted"), l.num("handed")))
+        .collect();
+    let accepted: u64 = per_thread.iter().map(|t| t.0).sum();
+    let handed: u64 = per_thread.iter().map(|t| t.1).sum();
+    assert_eq!(
+        (accepted, handed),
+        (totals.accepted, totals.handed),
+        "{per_thread:?} vs {totals:?}"
+    );
+    per_thread
 }
 
 #[test]
@@ -269,8 +321,8 @@ fn sticky_clients_of_a_killed_worker_are_served_by_others_then_come_back() {
     }
 }
 
-fn reloads_under_load(mode: &str) {
-    let m = cluster(mode, 2, &[&echo()]);
+fn reloads_under_load(mode: &str, extra: &[&str]) -> Master {
+    let m = cluster_with(mode, 2, &[&echo()], extra);
     let addr = m.addr();
     m.wait_cluster_ready(2);
     let load = Load::start(addr, 64, 200);
@@ -305,16 +357,62 @@ fn reloads_under_load(mode: &str) {
             .collect();
         assert!(split.is_empty(), "affinity lost during reloads: {split:?}");
     }
+    m
 }
 
 #[test]
 fn twenty_reloads_under_64_clients_fail_no_connection_in_rr() {
-    reloads_under_load("rr");
+    reloads_under_load("rr", &[]);
 }
 
 #[test]
 fn twenty_reloads_under_64_clients_fail_no_connection_in_sticky() {
-    reloads_under_load("sticky");
+    reloads_under_load("sticky", &[]);
+}
+
+#[test]
+fn two_accept_threads_keep_sticky_exact_and_fail_no_connection_in_20_reloads() {
+    let m = reloads_under_load("sticky", &["--accept-threads", "2"]);
+    assert_eq!(m.wait_event("listening", DEADLINE).num("accept_threads"), 2);
+    m.signal(Signal::SIGTERM);
+    m.expect_exit(DEADLINE);
+    let threads = accept_thread_totals(&m, 2);
+    println!("sticky, 2 accept threads, (accepted, handed) per thread: {threads:?}");
+    // The kernel spreads connections over the group by their 4-tuple hash, so each
+    // thread carries a real share of them, and their clients still stay on one worker.
+    let all: u64 = threads.iter().map(|t| t.1).sum();
+    assert!(
+        threads.iter().all(|&(_, handed)| handed * 5 >= all),
+        "a thread carried under a fifth: {threads:?}"
+    );
+}
+
+#[test]
+fn a_second_master_on_the_same_address_is_refused_with_accept_threads_too() {
+    let first = cluster_with("rr", 1, &[&echo()], &["--accept-threads", "2"]);
+    let addr = first.addr();
+    first.wait_cluster_ready(1);
+    // SO_REUSEPORT would let a second group join the first one's; it must not.
+    let (exit, stderr) = Cluster::new()
+        .workers(1)
+        .args([
+            "--balance",
+            "rr",
+            "--accept-threads",
+            "2",
+            "--listen",
+            &addr.to_string(),
+        ])
+        .command([echo()])
+        .run(DEADLINE)
+        .expect("the second master exits");
+    assert!(!exit.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot listen on {addr}")),
+        "{stderr}"
+    );
+    let still = ask(addr, None).expect("the first master still serves");
+    assert_eq!(still.pid, first.ready_workers(1)[&0]);
 }
 
 #[test]

@@ -1,9 +1,20 @@
 //! The balancer: accept → choose a slot → hand the descriptor over, in `rr` and `sticky`.
 //!
-//! One task owns the non-blocking listening sockets and a routing table (slot →
-//! channel of its active worker) that the driver updates whenever the supervisor core
-//! says a slot's active worker changed. The supervisor never learns how connections
-//! travel; the balancer never decides who is ready.
+//! Each accept thread (`--accept-threads`, one by default on small machines) runs one
+//! task that owns its non-blocking listening sockets and its own copy of the routing
+//! table (slot → channel of its active worker), which the driver updates on every
+//! thread whenever the supervisor core says a slot's active worker changed
+//! ([`Updates`]). The supervisor never learns how connections travel; the balancer
+//! never decides who is ready.
+//!
+//! With more than one thread, each listen address is one SO_REUSEPORT group with a
+//! socket per thread, and the kernel spreads new connections over the threads. Nothing
+//! on the hot path is shared but the counters (relaxed atomics) and a worker channel's
+//! send lock (uncontended unless two threads send to one worker at the same instant;
+//! a `SOCK_SEQPACKET` message goes whole, so their records never interleave). `sticky`
+//! stays exact because every thread hashes over the same ready set; `rr` stays even
+//! because every thread rotates over all the ready slots (starting at different ones)
+//! and joins the idle queue from the same kernel counters.
 //!
 //! The hot path, per wake-up of a listener: accept until `EAGAIN` (at most
 //! [`ACCEPT_BATCH`]), append each connection to its slot's batch, then send each
@@ -37,7 +48,7 @@ use std::time::Duration;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::channel;
 use crate::config::Balance;
@@ -50,9 +61,11 @@ mod router;
 mod sticky;
 pub(crate) mod steer;
 pub(crate) mod stuck;
+mod updates;
 
 pub use router::Router;
 pub use sticky::{fmix32, ip_hash, seed, slot_for, weight};
+pub(crate) use updates::{Inboxes, Updates};
 
 /// Most connections accepted per listener wake-up before the others get a turn.
 pub const ACCEPT_BATCH: usize = 256;
@@ -261,6 +274,12 @@ pub(crate) struct Balancer {
     refused: Vec<Conn>,
     /// The current wait before held-back connections are retried (see [`PARK_RETRY`]).
     park_retry: Duration,
+    /// Connections this thread handed over (the shared counter adds every thread's).
+    handed_here: u64,
+    /// Connections this thread accepted.
+    accepted_here: u64,
+    /// This accept thread's number (0 for the first).
+    thread: usize,
 }
 
 /// A listening socket the balancer accepts on.
@@ -292,6 +311,7 @@ impl Balancer {
         updates: mpsc::UnboundedReceiver<Update>,
         stats: Arc<BalanceStats>,
         stuck: StuckReports,
+        thread: usize,
     ) -> io::Result<Balancer> {
         let listeners = listeners
             .into_iter()
@@ -300,7 +320,8 @@ impl Balancer {
         Ok(Balancer {
             mode,
             listeners,
-            router: Router::new(mode),
+            // Threads start their rotations at different slots.
+            router: Router::new(mode).starting_at(thread),
             table: (0..slots).map(|_| None).collect(),
             workers: vec![None; slots],
             watches: vec![stuck::Watch::default(); slots],
@@ -319,6 +340,9 @@ impl Balancer {
             closed: false,
             refused: Vec::with_capacity(MAX_FDS),
             park_retry: PARK_RETRY,
+            handed_here: 0,
+            accepted_here: 0,
+            thread,
         })
     }
 
@@ -346,7 +370,12 @@ impl Balancer {
                 biased;
                 update = self.updates.recv() => match update {
                     Some(u) => self.update(u),
-                    None => return self.close_held(),
+                    None => {
+                        info!(event = "accept_thread_totals", thread = self.thread,
+                            accepted = self.accepted_here, handed = self.handed_here,
+                            "accept thread ended");
+                        return self.close_held();
+                    }
                 },
                 index = poll_listeners(&self.listeners), if accepting => self.accept(index),
                 _ = async { check.as_mut().expect("checked").tick().await }, if check.is_some() => {
@@ -464,6 +493,7 @@ impl Balancer {
                 }
             }
         }
+        self.accepted_here += accepted as u64;
         BalanceStats::add(&self.stats.accepted, accepted as u64);
         let handed = self.handed();
         self.flush_all();
@@ -501,9 +531,15 @@ impl Balancer {
         }
     }
 
-    /// Connections handed over so far (this thread is the only one that counts them).
+    /// Connections this thread has handed over so far.
     fn handed(&self) -> u64 {
-        self.stats.handed.load(Ordering::Relaxed)
+        self.handed_here
+    }
+
+    /// Counts `n` connections handed over.
+    fn count_handed(&mut self, n: u64) {
+        self.handed_here += n;
+        BalanceStats::add(&self.stats.handed, n);
     }
 
     /// Out of descriptors with none to free by handing over: pause accepting a while.
@@ -594,6 +630,7 @@ impl Balancer {
                         Err(conn) => self.refused.push(conn),
                     }
                 }
+                self.handed_here += taken;
                 BalanceStats::add(&self.stats.handed, taken);
                 std::mem::swap(&mut self.batches[slot], &mut self.refused);
                 if self.batches[slot].is_empty() {
@@ -615,7 +652,7 @@ impl Balancer {
         };
         match result {
             Ok(()) => {
-                BalanceStats::add(&self.stats.handed, self.batches[slot].len() as u64);
+                self.count_handed(self.batches[slot].len() as u64);
                 let sent = Instant::now();
                 for c in &self.batches[slot] {
                     self.stats.handoff.record(sent.saturating_duration_since(c.since));
@@ -717,56 +754,83 @@ impl Balancer {
     }
 }
 
-/// The balancer running on a thread of its own (see [`start`]).
+/// The balancer running on threads of its own (see [`start`]).
 pub(crate) struct Running {
-    /// Fires when the balancer has finished, its last counts in.
-    pub done: tokio::sync::oneshot::Receiver<()>,
+    /// One per accept thread; each fires when its thread has finished, its last counts in.
+    pub done: Vec<tokio::sync::oneshot::Receiver<()>>,
 }
 
-/// Starts the balancer on a dedicated thread with a runtime of its own, so that
-/// nothing the supervisor's loop does (forking a worker, writing the log, reaping)
-/// ever delays accepting. It ends when the sender of `updates` is dropped.
+/// Starts the balancer: one accept thread per entry of `listeners` (that thread's
+/// sockets, one per listen address in the same order), each with a runtime of its own,
+/// so that nothing the supervisor's loop does (forking a worker, writing the log,
+/// reaping) ever delays accepting. Thread `k` reads `inboxes[k]` and ends when the
+/// [`Updates`] they came from is dropped; the first thread also watches for stuck workers.
 pub(crate) fn start(
+    mode: Balance,
+    listeners: Vec<Vec<TcpListener>>,
+    slots: usize,
+    inboxes: Inboxes,
+    stats: Arc<BalanceStats>,
+    stuck: StuckReports,
+) -> io::Result<Running> {
+    assert_eq!(listeners.len(), inboxes.len(), "one inbox per accept thread");
+    let mut done = Vec::with_capacity(inboxes.len());
+    for (thread, (sockets, inbox)) in listeners.into_iter().zip(inboxes).enumerate() {
+        let stuck = StuckReports {
+            // One thread is enough to watch the workers' queues.
+            timeout: if thread == 0 { stuck.timeout } else { Duration::ZERO },
+            to: stuck.to.clone(),
+        };
+        done.push(start_thread(mode, sockets, slots, inbox, stats.clone(), stuck, thread)?);
+    }
+    Ok(Running { done })
+}
+
+/// Starts accept thread number `thread` (see [`start`]).
+fn start_thread(
     mode: Balance,
     listeners: Vec<TcpListener>,
     slots: usize,
     updates: mpsc::UnboundedReceiver<Update>,
     stats: Arc<BalanceStats>,
     stuck: StuckReports,
-) -> io::Result<Running> {
+    thread: usize,
+) -> io::Result<tokio::sync::oneshot::Receiver<()>> {
     let (built_tx, built_rx) = std::sync::mpsc::sync_channel(1);
     let (done_tx, done) = tokio::sync::oneshot::channel();
     // Log lines from the balancer go where the caller's go.
     let dispatch = tracing::dispatcher::get_default(Clone::clone);
-    std::thread::Builder::new()
-        .name("recluster-balance".into())
-        .spawn(move || {
-            tracing::dispatcher::with_default(&dispatch, || {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build();
-                let runtime = match runtime {
-                    Ok(r) => r,
-                    Err(e) => return drop(built_tx.send(Err(e))),
-                };
-                // The listeners register with this thread's runtime, so it builds them.
-                let balancer = runtime.block_on(async {
-                    Balancer::new(mode, listeners, slots, updates, stats, stuck)
-                });
-                match balancer {
-                    Ok(b) => {
-                        let _ = built_tx.send(Ok(()));
-                        runtime.block_on(b.run());
-                    }
-                    Err(e) => return drop(built_tx.send(Err(e))),
+    let name = match thread {
+        0 => "recluster-balance".to_string(),
+        k => format!("recluster-balance-{k}"),
+    };
+    std::thread::Builder::new().name(name).spawn(move || {
+        tracing::dispatcher::with_default(&dispatch, || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            let runtime = match runtime {
+                Ok(r) => r,
+                Err(e) => return drop(built_tx.send(Err(e))),
+            };
+            // The listeners register with this thread's runtime, so it builds them.
+            let balancer = runtime.block_on(async {
+                Balancer::new(mode, listeners, slots, updates, stats, stuck, thread)
+            });
+            match balancer {
+                Ok(b) => {
+                    let _ = built_tx.send(Ok(()));
+                    runtime.block_on(b.run());
                 }
-                let _ = done_tx.send(());
-            })
-        })?;
+                Err(e) => return drop(built_tx.send(Err(e))),
+            }
+            let _ = done_tx.send(());
+        })
+    })?;
     built_rx
         .recv()
         .map_err(|_| io::Error::other("the balancer thread ended before it started"))??;
-    Ok(Running { done })
+    Ok(done)
 }
 
 /// Waits until one of the listeners has a connection; returns its index.

@@ -23,6 +23,13 @@ impl Router {
         }
     }
 
+    /// The same router with its rotation starting at the `k`-th ready slot (modulo
+    /// their number), so that several accept threads do not all begin at one slot.
+    pub fn starting_at(mut self, k: usize) -> Router {
+        self.next = k;
+        self
+    }
+
     /// Marks `slot` ready or not.
     pub fn set_ready(&mut self, slot: usize, ready: bool) {
         match (self.ready.binary_search(&slot), ready) {

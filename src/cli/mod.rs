@@ -86,6 +86,11 @@ pub struct Options {
     #[arg(long, env = "RECLUSTER_STOP_SIGNAL", default_value = "TERM", value_parser = parse_signal)]
     pub stop_signal: Signal,
 
+    /// Threads that accept and hand connections over (rr, sticky); each has its own
+    /// socket of a SO_REUSEPORT group per address [default: one per 4 cores, at least 1]
+    #[arg(long, env = "RECLUSTER_ACCEPT_THREADS", value_name = "K", value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub accept_threads: Option<u16>,
+
     /// Listen backlog of the sockets the master binds
     #[arg(long, env = "RECLUSTER_BACKLOG", default_value_t = config::DEFAULT_BACKLOG, value_parser = clap::value_parser!(i32).range(1..))]
     pub backlog: i32,
@@ -235,6 +240,7 @@ pub fn main() -> i32 {
         .stuck_timeout(opts.stuck_timeout)
         .stop_signal(opts.stop_signal)
         .backlog(opts.backlog)
+        .accept_threads(opts.accept_threads.map_or_else(config::default_accept_threads, usize::from))
         .cgroups(opts.cgroups);
     if let Some(on) = opts.subreaper {
         builder = builder.subreaper(on);

@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
 use tracing::{debug, info, warn};
 
-use crate::balance::Update;
+use crate::balance::{Update, Updates};
 use crate::config::{Balance, ReadyWhen, Timing};
 use crate::error::{CommandError, Error};
 use crate::notify::{NotifyMessage, NotifySocket};
@@ -64,6 +64,9 @@ pub(crate) struct Setup {
     pub listeners: Vec<TcpListener>,
     /// `--via socket`: the sockets of slots 1.. (slot 0's are `listeners`), per address.
     pub slot_sockets: Vec<Vec<TcpListener>>,
+    /// `--accept-threads K`: the sockets of accept threads 1.. (thread 0's are
+    /// `listeners`), per address.
+    pub accept_sockets: Vec<Vec<TcpListener>>,
     pub ends: handle::Ends,
     /// How workers receive connections (`rr`/`sticky`).
     pub via: Via,
@@ -110,9 +113,10 @@ struct Driver {
     by_pid: HashMap<u32, WorkerId>,
     journal: Journal,
     /// Route updates to the balancer (`rr`/`sticky`).
-    balancer: Option<mpsc::UnboundedSender<Update>>,
-    /// Fires when the balancer has ended, awaited at the end so its last counts are in.
-    balancer_task: Option<tokio::sync::oneshot::Receiver<()>>,
+    balancer: Option<Updates>,
+    /// Fire when the balancer's threads have ended, awaited at the end so their last
+    /// counts are in.
+    balancer_task: Option<Vec<tokio::sync::oneshot::Receiver<()>>>,
     /// The sockets Node workers may ask for (`--via node`).
     ports: Option<Arc<Ports>>,
     /// Worker messages, as supervisor inputs, from the channel readers.
@@ -135,7 +139,8 @@ pub(crate) async fn run(setup: Setup) -> Result<(), Error> {
     let notify = NotifySocket::bind().map_err(io("cannot create the notify socket"))?;
     for (index, l) in setup.listeners.iter().enumerate() {
         if let Ok(addr) = l.local_addr() {
-            info!(event = "listening", addr = %addr, index, balance = %setup.balance, "listening");
+            let accept_threads = if setup.workers_accept() { 0 } else { 1 + setup.accept_sockets.len() };
+            info!(event = "listening", addr = %addr, index, balance = %setup.balance, accept_threads, "listening");
         }
     }
     let (messages, mut message_rx) = mpsc::channel(reader::QUEUE);
@@ -175,8 +180,8 @@ pub(crate) async fn run(setup: Setup) -> Result<(), Error> {
         None => {
             // Closing the update channel ends the balancer; it counts what it still held.
             if driver.balancer.take().is_some() {
-                if let Some(task) = driver.balancer_task.take() {
-                    let _ = task.await;
+                for thread in driver.balancer_task.take().into_iter().flatten() {
+                    let _ = thread.await;
                 }
                 let c = crate::balance::BalanceCounts::from(&*driver.setup.ends.stats);
                 info!(
@@ -234,7 +239,7 @@ impl Driver {
             steering = Some(Steering::new(setup.balance, setup.workers, setup.listeners.len()));
         }
         if !setup.workers_accept() {
-            let (tx, rx) = mpsc::unbounded_channel();
+            let (tx, inboxes) = Updates::new(1 + setup.accept_sockets.len());
             if setup.via == Via::Node {
                 launcher.use_node_channel();
                 ports = Some(Arc::new(Ports::new(&addrs, give_back(&tx), setup.backlog)));
@@ -247,12 +252,14 @@ impl Driver {
             if setup.via_chosen {
                 info!(event = "via_chosen", via = %setup.via, "the command runs node: workers get connections through Node's cluster IPC (--via node)");
             }
-            let listeners = std::mem::take(&mut setup.listeners);
+            let listeners = std::iter::once(std::mem::take(&mut setup.listeners))
+                .chain(std::mem::take(&mut setup.accept_sockets))
+                .collect();
             let running = crate::balance::start(
                 setup.balance,
                 listeners,
                 setup.workers,
-                rx,
+                inboxes,
                 setup.ends.stats.clone(),
                 crate::balance::StuckReports {
                     timeout: setup.timing.stuck_timeout,
@@ -345,7 +352,7 @@ impl Driver {
                             let link = self.procs.get(&id)?.link.clone()?;
                             Some((id, link))
                         });
-                        let _ = tx.send(Update::Route { slot, worker });
+                        tx.route(slot, worker);
                     }
                     Vec::new()
                 }
@@ -517,7 +524,7 @@ impl Driver {
                 "reclaimed connections the worker never read"
             );
             if let Some(tx) = &self.balancer {
-                let _ = tx.send(Update::Reclaimed(conns));
+                tx.reclaimed(conns);
             }
         }
     }
@@ -633,7 +640,7 @@ impl Driver {
     /// `http.Serve`, say) end at once on that, cutting the requests in flight.
     fn close_listeners(&mut self) {
         if let Some(tx) = &self.balancer {
-            let _ = tx.send(Update::CloseListeners);
+            tx.close_listeners();
         }
     }
 
@@ -721,8 +728,8 @@ fn spawn_error(step: SpawnStep, e: &std::io::Error) -> SpawnError {
 
 /// What a delivery path gives back goes to the balancer's queue; nowhere once the
 /// balancer has ended (the sender is weak: workers left over never keep it alive).
-fn give_back(updates: &mpsc::UnboundedSender<Update>) -> GiveBack {
-    let updates = updates.downgrade();
+fn give_back(updates: &Updates) -> GiveBack {
+    let updates = updates.give_back_to();
     Arc::new(move |returned| {
         if let Some(updates) = updates.upgrade() {
             let _ = updates.send(match returned {

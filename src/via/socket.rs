@@ -44,11 +44,23 @@ pub(crate) fn listen_again(socket: BorrowedFd<'_>, backlog: i32) -> io::Result<(
 }
 
 /// Binds `slots` listening sockets on `addr` in one SO_REUSEPORT group, slot 0 first
-/// (a port 0 is resolved by the first and used by the rest). Blocking and
-/// close-on-exec, as `listen::bind` leaves its sockets.
+/// (a port 0 is resolved first and used by all). Blocking and close-on-exec, as
+/// `listen::bind` leaves its sockets.
+///
+/// SO_REUSEPORT would also let this group join another process's group on the same
+/// address (same user), both then serving half the clients. So the address is first
+/// bound without SO_REUSEPORT, which fails with "address in use" as a plain bind
+/// would, and released just before the group binds it.
 pub(crate) fn bind_group(addr: SocketAddr, slots: usize, backlog: i32) -> io::Result<Vec<TcpListener>> {
     let mut group: Vec<TcpListener> = Vec::with_capacity(slots);
-    let mut at = addr;
+    let mut at = {
+        let with_context = |e: io::Error| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"));
+        let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(with_context)?;
+        probe.set_reuse_address(true).map_err(with_context)?;
+        probe.bind(&addr.into()).map_err(with_context)?;
+        let at = probe.local_addr().map_err(with_context)?;
+        at.as_socket().ok_or_else(|| with_context(io::ErrorKind::InvalidData.into()))?
+    };
     for _ in 0..slots {
         let with_context = |e: io::Error| io::Error::new(e.kind(), format!("cannot listen on {at}: {e}"));
         let socket = Socket::new(Domain::for_address(at), Type::STREAM, Some(Protocol::TCP)).map_err(with_context)?;
