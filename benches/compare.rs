@@ -36,12 +36,19 @@
 //! reported but not yet among the `--strict` ones), repeating the whole cycle
 //! (A B A B …, the order rotated every repeat) so that the drift of a noisy machine
 //! cancels out, and reports every mode as the median over repeats of its ratio to the
-//! baseline of the same repeat. Last, it measures the recluster master's cost: CPU
+//! baseline of the same repeat. Then it measures the recluster master's cost: CPU
 //! time per 10,000 handed-off connections (from /proc), RSS and open fds idle and
-//! after 1,000,000 connections.
+//! after 1,000,000 connections; its accept-to-hand-over p50/p99 during `--reloads`
+//! reloads vs none, and the connections one core of master hands over per second with
+//! 1 and 2 accept threads (module `master`). `--before BIN` adds `rr@before` and
+//! `sticky@before`: the same modes run by another recluster binary (an older build),
+//! for before/after ratios from one run.
 
 #[path = "loadgen.rs"]
 mod loadgen;
+
+#[path = "compare/master.rs"]
+mod master;
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
@@ -124,6 +131,12 @@ struct Options {
     node: bool,
     haproxy: bool,
     strict: bool,
+    /// Reloads in the reload-latency section; 0 skips it.
+    reloads: u32,
+    /// Whether to measure the one-core master ceiling.
+    ceiling: bool,
+    /// Another recluster binary, for the `@before` contenders.
+    before: Option<PathBuf>,
 }
 
 impl Default for Options {
@@ -142,6 +155,9 @@ impl Default for Options {
             node: true,
             haproxy: true,
             strict: false,
+            reloads: 20,
+            ceiling: true,
+            before: None,
         }
     }
 }
@@ -162,6 +178,9 @@ const USAGE: &str = "usage: cargo bench --bench compare -- [options]
                       node-socket-rr,node-socket-sticky,node-reuseport,haproxy
   --no-node           skip every Node contender
   --no-haproxy        skip HAProxy
+  --reloads N         reloads in the accept-latency-during-reloads section (20; 0 skips it)
+  --no-ceiling        skip the one-core master ceiling (taskset; K = 1 and 2 accept threads)
+  --before BIN        also run rr and sticky with this recluster binary (rr@before, sticky@before)
   --quick             --duration 2 --warmup 0.5 --repeats 2 --master-conns 100000
   --strict            exit 1 when a target is missed";
 
@@ -202,6 +221,9 @@ fn parse_args() -> Result<Options, String> {
             "--no-node" => o.node = false,
             "--no-haproxy" => o.haproxy = false,
             "--strict" => o.strict = true,
+            "--reloads" => o.reloads = num(val()?)?,
+            "--no-ceiling" => o.ceiling = false,
+            "--before" => o.before = Some(PathBuf::from(val()?)),
             "--quick" => {
                 o.duration = Duration::from_secs(2);
                 o.warmup = Duration::from_millis(500);
@@ -257,6 +279,8 @@ impl Drop for Target {
 
 struct Env {
     recluster: PathBuf,
+    /// `--before`: another recluster binary.
+    before: Option<PathBuf>,
     http: PathBuf,
     /// target/ (or CARGO_TARGET_DIR)
     target_dir: PathBuf,
@@ -340,20 +364,60 @@ fn start_reuseport(env: &Env, name: &'static str, n: usize) -> Result<Target, St
 }
 
 /// `recluster --balance <balance>` over the HTTP worker; `socket-rr` and `socket-sticky`
-/// are `--via socket` with that balance.
+/// are `--via socket` with that balance; `rr@before` and `sticky@before` run `--before`.
 fn start_recluster(env: &Env, name: &'static str, n: usize) -> Result<Target, String> {
+    let (mode, binary) = match name.split_once('@') {
+        Some((mode, _)) => (mode, env.before.as_deref()),
+        None => (name, None),
+    };
+    let (balance, via) = match mode.strip_prefix("socket-") {
+        Some(balance) => (balance, "socket"),
+        None => (mode, "channel"),
+    };
+    let mut args = Vec::new();
+    if balance != "shared" {
+        args.extend(["--via", via]);
+    }
+    start_recluster_at(env, binary, name, balance, n, &args, &[])
+}
+
+/// `recluster --balance <balance> <extra>` over the HTTP worker, the master started
+/// through `prefix` (e.g. `taskset -c 0`).
+fn start_recluster_with(
+    env: &Env,
+    name: &'static str,
+    balance: &str,
+    n: usize,
+    extra: &[&str],
+    prefix: &[&str],
+) -> Result<Target, String> {
+    start_recluster_at(env, None, name, balance, n, extra, prefix)
+}
+
+/// [`start_recluster_with`] with `binary` instead of this build's recluster when given.
+fn start_recluster_at(
+    env: &Env,
+    binary: Option<&Path>,
+    name: &'static str,
+    balance: &str,
+    n: usize,
+    extra: &[&str],
+    prefix: &[&str],
+) -> Result<Target, String> {
     let addr = localhost(free_port().map_err(|e| e.to_string())?);
     let log = env.work.join(format!("{name}.log"));
     let file = std::fs::File::create(&log).map_err(|e| e.to_string())?;
-    let (balance, via) = match name.strip_prefix("socket-") {
-        Some(balance) => (balance, "socket"),
-        None => (name, "channel"),
+    let recluster = binary.unwrap_or(&env.recluster);
+    let mut cmd = match prefix.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(recluster);
+            c
+        }
+        None => Command::new(recluster),
     };
-    let mut cmd = Command::new(&env.recluster);
-    if balance != "shared" {
-        cmd.args(["--via", via]);
-    }
     let child = cmd
+        .args(extra)
         .args(["--workers", &n.to_string(), "--balance", balance])
         .args(["--listen", &addr.to_string(), "--log-level", "info", "--"])
         .arg(&env.http)
@@ -657,7 +721,7 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let env = match setup() {
+    let env = match setup(o.before.clone()) {
         Ok(e) => e,
         Err(e) => {
             eprintln!("compare: {e}");
@@ -668,7 +732,7 @@ fn main() {
     std::process::exit(code);
 }
 
-fn setup() -> Result<Env, String> {
+fn setup(before: Option<PathBuf>) -> Result<Env, String> {
     let recluster = PathBuf::from(env!("CARGO_BIN_EXE_recluster"));
     let bin_dir = recluster
         .parent()
@@ -691,8 +755,14 @@ fn setup() -> Result<Env, String> {
     }
     let work = target_dir.join(format!("bench-compare-{}", std::process::id()));
     std::fs::create_dir_all(&work).map_err(|e| e.to_string())?;
+    if let Some(b) = &before {
+        if !b.is_file() {
+            return Err(format!("--before {}: no such file", b.display()));
+        }
+    }
     Ok(Env {
         recluster,
+        before,
         http,
         target_dir,
         work,
@@ -733,6 +803,11 @@ fn run(o: &Options, env: &Env) -> i32 {
     }
     for mode in ["rr", "sticky", "shared", "socket-rr", "socket-sticky"] {
         if wanted(mode) {
+            add(start_recluster(env, mode, o.workers), &mut targets);
+        }
+    }
+    if env.before.is_some() {
+        for mode in ["rr@before", "sticky@before"] {
             add(start_recluster(env, mode, o.workers), &mut targets);
         }
     }
@@ -1037,6 +1112,13 @@ fn run(o: &Options, env: &Env) -> i32 {
                 None => println!("{}: no `balancer totals` line in {}", t.name, log.display()),
             }
         }
+    }
+    // The sections with masters of their own, run after the contenders have stopped.
+    if o.reloads > 0 {
+        failures.append(&mut master::reload_latency(o, env));
+    }
+    if o.ceiling {
+        failures.append(&mut master::ceiling(o, env));
     }
     let _ = std::fs::remove_dir_all(&env.work);
 
