@@ -758,3 +758,69 @@ fn an_unmodified_server_in_rr_is_told_to_use_shared() {
         );
     }
 }
+
+/// One HTTP/1.0 request for `path` to `examples/http`: the `worker=N` of its answer.
+fn http_worker_id(addr: SocketAddr, path: &str) -> Result<usize, String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(15)))
+        .map_err(|e| e.to_string())?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).map_err(|e| e.to_string())?;
+    let id = text
+        .split("worker=")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok());
+    id.ok_or(format!("no worker= in {text:?}"))
+}
+
+/// The state letter of `/proc/PID/stat` (`R` running, `S` sleeping, …).
+fn proc_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 2..].chars().next()
+}
+
+#[test]
+fn rr_sends_nothing_to_a_worker_busy_with_a_slow_request_it_has_already_read() {
+    let m = cluster("rr", 2, &[&example_bin("http").display().to_string()]);
+    let addr = m.addr();
+    let pids = m.wait_cluster_ready(2);
+    // One request that keeps its worker's only thread on the CPU for a second, after
+    // that worker has read everything it was sent: nothing unread shows it is busy.
+    let slow = std::thread::spawn(move || http_worker_id(addr, "/work?ms=1000"));
+    // Idle workers sleep in epoll_wait; the one that took it reads `R` read after read.
+    let mut busy_pid = None;
+    let spinning = poll_until(DEADLINE, || {
+        busy_pid = pids
+            .values()
+            .copied()
+            .find(|&p| (0..3).all(|_| proc_state(p) == Some('R')));
+        busy_pid.is_some()
+    });
+    assert!(spinning, "no worker started spinning");
+    let busy_pid = busy_pid.unwrap();
+    let busy_slot = *pids.iter().find(|(_, &p)| p == busy_pid).unwrap().0;
+    // Plain rotation (and a look at unread bytes alone) would send every other one of
+    // these to the spinning worker, to wait for its second of work.
+    let mut served_by = Vec::new();
+    for _ in 0..6 {
+        if proc_state(busy_pid) != Some('R') {
+            break; // the slow request is over: what follows proves nothing more
+        }
+        served_by.push(http_worker_id(addr, "/").expect("fast request"));
+    }
+    let slow_by = slow.join().unwrap().expect("slow request");
+    println!("slow request on worker {slow_by} (slot {busy_slot}); fast ones on {served_by:?}");
+    assert_eq!(slow_by, busy_slot);
+    assert!(
+        served_by.len() >= 3,
+        "too few requests while it spun: {served_by:?}"
+    );
+    assert!(
+        served_by.iter().all(|&id| id != busy_slot),
+        "a fast request went to the spinning worker: {served_by:?}"
+    );
+}

@@ -58,6 +58,7 @@ use crate::via::channel::Conn;
 use crate::via::Link;
 
 mod router;
+pub(crate) mod running;
 mod sticky;
 pub(crate) mod steer;
 pub(crate) mod stuck;
@@ -177,6 +178,8 @@ pub(crate) enum Update {
     Route {
         slot: usize,
         worker: Option<(WorkerId, Link)>,
+        /// The worker's run state (`rr`; see [`running`]).
+        running: Option<Arc<running::RunState>>,
     },
     /// A listening socket bound after the start (a Node worker asked for its port):
     /// accept on it too, as listener number `listeners.len()`.
@@ -259,8 +262,15 @@ pub(crate) struct Balancer {
     /// Slots found full during the current dispatch.
     full: Vec<bool>,
     /// How far behind each slot's worker was when this accept pass began (`rr`: see
-    /// [`Router::choose_idle`]).
+    /// [`Router::choose_idle`]): 4 × its unread bytes; with nothing unread, 1 when it
+    /// is on a CPU, 2 when it is on a CPU and was handed nothing for [`running::RECENT`].
     backlogs: Vec<usize>,
+    /// Each slot's worker's run state (`rr`).
+    running: Vec<Option<Arc<running::RunState>>>,
+    /// When each slot was last handed a connection (by this thread).
+    last_handed: Vec<Instant>,
+    /// The slot where the next pass starts reading run states.
+    probe_from: usize,
     parked: VecDeque<Parked>,
     text: Vec<u8>,
     raw: Vec<RawFd>,
@@ -330,6 +340,9 @@ impl Balancer {
             batches: (0..slots).map(|_| Vec::with_capacity(MAX_FDS)).collect(),
             full: vec![false; slots],
             backlogs: vec![0; slots],
+            running: vec![None; slots],
+            last_handed: vec![Instant::now(); slots],
+            probe_from: 0,
             parked: VecDeque::new(),
             text: Vec::with_capacity(channel::MAX_MASTER_MESSAGE),
             raw: Vec::with_capacity(MAX_FDS),
@@ -396,7 +409,12 @@ impl Balancer {
 
     fn update(&mut self, update: Update) {
         match update {
-            Update::Route { slot, worker } => {
+            Update::Route {
+                slot,
+                worker,
+                running,
+            } => {
+                self.running[slot] = running;
                 // A new worker may take what is held back: retry soon again.
                 self.park_retry = PARK_RETRY;
                 self.router.set_ready(slot, worker.is_some());
@@ -443,9 +461,7 @@ impl Balancer {
     fn accept(&mut self, index: usize) {
         let now = Instant::now();
         if self.mode == Balance::RoundRobin {
-            for (slot, link) in self.table.iter().enumerate() {
-                self.backlogs[slot] = link.as_ref().map_or(0, Link::backlog);
-            }
+            self.read_backlogs(now);
         }
         let mut accepted = 0;
         let mut out_of_fds = None;
@@ -507,6 +523,32 @@ impl Balancer {
                 self.pause_for_fds(&e, now);
             }
         }
+    }
+
+    /// `rr`: how far behind each worker is as this pass begins (see `backlogs`): one
+    /// SIOCOUTQ per worker, and the run state of at most [`running::PROBES_PER_PASS`]
+    /// of those with nothing unread.
+    fn read_backlogs(&mut self, now: Instant) {
+        let n = self.table.len();
+        let mut probes = 0;
+        for i in 0..n {
+            let slot = (self.probe_from + i) % n;
+            let Some(link) = &self.table[slot] else {
+                continue;
+            };
+            let unread = link.backlog();
+            let mut busy = false;
+            if unread == 0 && probes < running::PROBES_PER_PASS {
+                if let Some(state) = &self.running[slot] {
+                    probes += 1;
+                    busy = state.running();
+                }
+            }
+            // On a CPU with nothing handed to it lately: busy with something long.
+            let long = busy && now.saturating_duration_since(self.last_handed[slot]) >= running::RECENT;
+            self.backlogs[slot] = 4 * unread + usize::from(busy) + usize::from(long);
+        }
+        self.probe_from = (self.probe_from + running::PROBES_PER_PASS) % n.max(1);
     }
 
     /// Looks at every active worker's queue; reports the ones stuck (see [`stuck`]).
@@ -581,9 +623,9 @@ impl Balancer {
             },
             _ => {
                 // Join the idle queue: what a worker has not read yet, plus what this
-                // pass already gave it.
+                // pass already gave it (in the same units as `backlogs`).
                 let (backlogs, batches) = (&self.backlogs, &self.batches);
-                self.router.choose_idle(|s| full[s], |s| backlogs[s] + batches[s].len())
+                self.router.choose_idle(|s| full[s], |s| backlogs[s] + 4 * batches[s].len())
             }
         };
         match slot {
@@ -654,6 +696,7 @@ impl Balancer {
             Ok(()) => {
                 self.count_handed(self.batches[slot].len() as u64);
                 let sent = Instant::now();
+                self.last_handed[slot] = sent;
                 for c in &self.batches[slot] {
                     self.stats.handoff.record(sent.saturating_duration_since(c.since));
                 }

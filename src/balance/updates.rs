@@ -6,8 +6,11 @@
 //! a socket a Node worker asked for — goes to the first thread, which is also the one
 //! that watches for stuck workers.
 
+use std::sync::Arc;
+
 use tokio::sync::mpsc;
 
+use super::running::RunState;
 use super::Update;
 use crate::supervisor::WorkerId;
 use crate::via::channel::Conn;
@@ -30,11 +33,12 @@ impl Updates {
     }
 
     /// The slot's active worker changed: every thread routes to it, or nowhere.
-    pub fn route(&self, slot: usize, worker: Option<(WorkerId, Link)>) {
+    pub fn route(&self, slot: usize, worker: Option<(WorkerId, Link)>, running: Option<Arc<RunState>>) {
         for t in &self.threads {
             let _ = t.send(Update::Route {
                 slot,
                 worker: worker.clone(),
+                running: running.clone(),
             });
         }
     }

@@ -348,11 +348,14 @@ impl Driver {
                         }
                     }
                     if let Some(tx) = &self.balancer {
-                        let worker = worker.and_then(|id| {
-                            let link = self.procs.get(&id)?.link.clone()?;
-                            Some((id, link))
-                        });
-                        tx.route(slot, worker);
+                        let proc = worker.and_then(|id| Some((id, self.procs.get(&id)?)));
+                        // `rr` prefers workers that sleep to ones on a CPU (balance::running).
+                        let running = proc
+                            .filter(|_| self.setup.balance == Balance::RoundRobin)
+                            .and_then(|(_, p)| crate::balance::running::RunState::open(p.pid))
+                            .map(Arc::new);
+                        let worker = proc.and_then(|(id, p)| Some((id, p.link.clone()?)));
+                        tx.route(slot, worker, running);
                     }
                     Vec::new()
                 }
