@@ -304,7 +304,7 @@ impl Cluster {
     /// each worker's `PR_SET_PDEATHSIG` to that *thread*: poll it from a thread that
     /// lives as long as the cluster (a tokio runtime's own threads do; a
     /// `spawn_blocking` thread, retired when idle, does not). Accepting runs on a
-    /// thread of its own, so forking never delays it.
+    /// thread of its own (or `accept_threads` of them), so forking never delays it.
     pub async fn run(self) -> Result<(), Error> {
         crate::runtime::run(self.setup).await
     }
