@@ -29,7 +29,7 @@ pub struct ClusterBuilder {
     timing: Timing,
     stop_signal: Signal,
     backlog: i32,
-    accept_threads: usize,
+    accept_threads: Option<usize>,
     subreaper: bool,
     cgroups: bool,
 }
@@ -126,10 +126,11 @@ impl ClusterBuilder {
     }
 
     /// Threads that accept and hand connections over in `rr`/`sticky` with the worker
-    /// channel or Node's IPC (default: one per 4 cores, at least 1). With more than one, each listen address is
-    /// bound as a SO_REUSEPORT group of that many sockets, one per thread.
+    /// channel or Node's IPC (default: one per 4 cores, at least 1, at most one per
+    /// worker); all of them accept on the same listening sockets. Ignored in `shared`
+    /// and under `--via socket`, where workers accept.
     pub fn accept_threads(mut self, k: usize) -> Self {
-        self.accept_threads = k.max(1);
+        self.accept_threads = Some(k.max(1));
         self
     }
 
@@ -173,21 +174,12 @@ impl ClusterBuilder {
         // Several accept threads: thread k's sockets for k >= 1, as `slot_sockets`.
         let threads = match (self.balance, via) {
             (Balance::Shared, _) | (_, Via::Socket) => 1,
-            _ => self.accept_threads,
+            _ => self
+                .accept_threads
+                .unwrap_or_else(|| config::default_accept_threads().min(self.workers)),
         };
-        let mut accept_sockets: Vec<Vec<std::net::TcpListener>> = Vec::new();
+        let mut accept_sockets: Vec<Vec<std::net::TcpListener>> = (1..threads).map(|_| Vec::new()).collect();
         for addr in addrs {
-            if threads > 1 {
-                let mut group = crate::via::socket::bind_group(addr, threads, self.backlog)
-                    .map_err(|source| Error::Listen { addr, source })?
-                    .into_iter();
-                listeners.extend(group.next());
-                accept_sockets.resize_with(threads - 1, Vec::new);
-                for (thread, socket) in accept_sockets.iter_mut().zip(group) {
-                    thread.push(socket);
-                }
-                continue;
-            }
             if via == Via::Socket && self.balance != Balance::Shared {
                 let mut group = crate::via::socket::bind_group(addr, self.workers, self.backlog)
                     .map_err(|source| Error::Listen { addr, source })?
@@ -201,6 +193,12 @@ impl ClusterBuilder {
             }
             let l = crate::listen::bind(addr, self.backlog)
                 .map_err(|source| Error::Listen { addr, source })?;
+            // Every accept thread accepts on the same socket (a duplicate descriptor):
+            // one accept queue, owned as with one thread (see `balance`).
+            for thread in &mut accept_sockets {
+                let copy = l.try_clone().map_err(|source| Error::Listen { addr, source })?;
+                thread.push(copy);
+            }
             listeners.push(l);
         }
         let (handle, ends) = crate::runtime::handle::pair();
@@ -275,7 +273,7 @@ impl Cluster {
             timing: Timing::default(),
             stop_signal: Signal::SIGTERM,
             backlog: config::DEFAULT_BACKLOG,
-            accept_threads: config::default_accept_threads(),
+            accept_threads: None,
             subreaper: std::process::id() == 1,
             cgroups: true,
         }

@@ -140,13 +140,10 @@ fn rr_shares(accept_threads: usize) {
     }
     println!("rr, 2000 sequential connections over 4 workers, {k} accept threads: {per_id:?}");
     assert_eq!(per_id.keys().copied().collect::<Vec<_>>(), vec![0, 1, 2, 3]);
-    // Each thread rotates evenly over its own share: at most one off per thread.
-    let spread = accept_threads as u32;
+    // Each thread rotates evenly over its own share; a worker still on a CPU when its
+    // turn comes (a busy machine) is passed over for a sleeping one: within 5 %.
     for (id, n) in &per_id {
-        assert!(
-            (500 - spread..=500 + spread).contains(n),
-            "worker {id} got {n}: {per_id:?}"
-        );
+        assert!((475..=525).contains(n), "worker {id} got {n}: {per_id:?}");
     }
     if accept_threads > 1 {
         m.signal(Signal::SIGTERM);
@@ -378,17 +375,17 @@ fn two_accept_threads_keep_sticky_exact_and_fail_no_connection_in_20_reloads() {
     m.expect_exit(DEADLINE);
     let threads = accept_thread_totals(&m, 2);
     println!("sticky, 2 accept threads, (accepted, handed) per thread: {threads:?}");
-    // The kernel spreads connections over the group by their 4-tuple hash, so each
-    // thread carries a real share of them, and their clients still stay on one worker.
+    // Whichever thread is free takes the next connection from the one queue, so each
+    // carries a real share of them, and their clients still stay on one worker.
     let all: u64 = threads.iter().map(|t| t.1).sum();
     assert!(
-        threads.iter().all(|&(_, handed)| handed * 5 >= all),
-        "a thread carried under a fifth: {threads:?}"
+        threads.iter().all(|&(_, handed)| handed * 20 >= all),
+        "a thread carried under 5 %: {threads:?}"
     );
 }
 
 #[test]
-fn a_second_master_on_the_same_address_is_refused_with_accept_threads_too() {
+fn no_second_master_or_socket_can_join_the_address_of_two_accept_threads() {
     let first = cluster_with("rr", 1, &[&echo()], &["--accept-threads", "2"]);
     let addr = first.addr();
     first.wait_cluster_ready(1);
@@ -411,6 +408,21 @@ fn a_second_master_on_the_same_address_is_refused_with_accept_threads_too() {
         stderr.contains(&format!("cannot listen on {addr}")),
         "{stderr}"
     );
+    // Nor may any other socket join the port, SO_REUSEPORT or not.
+    for reuseport in [false, true] {
+        let intruder =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        intruder.set_reuse_address(true).unwrap();
+        intruder.set_reuse_port(reuseport).unwrap();
+        let err = intruder
+            .bind(&addr.into())
+            .expect_err("a second socket bound the port");
+        assert_eq!(
+            err.kind(),
+            std::io::ErrorKind::AddrInUse,
+            "SO_REUSEPORT {reuseport}: {err}"
+        );
+    }
     let still = ask(addr, None).expect("the first master still serves");
     assert_eq!(still.pid, first.ready_workers(1)[&0]);
 }

@@ -7,11 +7,17 @@
 //! ([`Updates`]). The supervisor never learns how connections travel; the balancer
 //! never decides who is ready.
 //!
-//! With more than one thread, each listen address is one SO_REUSEPORT group with a
-//! socket per thread, and the kernel spreads new connections over the threads. Nothing
-//! on the hot path is shared but the counters (relaxed atomics) and a worker channel's
-//! send lock (uncontended unless two threads send to one worker at the same instant;
-//! a `SOCK_SEQPACKET` message goes whole, so their records never interleave). `sticky`
+//! With more than one thread, every thread accepts on the same listening sockets (each
+//! holds a duplicate descriptor, registered with its own runtime): one accept queue per
+//! address, so whichever thread is free takes the next connection, and the port is
+//! owned exactly as with one thread. (A SO_REUSEPORT group of one socket per thread
+//! was tried first: any process of the same user could join the group later and take
+//! a share of the clients, and two masters started at the same instant could both
+//! bind it.) A connection wakes every thread that sleeps in `epoll_wait`; the ones
+//! that lose the race get `EAGAIN` once. Nothing on the hot path is shared but that
+//! queue, the counters (relaxed atomics) and a worker channel's send lock
+//! (uncontended unless two threads send to one worker at the same instant; a
+//! `SOCK_SEQPACKET` message goes whole, so their records never interleave). `sticky`
 //! stays exact because every thread hashes over the same ready set; `rr` stays even
 //! because every thread rotates over all the ready slots (starting at different ones)
 //! and joins the idle queue from the same kernel counters.
@@ -262,8 +268,9 @@ pub(crate) struct Balancer {
     /// Slots found full during the current dispatch.
     full: Vec<bool>,
     /// How far behind each slot's worker was when this accept pass began (`rr`: see
-    /// [`Router::choose_idle`]): 4 × its unread bytes; with nothing unread, 1 when it
-    /// is on a CPU, 2 when it is on a CPU and was handed nothing for [`running::RECENT`].
+    /// [`Router::choose_idle`]): with nothing unread, 0 when it sleeps, else
+    /// [`running::busy_rank`]; with something unread, [`running::BEHIND`] + its unread
+    /// bytes (or, under Node, connections).
     backlogs: Vec<usize>,
     /// Each slot's worker's run state (`rr`).
     running: Vec<Option<Arc<running::RunState>>>,
@@ -288,6 +295,8 @@ pub(crate) struct Balancer {
     handed_here: u64,
     /// Connections this thread accepted.
     accepted_here: u64,
+    /// Connections given back to this thread to hand out again.
+    reclaimed_here: u64,
     /// This accept thread's number (0 for the first).
     thread: usize,
 }
@@ -355,6 +364,7 @@ impl Balancer {
             park_retry: PARK_RETRY,
             handed_here: 0,
             accepted_here: 0,
+            reclaimed_here: 0,
             thread,
         })
     }
@@ -385,8 +395,8 @@ impl Balancer {
                     Some(u) => self.update(u),
                     None => {
                         info!(event = "accept_thread_totals", thread = self.thread,
-                            accepted = self.accepted_here, handed = self.handed_here,
-                            "accept thread ended");
+                            accepted = self.accepted_here, reclaimed = self.reclaimed_here,
+                            handed = self.handed_here, "accept thread ended");
                         return self.close_held();
                     }
                 },
@@ -424,6 +434,7 @@ impl Balancer {
                 self.table[slot] = channel;
             }
             Update::Reclaimed(conns) => {
+                self.reclaimed_here += conns.len() as u64;
                 BalanceStats::add(&self.stats.reclaimed, conns.len() as u64);
                 let now = Instant::now();
                 for conn in conns {
@@ -545,8 +556,13 @@ impl Balancer {
                 }
             }
             // On a CPU with nothing handed to it lately: busy with something long.
-            let long = busy && now.saturating_duration_since(self.last_handed[slot]) >= running::RECENT;
-            self.backlogs[slot] = 4 * unread + usize::from(busy) + usize::from(long);
+            self.backlogs[slot] = if unread > 0 {
+                running::BEHIND + unread
+            } else if busy {
+                running::busy_rank(now.saturating_duration_since(self.last_handed[slot]))
+            } else {
+                0
+            };
         }
         self.probe_from = (self.probe_from + running::PROBES_PER_PASS) % n.max(1);
     }

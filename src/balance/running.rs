@@ -8,9 +8,9 @@
 //! to it waits for that request. The kernel knows the difference: the state letter of
 //! `/proc/PID/stat` is `R` while the worker's main thread runs or waits for a CPU, and
 //! `S` while it sleeps (in `epoll_wait`, on an idle event loop). So among workers with
-//! nothing unread, `rr` prefers the sleeping ones, then those on a CPU that were handed
-//! a connection within [`RECENT`] (probably finishing it), and last those on a CPU that
-//! were handed nothing for longer (busy with something long).
+//! nothing unread, `rr` prefers the sleeping ones, then those on a CPU, the one handed a
+//! connection most recently first ([`busy_rank`]: it is probably finishing that one;
+//! one handed nothing for long is busy with something long).
 //!
 //! Cost: one `pread` of a descriptor opened once per worker (the kernel formats the
 //! line; about a microsecond), for at most [`PROBES_PER_PASS`] workers per accept pass,
@@ -22,10 +22,20 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::time::Duration;
 
-/// A worker on a CPU that was handed a connection less than this long ago is probably
-/// serving it; one handed nothing for longer is busy with something long, and ranks
-/// behind it.
+/// A worker on a CPU ranks behind sleeping ones by one step per this much time since
+/// it was last handed a connection: one handed a connection just now is probably
+/// serving it, one handed nothing for long is busy with something long.
 pub const RECENT: Duration = Duration::from_millis(1);
+
+/// The rank of a worker with something unread: behind every worker with nothing unread.
+pub const BEHIND: usize = 128;
+
+/// The rank of a worker on a CPU with nothing unread, handed its last connection
+/// `since` ago: 1 (just now) to 65, always ahead of [`BEHIND`].
+pub fn busy_rank(since: Duration) -> usize {
+    let steps = since.as_micros() / RECENT.as_micros().max(1);
+    1 + steps.min(64) as usize
+}
 
 /// Most workers whose state one accept pass reads (the rest count as sleeping).
 pub const PROBES_PER_PASS: usize = 8;

@@ -86,9 +86,10 @@ pub struct Options {
     #[arg(long, env = "RECLUSTER_STOP_SIGNAL", default_value = "TERM", value_parser = parse_signal)]
     pub stop_signal: Signal,
 
-    /// Threads that accept and hand connections over (rr, sticky); each has its own
-    /// socket of a SO_REUSEPORT group per address [default: one per 4 cores, at least 1]
-    #[arg(long, env = "RECLUSTER_ACCEPT_THREADS", value_name = "K", value_parser = clap::value_parser!(u16).range(1..=256))]
+    /// Master threads that accept and hand connections over, all on the same sockets
+    /// (rr, sticky; not with --via socket) [default: one per 4 cores, at least 1, at
+    /// most --workers]
+    #[arg(long, env = "RECLUSTER_ACCEPT_THREADS", value_name = "K", value_parser = clap::value_parser!(u16).range(1..=64))]
     pub accept_threads: Option<u16>,
 
     /// Listen backlog of the sockets the master binds
@@ -240,8 +241,14 @@ pub fn main() -> i32 {
         .stuck_timeout(opts.stuck_timeout)
         .stop_signal(opts.stop_signal)
         .backlog(opts.backlog)
-        .accept_threads(opts.accept_threads.map_or_else(config::default_accept_threads, usize::from))
         .cgroups(opts.cgroups);
+    if let Some(k) = opts.accept_threads {
+        if opts.balance == Balance::Shared || opts.via == Some(Via::Socket) {
+            tracing::warn!(event = "accept_threads_ignored", accept_threads = k,
+                "--accept-threads has no effect here: workers accept themselves (shared, --via socket)");
+        }
+        builder = builder.accept_threads(k.into());
+    }
     if let Some(on) = opts.subreaper {
         builder = builder.subreaper(on);
     }
