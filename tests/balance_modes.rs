@@ -140,10 +140,12 @@ fn rr_shares(accept_threads: usize) {
     }
     println!("rr, 2000 sequential connections over 4 workers, {k} accept threads: {per_id:?}");
     assert_eq!(per_id.keys().copied().collect::<Vec<_>>(), vec![0, 1, 2, 3]);
-    // Each thread rotates evenly over its own share; a worker still on a CPU when its
-    // turn comes (a busy machine) is passed over for a sleeping one: within 5 %.
+    // Each thread rotates over all workers; one that ran for over a quarter of the last
+    // few milliseconds when its turn comes (likely on a busy machine: the other tests)
+    // is passed over for an idler one. Rotation among equals is exact (router's unit
+    // tests); here, within 15 %.
     for (id, n) in &per_id {
-        assert!((475..=525).contains(n), "worker {id} got {n}: {per_id:?}");
+        assert!((425..=575).contains(n), "worker {id} got {n}: {per_id:?}");
     }
     if accept_threads > 1 {
         m.signal(Signal::SIGTERM);
@@ -789,10 +791,12 @@ fn http_worker_id(addr: SocketAddr, path: &str) -> Result<usize, String> {
     id.ok_or(format!("no worker= in {text:?}"))
 }
 
-/// The state letter of `/proc/PID/stat` (`R` running, `S` sleeping, …).
-fn proc_state(pid: u32) -> Option<char> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat[stat.rfind(')')? + 2..].chars().next()
+/// Nanoseconds process `pid`'s main thread has run (`/proc/PID/schedstat`); 0 if gone.
+fn run_ns(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/schedstat"))
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 #[test]
@@ -800,16 +804,22 @@ fn rr_sends_nothing_to_a_worker_busy_with_a_slow_request_it_has_already_read() {
     let m = cluster("rr", 2, &[&example_bin("http").display().to_string()]);
     let addr = m.addr();
     let pids = m.wait_cluster_ready(2);
+    // Warm: a worker's first connection costs it milliseconds (it looks busy meanwhile).
+    for _ in 0..4 {
+        http_worker_id(addr, "/").expect("warm-up request");
+    }
     // One request that keeps its worker's only thread on the CPU for a second, after
     // that worker has read everything it was sent: nothing unread shows it is busy.
+    let sent = Instant::now();
     let slow = std::thread::spawn(move || http_worker_id(addr, "/work?ms=1000"));
-    // Idle workers sleep in epoll_wait; the one that took it reads `R` read after read.
+    // Idle workers sleep in epoll_wait; the one that took it runs: its run time grows.
+    let start: BTreeMap<u32, u64> = pids.values().map(|&p| (p, run_ns(p))).collect();
     let mut busy_pid = None;
     let spinning = poll_until(DEADLINE, || {
-        busy_pid = pids
-            .values()
-            .copied()
-            .find(|&p| (0..3).all(|_| proc_state(p) == Some('R')));
+        busy_pid = start
+            .iter()
+            .find(|(&p, &t0)| run_ns(p) >= t0 + 20_000_000)
+            .map(|(&p, _)| p);
         busy_pid.is_some()
     });
     assert!(spinning, "no worker started spinning");
@@ -817,11 +827,9 @@ fn rr_sends_nothing_to_a_worker_busy_with_a_slow_request_it_has_already_read() {
     let busy_slot = *pids.iter().find(|(_, &p)| p == busy_pid).unwrap().0;
     // Plain rotation (and a look at unread bytes alone) would send every other one of
     // these to the spinning worker, to wait for its second of work.
+    // Only while the second of work surely goes on: it began after `sent`.
     let mut served_by = Vec::new();
-    for _ in 0..6 {
-        if proc_state(busy_pid) != Some('R') {
-            break; // the slow request is over: what follows proves nothing more
-        }
+    while served_by.len() < 6 && sent.elapsed() < Duration::from_millis(500) {
         served_by.push(http_worker_id(addr, "/").expect("fast request"));
     }
     let slow_by = slow.join().unwrap().expect("slow request");

@@ -6,13 +6,15 @@
 //!   accept-to-hand-over histogram (`handoff_p50_us`/`handoff_p99_us` of its
 //!   `balancer_totals` line, buckets within 25 %) is read at the end of each.
 //! * **Ceiling** ([`ceiling`]): the master pinned to CPU 0 (`taskset`), the workers and
-//!   the load generator to CPU 1, `rr` with `--accept-threads` 1 then 2. The master's
-//!   CPU time per connection (all its threads, from /proc) gives the connections one
-//!   core of master can hand over per second; each CPU's busy share (from /proc/stat)
-//!   says which side ran out first. On two CPUs the workers' side usually does, so the
-//!   ceiling is `1 / CPU per connection` of a master that is not saturated: that is
-//!   what a machine with enough cores for workers and clients would reach.
+//!   the load generator to CPU 1, `rr` with `--accept-threads` 1 then 2. On two CPUs
+//!   the workers' side runs out first, so each run is made twice: once with the master
+//!   held to a quarter of CPU 0 by a cgroup CPU quota, which makes it the bottleneck
+//!   (the share of throttled periods shows it was), and once without. The master's CPU
+//!   time per connection (all its threads, from /proc) in the saturated run gives the
+//!   connections one whole core of master hands over per second; the unlimited run
+//!   shows the cost when the master mostly waits (a wake-up per few connections).
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -134,6 +136,67 @@ pub fn reload_latency(o: &Options, env: &Env) -> Vec<String> {
     failures
 }
 
+/// A CPU quota for one process (cgroup v1 `cpu` or v2 `cpu.max`), removed on drop.
+struct Quota {
+    dir: PathBuf,
+    v2: bool,
+}
+
+impl Quota {
+    /// Limits process `pid` (all its threads) to `share` of one CPU, in 10 ms periods.
+    fn limit(pid: u32, share: f64) -> Result<Quota, String> {
+        let period = 10_000u64;
+        let quota = ((period as f64) * share) as u64;
+        let v1 = Path::new("/sys/fs/cgroup/cpu/cpu.cfs_quota_us");
+        let (dir, v2) = if v1.exists() {
+            (
+                PathBuf::from(format!("/sys/fs/cgroup/cpu/recluster-ceiling-{pid}")),
+                false,
+            )
+        } else if std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers")
+            .is_ok_and(|c| c.split_whitespace().any(|x| x == "cpu"))
+        {
+            (
+                PathBuf::from(format!("/sys/fs/cgroup/recluster-ceiling-{pid}")),
+                true,
+            )
+        } else {
+            return Err("no cgroup cpu controller to limit the master with".into());
+        };
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let q = Quota { dir, v2 };
+        let write = |file: &str, value: String| {
+            std::fs::write(q.dir.join(file), value).map_err(|e| format!("{file}: {e}"))
+        };
+        if q.v2 {
+            write("cpu.max", format!("{quota} {period}"))?;
+        } else {
+            write("cpu.cfs_period_us", period.to_string())?;
+            write("cpu.cfs_quota_us", quota.to_string())?;
+        }
+        write("cgroup.procs", pid.to_string())?;
+        Ok(q)
+    }
+
+    /// (periods, throttled periods) so far.
+    fn throttled(&self) -> (u64, u64) {
+        let stat = std::fs::read_to_string(self.dir.join("cpu.stat")).unwrap_or_default();
+        let get = |key: &str| {
+            stat.lines()
+                .find_map(|l| l.strip_prefix(key)?.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        (get("nr_periods "), get("nr_throttled "))
+    }
+}
+
+impl Drop for Quota {
+    fn drop(&mut self) {
+        // The master has exited by now (or is killed with its target): the group is empty.
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
 /// Busy and total jiffies of each CPU, from /proc/stat.
 fn cpu_jiffies() -> Vec<(u64, u64)> {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
@@ -166,11 +229,17 @@ fn pin_to(cpus: &[usize]) {
     }
 }
 
+/// The master's share of one CPU in the saturated runs of [`ceiling`].
+const CEILING_SHARE: f64 = 0.1;
+
 /// The master's CPU per connection and the resulting one-core ceiling, K = 1 and 2.
 pub fn ceiling(o: &Options, env: &Env) -> Vec<String> {
     let mut failures = Vec::new();
     println!();
-    println!("## One-core master ceiling (rr, master on CPU 0, {} workers and the load generator on CPU 1, conn load)", o.workers);
+    println!(
+        "## One-core master ceiling (rr, conn load; master on CPU 0, {} workers and the load generator on CPU 1)",
+        o.workers
+    );
     println!();
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let taskset = Command::new("taskset")
@@ -181,96 +250,167 @@ pub fn ceiling(o: &Options, env: &Env) -> Vec<String> {
         println!("skipped: needs 2 CPUs and taskset (have {cpus} CPUs, taskset: {taskset})");
         return failures;
     }
-    println!("| accept threads | conns/s | master CPU µs / conn | master busy % of CPU 0 | CPU 0 busy % | CPU 1 busy % | ceiling conns/s per master core |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "Saturated: the master limited to {:.0} % of CPU 0 (a cgroup CPU quota), so that it, not the workers' CPU, sets the pace; \
+         its CPU per connection at saturation gives the connections one whole core of master hands over per second. \
+         Unlimited: the same without the quota (the master mostly waits, one wake-up per few connections).",
+        CEILING_SHARE * 100.0
+    );
+    println!();
+    println!("| accept threads | master CPU | conns/s | periods throttled % | master CPU µs / conn | conns/s per master core | CPU 0 busy % | CPU 1 busy % |");
+    println!("|---:|---|---:|---:|---:|---:|---:|---:|");
     let all: Vec<usize> = (0..cpus).collect();
+    // Saturated µs per connection, K = 1 and 2.
     let mut per_conn = [Vec::new(), Vec::new()];
     for _ in 0..o.repeats {
         for (ki, k) in [1usize, 2].into_iter().enumerate() {
-            let name = if k == 1 { "ceiling-k1" } else { "ceiling-k2" };
-            let threads = k.to_string();
-            let started = start_recluster_with(
-                env,
-                name,
-                "rr",
-                o.workers,
-                &["--accept-threads", &threads],
-                &["taskset", "-c", "0"],
-            );
-            let mut t = match started {
-                Ok(t) => t,
-                Err(e) => {
-                    failures.push(format!("ceiling: {e}"));
-                    continue;
+            for limited in [true, false] {
+                match ceiling_run(o, env, k, limited, &all) {
+                    Ok(r) => {
+                        println!(
+                            "| {k} | {} | {:.0} | {} | {:.1} | {:.0} | {:.0} | {:.0} |",
+                            if limited {
+                                format!("{:.0} % of a core", CEILING_SHARE * 100.0)
+                            } else {
+                                "unlimited".into()
+                            },
+                            r.rps,
+                            r.throttled_pct.map_or("-".into(), |t| format!("{t:.0}")),
+                            r.us_per_conn,
+                            1e6 / r.us_per_conn,
+                            r.busy[0],
+                            r.busy[1]
+                        );
+                        if limited {
+                            per_conn[ki].push(r.us_per_conn);
+                        }
+                        if r.errors > 0 {
+                            failures.push(format!("ceiling K={k}: {} errors", r.errors));
+                        }
+                    }
+                    Err(e) => {
+                        println!(
+                            "| {k} | {} | skipped: {e} |",
+                            if limited { "limited" } else { "unlimited" }
+                        );
+                        if !limited {
+                            failures.push(format!("ceiling K={k}: {e}"));
+                        }
+                    }
                 }
-            };
-            let pid = t.master.unwrap_or(0);
-            let cfg = loadgen::Config {
-                addr: t.addr,
-                load: Load::Conn,
-                clients: o.clients,
-                warmup: o.warmup,
-                duration: o.duration,
-                requests: None,
-                sources: o.sources,
-                timeout: Duration::from_secs(2),
-                threads: 1,
-                slow_every: 0,
-                slow_ms: 0,
-            };
-            // The workers were forked by the master, on its CPU: move them to CPU 1.
-            let _ = Command::new("sh")
-                .arg("-c")
-                .arg(format!(
-                    "for p in $(pgrep -P {pid}); do taskset -a -p -c 1 $p >/dev/null; done"
-                ))
-                .status();
-            pin_to(&[1]);
-            let (cpu0, jiffies0, at0) = (cpu_secs(pid), cpu_jiffies(), Instant::now());
-            let report = loadgen::run(&cfg);
-            let (cpu1, jiffies1, elapsed) = (cpu_secs(pid), cpu_jiffies(), at0.elapsed());
-            pin_to(&all);
-            t.stop();
-            let report = match report {
-                Ok(r) => r,
-                Err(e) => {
-                    failures.push(format!("ceiling: load generator: {e}"));
-                    continue;
-                }
-            };
-            let (Some(c0), Some(c1)) = (cpu0, cpu1) else {
-                continue;
-            };
-            // The warm-up ran inside the window too: count its connections by rate.
-            let conns = report.connections as f64 * elapsed.as_secs_f64()
-                / report.elapsed.as_secs_f64().max(1e-9);
-            let us = (c1 - c0) * 1e6 / conns.max(1.0);
-            let busy = |cpu: usize| {
-                let (b0, t0) = jiffies0.get(cpu).copied().unwrap_or((0, 1));
-                let (b1, t1) = jiffies1.get(cpu).copied().unwrap_or((0, 1));
-                100.0 * (b1 - b0) as f64 / (t1 - t0).max(1) as f64
-            };
-            println!(
-                "| {k} | {:.0} | {us:.1} | {:.0} | {:.0} | {:.0} | {:.0} |",
-                report.rps(),
-                100.0 * (c1 - c0) / elapsed.as_secs_f64(),
-                busy(0),
-                busy(1),
-                1e6 / us
-            );
-            if report.errors.total() > 0 {
-                failures.push(format!("ceiling K={k}: errors {}", report.errors));
             }
-            per_conn[ki].push(us);
         }
     }
     let (k1, k2) = (median(per_conn[0].clone()), median(per_conn[1].clone()));
     println!();
     println!(
-        "median master CPU per connection: K=1 {k1:.1} µs ({:.0} conns/s per core), K=2 {k2:.1} µs ({:.0} conns/s per core); K=2 / K=1 = {:.2}",
+        "one-core master ceiling (saturated, median): K=1 {k1:.1} µs per connection = {:.0} conns/s per core; K=2 {k2:.1} µs = {:.0} conns/s per core; K=2 / K=1 cost = {:.2}",
         1e6 / k1,
         1e6 / k2,
         k2 / k1
     );
     failures
+}
+
+/// What one ceiling run measured.
+struct CeilingRun {
+    rps: f64,
+    us_per_conn: f64,
+    throttled_pct: Option<f64>,
+    busy: [f64; 2],
+    errors: u64,
+}
+
+/// One run of [`ceiling`]: `k` accept threads, the master limited to
+/// [`CEILING_SHARE`] of CPU 0 or not.
+fn ceiling_run(
+    o: &Options,
+    env: &Env,
+    k: usize,
+    limited: bool,
+    all: &[usize],
+) -> Result<CeilingRun, String> {
+    let name = match (k, limited) {
+        (1, true) => "ceiling-k1-limited",
+        (1, false) => "ceiling-k1",
+        (_, true) => "ceiling-k2-limited",
+        (_, false) => "ceiling-k2",
+    };
+    let threads = k.to_string();
+    let mut t = start_recluster_with(
+        env,
+        name,
+        "rr",
+        o.workers,
+        &["--accept-threads", &threads],
+        &["taskset", "-c", "0"],
+    )?;
+    let pid = t.master.ok_or("no master")?;
+    // The workers were forked by the master, on its CPU: move them to CPU 1.
+    let _ = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "for p in $(pgrep -P {pid}); do taskset -a -p -c 1 $p >/dev/null; done"
+        ))
+        .status();
+    let quota = if limited {
+        Some(Quota::limit(pid, CEILING_SHARE)?)
+    } else {
+        None
+    };
+    let cfg = loadgen::Config {
+        addr: t.addr,
+        load: Load::Conn,
+        clients: o.clients,
+        warmup: o.warmup,
+        duration: o.duration,
+        requests: None,
+        sources: o.sources,
+        timeout: Duration::from_secs(2),
+        threads: 1,
+        slow_every: 0,
+        slow_ms: 0,
+    };
+    pin_to(&[1]);
+    let (cpu0, jiffies0, throttled0, at0) = (
+        cpu_secs(pid),
+        cpu_jiffies(),
+        quota.as_ref().map(Quota::throttled),
+        Instant::now(),
+    );
+    let report = loadgen::run(&cfg);
+    let (cpu1, jiffies1, throttled1, elapsed) = (
+        cpu_secs(pid),
+        cpu_jiffies(),
+        quota.as_ref().map(Quota::throttled),
+        at0.elapsed(),
+    );
+    pin_to(all);
+    t.stop();
+    drop(quota);
+    let report = report.map_err(|e| format!("load generator: {e}"))?;
+    let (Some(c0), Some(c1)) = (cpu0, cpu1) else {
+        return Err("no CPU time for the master".into());
+    };
+    // The warm-up ran inside the window too: count its connections at the same rate.
+    let conns =
+        report.connections as f64 * elapsed.as_secs_f64() / report.elapsed.as_secs_f64().max(1e-9);
+    let busy = |cpu: usize| {
+        let (b0, t0) = jiffies0.get(cpu).copied().unwrap_or((0, 1));
+        let (b1, t1) = jiffies1.get(cpu).copied().unwrap_or((0, 1));
+        100.0 * (b1 - b0) as f64 / (t1 - t0).max(1) as f64
+    };
+    let throttled_pct = match (throttled0, throttled1) {
+        (Some((p0, n0)), Some((p1, n1))) if p1 > p0 => {
+            Some(100.0 * (n1 - n0) as f64 / (p1 - p0) as f64)
+        }
+        _ => None,
+    };
+    Ok(CeilingRun {
+        rps: report.rps(),
+        us_per_conn: (c1 - c0) * 1e6 / conns.max(1.0),
+        throttled_pct,
+        busy: [busy(0), busy(1)],
+        errors: report.errors.total(),
+    })
 }

@@ -268,14 +268,14 @@ pub(crate) struct Balancer {
     /// Slots found full during the current dispatch.
     full: Vec<bool>,
     /// How far behind each slot's worker was when this accept pass began (`rr`: see
-    /// [`Router::choose_idle`]): with nothing unread, 0 when it sleeps, else
-    /// [`running::busy_rank`]; with something unread, [`running::BEHIND`] + its unread
-    /// bytes (or, under Node, connections).
+    /// [`Router::choose_idle`]): with nothing unread, [`running::busy_rank`] (0 when it
+    /// slept since the last pass); with something unread, [`running::BEHIND`] + its
+    /// unread bytes (or, under Node, connections).
     backlogs: Vec<usize>,
     /// Each slot's worker's run state (`rr`).
     running: Vec<Option<Arc<running::RunState>>>,
-    /// When each slot was last handed a connection (by this thread).
-    last_handed: Vec<Instant>,
+    /// Each slot's worker's recent schedstat samples (`rr`).
+    samples: Vec<running::Recent>,
     /// The slot where the next pass starts reading run states.
     probe_from: usize,
     parked: VecDeque<Parked>,
@@ -350,7 +350,7 @@ impl Balancer {
             full: vec![false; slots],
             backlogs: vec![0; slots],
             running: vec![None; slots],
-            last_handed: vec![Instant::now(); slots],
+            samples: vec![running::Recent::default(); slots],
             probe_from: 0,
             parked: VecDeque::new(),
             text: Vec::with_capacity(channel::MAX_MASTER_MESSAGE),
@@ -425,6 +425,7 @@ impl Balancer {
                 running,
             } => {
                 self.running[slot] = running;
+                self.samples[slot] = running::Recent::default();
                 // A new worker may take what is held back: retry soon again.
                 self.park_retry = PARK_RETRY;
                 self.router.set_ready(slot, worker.is_some());
@@ -537,7 +538,7 @@ impl Balancer {
     }
 
     /// `rr`: how far behind each worker is as this pass begins (see `backlogs`): one
-    /// SIOCOUTQ per worker, and the run state of at most [`running::PROBES_PER_PASS`]
+    /// SIOCOUTQ per worker, and the schedstat of at most [`running::PROBES_PER_PASS`]
     /// of those with nothing unread.
     fn read_backlogs(&mut self, now: Instant) {
         let n = self.table.len();
@@ -548,20 +549,19 @@ impl Balancer {
                 continue;
             };
             let unread = link.backlog();
-            let mut busy = false;
+            let mut rank = 0;
             if unread == 0 && probes < running::PROBES_PER_PASS {
                 if let Some(state) = &self.running[slot] {
                     probes += 1;
-                    busy = state.running();
+                    if let Some(sample) = state.sample(now.into_std()) {
+                        rank = self.samples[slot].observe(sample);
+                    }
                 }
             }
-            // On a CPU with nothing handed to it lately: busy with something long.
             self.backlogs[slot] = if unread > 0 {
                 running::BEHIND + unread
-            } else if busy {
-                running::busy_rank(now.saturating_duration_since(self.last_handed[slot]))
             } else {
-                0
+                rank
             };
         }
         self.probe_from = (self.probe_from + running::PROBES_PER_PASS) % n.max(1);
@@ -641,7 +641,7 @@ impl Balancer {
                 // Join the idle queue: what a worker has not read yet, plus what this
                 // pass already gave it (in the same units as `backlogs`).
                 let (backlogs, batches) = (&self.backlogs, &self.batches);
-                self.router.choose_idle(|s| full[s], |s| backlogs[s] + 4 * batches[s].len())
+                self.router.choose_idle(|s| full[s], |s| backlogs[s] + batches[s].len(), running::SLACK)
             }
         };
         match slot {
@@ -712,7 +712,6 @@ impl Balancer {
             Ok(()) => {
                 self.count_handed(self.batches[slot].len() as u64);
                 let sent = Instant::now();
-                self.last_handed[slot] = sent;
                 for c in &self.batches[slot] {
                     self.stats.handoff.record(sent.saturating_duration_since(c.since));
                 }

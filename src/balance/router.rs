@@ -65,27 +65,16 @@ impl Router {
     }
 
     /// `rr` that avoids busy workers (join the idle queue): in rotation order, the first
-    /// ready slot not skipped whose `backlog` is 0, else the one with the least (the
-    /// first in rotation order on a tie); the rotation moves past the one chosen.
-    pub fn choose_idle(&mut self, skip: impl Fn(usize) -> bool, backlog: impl Fn(usize) -> usize) -> Option<usize> {
+    /// ready slot not skipped whose `backlog` is at most the least one's plus `slack`
+    /// (slots that close are equals, and keep the rotation); the rotation moves past
+    /// the one chosen.
+    pub fn choose_idle(&mut self, skip: impl Fn(usize) -> bool, backlog: impl Fn(usize) -> usize, slack: usize) -> Option<usize> {
         let n = self.ready.len();
-        let mut best: Option<(usize, usize)> = None; // (backlog, rotation offset)
-        for i in 0..n {
-            let slot = self.ready[(self.next + i) % n];
-            if skip(slot) {
-                continue;
-            }
-            let b = backlog(slot);
-            if best.is_none_or(|(least, _)| b < least) {
-                best = Some((b, i));
-                if b == 0 {
-                    break;
-                }
-            }
-        }
-        let (_, i) = best?;
+        let candidates = || (0..n).map(|i| (i, self.ready[(self.next + i) % n])).filter(|&(_, s)| !skip(s));
+        let least = candidates().map(|(_, s)| backlog(s)).min()?;
+        let (i, slot) = candidates().find(|&(_, s)| backlog(s) <= least.saturating_add(slack))?;
         self.next = (self.next + i + 1) % n;
-        Some(self.ready[(self.next + n - 1) % n])
+        Some(slot)
     }
 
     /// The slot a client at `ip` prefers among all ready slots (`sticky`), if any is ready.
@@ -133,17 +122,21 @@ mod tests {
             r.set_ready(s, true);
         }
         let idle = |_: usize| 0;
-        let picks: Vec<_> = (0..8).map(|_| r.choose_idle(|_| false, idle).unwrap()).collect();
+        let picks: Vec<_> = (0..8).map(|_| r.choose_idle(|_| false, idle, 0).unwrap()).collect();
         assert_eq!(picks, [0, 1, 2, 3, 0, 1, 2, 3], "all idle: plain rotation");
         // Slot 1 is behind: it is passed over while another has nothing unread.
         let busy = |s: usize| if s == 1 { 500 } else { 0 };
-        let picks: Vec<_> = (0..6).map(|_| r.choose_idle(|_| false, busy).unwrap()).collect();
+        let picks: Vec<_> = (0..6).map(|_| r.choose_idle(|_| false, busy, 0).unwrap()).collect();
         assert_eq!(picks, [0, 2, 3, 0, 2, 3]);
         // Everyone behind: the least.
         let behind = |s: usize| [300, 100, 200, 400][s];
-        assert_eq!(r.choose_idle(|_| false, behind), Some(1));
-        assert_eq!(r.choose_idle(|s| s == 1, behind), Some(2));
-        assert_eq!(r.choose_idle(|_| true, behind), None);
+        assert_eq!(r.choose_idle(|_| false, behind, 0), Some(1));
+        assert_eq!(r.choose_idle(|s| s == 1, behind, 0), Some(2));
+        assert_eq!(r.choose_idle(|_| true, behind, 0), None);
+        // Within the slack of the least, slots are equals: the rotation decides.
+        let close = |s: usize| [1, 0, 1, 3][s];
+        let picks: Vec<_> = (0..6).map(|_| r.choose_idle(|_| false, close, 1).unwrap()).collect();
+        assert_eq!(picks, [0, 1, 2, 0, 1, 2], "slot 3 is more than the slack behind");
     }
 
     #[test]

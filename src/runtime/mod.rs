@@ -349,7 +349,7 @@ impl Driver {
                     }
                     if let Some(tx) = &self.balancer {
                         let proc = worker.and_then(|id| Some((id, self.procs.get(&id)?)));
-                        // `rr` prefers workers that sleep to ones on a CPU (balance::running).
+                        // `rr` ranks workers with nothing unread by how busy they were lately (balance::running).
                         let running = proc
                             .filter(|_| self.setup.balance == Balance::RoundRobin)
                             .and_then(|(_, p)| crate::balance::running::RunState::open(p.pid))
