@@ -381,20 +381,8 @@ fn start_recluster(env: &Env, name: &'static str, n: usize) -> Result<Target, St
     start_recluster_at(env, binary, name, balance, n, &args, &[])
 }
 
-/// `recluster --balance <balance> <extra>` over the HTTP worker, the master started
-/// through `prefix` (e.g. `taskset -c 0`).
-fn start_recluster_with(
-    env: &Env,
-    name: &'static str,
-    balance: &str,
-    n: usize,
-    extra: &[&str],
-    prefix: &[&str],
-) -> Result<Target, String> {
-    start_recluster_at(env, None, name, balance, n, extra, prefix)
-}
-
-/// [`start_recluster_with`] with `binary` instead of this build's recluster when given.
+/// `recluster <extra> --balance <balance>` over the HTTP worker: `binary`, or this
+/// build's recluster; the master started through `prefix` (e.g. `taskset -c 0`).
 fn start_recluster_at(
     env: &Env,
     binary: Option<&Path>,
@@ -644,6 +632,23 @@ fn start_haproxy(env: &Env, n: usize) -> Result<Target, String> {
     Ok(t)
 }
 
+/// The load generator's settings for `o`'s clients against `addr`, no slow requests.
+fn load_config(o: &Options, addr: SocketAddr, load: Load) -> loadgen::Config {
+    loadgen::Config {
+        addr,
+        load,
+        clients: o.clients,
+        warmup: o.warmup,
+        duration: o.duration,
+        requests: None,
+        sources: o.sources,
+        timeout: Duration::from_secs(2),
+        threads: o.threads,
+        slow_every: 0,
+        slow_ms: 0,
+    }
+}
+
 /// utime + stime of a process, in seconds.
 fn cpu_secs(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -886,17 +891,9 @@ fn run(o: &Options, env: &Env) -> i32 {
                 let t = &targets[ti];
                 let (slow_every, slow_ms) = workload.slow();
                 let cfg = loadgen::Config {
-                    addr: t.addr,
-                    load: workload.load(),
-                    clients: o.clients,
-                    warmup: o.warmup,
-                    duration: o.duration,
-                    requests: None,
-                    sources: o.sources,
-                    timeout: Duration::from_secs(2),
-                    threads: o.threads,
                     slow_every,
                     slow_ms,
+                    ..load_config(o, t.addr, workload.load())
                 };
                 let cpu0 = t.master.and_then(cpu_secs);
                 let r = match loadgen::run(&cfg) {
@@ -1228,17 +1225,10 @@ fn soak(o: &Options, t: &Target) -> Result<Vec<String>, String> {
         })
     };
     let cfg = loadgen::Config {
-        addr: t.addr,
-        load: Load::Conn,
-        clients: o.clients,
         warmup: Duration::ZERO,
         duration: Duration::from_secs(600),
         requests: Some(o.master_conns),
-        sources: o.sources,
-        timeout: Duration::from_secs(2),
-        threads: o.threads,
-        slow_every: 0,
-        slow_ms: 0,
+        ..load_config(o, t.addr, Load::Conn)
     };
     let r = loadgen::run(&cfg);
     done.store(true, Ordering::Relaxed);

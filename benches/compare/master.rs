@@ -19,7 +19,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::loadgen::{self, Load};
-use crate::{cpu_secs, field, median, start_recluster_with, Env, Options};
+use crate::{cpu_secs, field, load_config, median, start_recluster_at, Env, Options};
 
 /// The `balancer_totals` figures of a master that has ended.
 struct Totals {
@@ -52,21 +52,13 @@ fn one_reload_run(o: &Options, env: &Env, reloads: u32) -> Result<(Totals, u64, 
     } else {
         "rr-reloading"
     };
-    let mut t = start_recluster_with(env, name, "rr", 4, &[], &[])?;
+    let mut t = start_recluster_at(env, None, name, "rr", 4, &[], &[])?;
     let pid = t.master.ok_or("no master")?;
     let log = t.log.clone().ok_or("no log")?;
     let cfg = loadgen::Config {
-        addr: t.addr,
-        load: Load::Conn,
-        clients: o.clients,
         warmup: Duration::ZERO,
         duration: o.duration.max(Duration::from_secs(2)),
-        requests: None,
-        sources: o.sources,
-        timeout: Duration::from_secs(2),
-        threads: o.threads,
-        slow_every: 0,
-        slow_ms: 0,
+        ..load_config(o, t.addr, Load::Conn)
     };
     let load = std::thread::spawn(move || loadgen::run(&cfg));
     let start = Instant::now();
@@ -337,8 +329,9 @@ fn ceiling_run(
         (_, false) => "ceiling-k2",
     };
     let threads = k.to_string();
-    let mut t = start_recluster_with(
+    let mut t = start_recluster_at(
         env,
+        None,
         name,
         "rr",
         o.workers,
@@ -359,17 +352,8 @@ fn ceiling_run(
         None
     };
     let cfg = loadgen::Config {
-        addr: t.addr,
-        load: Load::Conn,
-        clients: o.clients,
-        warmup: o.warmup,
-        duration: o.duration,
-        requests: None,
-        sources: o.sources,
-        timeout: Duration::from_secs(2),
         threads: 1,
-        slow_every: 0,
-        slow_ms: 0,
+        ..load_config(o, t.addr, Load::Conn)
     };
     pin_to(&[1]);
     let (cpu0, jiffies0, throttled0, at0) = (
