@@ -171,7 +171,7 @@ impl ClusterBuilder {
         // `--via socket`: slot k's sockets, one per address, for k >= 1 (slot 0's are
         // `listeners`), each address's in one SO_REUSEPORT group.
         let mut slot_sockets: Vec<Vec<std::net::TcpListener>> = Vec::new();
-        // Several accept threads: thread k's sockets for k >= 1, as `slot_sockets`.
+        // Several accept threads: thread k's copies of the listening sockets, for k >= 1.
         let threads = match (self.balance, via) {
             (Balance::Shared, _) | (_, Via::Socket) => 1,
             _ => self

@@ -268,14 +268,16 @@ pub(crate) struct Balancer {
     /// Slots found full during the current dispatch.
     full: Vec<bool>,
     /// How far behind each slot's worker was when this accept pass began (`rr`: see
-    /// [`Router::choose_idle`]): with nothing unread, [`running::busy_rank`] (0 when it
-    /// slept since the last pass); with something unread, [`running::BEHIND`] + its
+    /// [`Router::choose_idle`]): with nothing unread, its rank by how busy it was
+    /// lately ([`running::RunState::rank`]); with something unread, [`running::BEHIND`] + its
     /// unread bytes (or, under Node, connections).
     backlogs: Vec<usize>,
     /// Each slot's worker's run state (`rr`).
     running: Vec<Option<Arc<running::RunState>>>,
     /// Each slot's worker's recent schedstat samples (`rr`).
     samples: Vec<running::Recent>,
+    /// Each slot's worker's rank when last read (`rr`; see [`running::RunState::rank`]).
+    ranks: Vec<usize>,
     /// The slot where the next pass starts reading run states.
     probe_from: usize,
     parked: VecDeque<Parked>,
@@ -351,6 +353,7 @@ impl Balancer {
             backlogs: vec![0; slots],
             running: vec![None; slots],
             samples: vec![running::Recent::default(); slots],
+            ranks: vec![0; slots],
             probe_from: 0,
             parked: VecDeque::new(),
             text: Vec::with_capacity(channel::MAX_MASTER_MESSAGE),
@@ -426,6 +429,7 @@ impl Balancer {
             } => {
                 self.running[slot] = running;
                 self.samples[slot] = running::Recent::default();
+                self.ranks[slot] = 0;
                 // A new worker may take what is held back: retry soon again.
                 self.park_retry = PARK_RETRY;
                 self.router.set_ready(slot, worker.is_some());
@@ -472,17 +476,22 @@ impl Balancer {
 
     fn accept(&mut self, index: usize) {
         let now = Instant::now();
-        if self.mode == Balance::RoundRobin {
-            self.read_backlogs(now);
-        }
+        // Read how far behind the workers are once something was accepted: with several
+        // accept threads, the ones that lose the race for a connection pay nothing more.
+        let mut backlogs_read = self.mode != Balance::RoundRobin;
         let mut accepted = 0;
         let mut out_of_fds = None;
         while accepted < ACCEPT_BATCH {
             let listener = &self.listeners[index];
+            let fixed_local = listener.fixed_local;
             match listener.fd.get_ref().accept() {
                 Ok((stream, peer)) => {
                     accepted += 1;
-                    let local = match listener.fixed_local {
+                    if !backlogs_read {
+                        self.read_backlogs(now);
+                        backlogs_read = true;
+                    }
+                    let local = match fixed_local {
                         Some(a) => a,
                         None => stream.local_addr().unwrap_or(peer),
                     };
@@ -549,19 +558,18 @@ impl Balancer {
                 continue;
             };
             let unread = link.backlog();
-            let mut rank = 0;
+            // Workers beyond the probes of this pass keep the rank they last had.
             if unread == 0 && probes < running::PROBES_PER_PASS {
                 if let Some(state) = &self.running[slot] {
                     probes += 1;
-                    if let Some(sample) = state.sample(now.into_std()) {
-                        rank = self.samples[slot].observe(sample);
-                    }
+                    let rank = state.rank(&mut self.samples[slot], now.into_std());
+                    self.ranks[slot] = rank.unwrap_or(0);
                 }
             }
             self.backlogs[slot] = if unread > 0 {
                 running::BEHIND + unread
             } else {
-                rank
+                self.ranks[slot]
             };
         }
         self.probe_from = (self.probe_from + running::PROBES_PER_PASS) % n.max(1);

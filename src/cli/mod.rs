@@ -243,9 +243,13 @@ pub fn main() -> i32 {
         .backlog(opts.backlog)
         .cgroups(opts.cgroups);
     if let Some(k) = opts.accept_threads {
+        let workers = opts.workers.unwrap_or_else(config::default_workers);
         if opts.balance == Balance::Shared || opts.via == Some(Via::Socket) {
             tracing::warn!(event = "accept_threads_ignored", accept_threads = k,
                 "--accept-threads has no effect here: workers accept themselves (shared, --via socket)");
+        } else if usize::from(k) > workers {
+            tracing::warn!(event = "accept_threads_over_workers", accept_threads = k, workers,
+                "more accept threads than workers: the workers, not the master, set the pace; each thread costs a wake-up per new connection when idle");
         }
         builder = builder.accept_threads(k.into());
     }
