@@ -4,7 +4,7 @@
 //! task that owns its non-blocking listening sockets and its own copy of the routing
 //! table (slot → channel of its active worker), which the driver updates on every
 //! thread whenever the supervisor core says a slot's active worker changed
-//! ([`Updates`]). The supervisor never learns how connections travel; the balancer
+//! (`Updates`). The supervisor never learns how connections travel; the balancer
 //! never decides who is ready.
 //!
 //! With more than one thread, every thread accepts on the same listening sockets (each
