@@ -254,6 +254,17 @@ fn parse(data: &[u8]) -> (bool, bool, bool) {
     (ready, stopping, replace)
 }
 
+/// `CLOCK_MONOTONIC` now, in microseconds (`MONOTONIC_USEC=` of a `RELOADING=1`).
+pub(crate) fn monotonic_usec() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec to the pointer given, valid for the call.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000 + (ts.tv_nsec as u64) / 1000
+}
+
 /// Sends `READY=1` (or other state) to the master's own service manager, if `NOTIFY_SOCKET` is set.
 ///
 /// `state` goes out as one datagram. Returns `Ok(false)` when the variable is unset or

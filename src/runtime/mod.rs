@@ -622,16 +622,32 @@ impl Driver {
                     "{text}"
                 );
             }
-            Event::ClusterReady { .. } => {
-                if let Err(e) = crate::notify::notify_service_manager("READY=1") {
-                    warn!(event = "service_notify_failed", error = %e, "cannot tell the service manager we are ready");
-                }
+            Event::ClusterReady { generation } | Event::ReloadFinished { generation } => {
+                let workers = self.setup.workers;
+                self.tell_service_manager(&format!(
+                    "READY=1\nSTATUS=ready: generation {generation}, {workers} workers"
+                ));
+            }
+            Event::ReloadStarted { generation } => {
+                // systemd's Type=notify-reload wants the time the reload began.
+                let usec = crate::notify::monotonic_usec();
+                self.tell_service_manager(&format!(
+                    "RELOADING=1\nMONOTONIC_USEC={usec}\nSTATUS=reloading to generation {generation}"
+                ));
             }
             Event::Terminating => {
-                let _ = crate::notify::notify_service_manager("STOPPING=1");
+                self.tell_service_manager("STOPPING=1\nSTATUS=stopping: workers are draining");
                 self.close_listeners();
             }
             _ => {}
+        }
+    }
+
+    /// Sends `state` to the master's own service manager (`NOTIFY_SOCKET`), if any; a
+    /// failure is logged and changes nothing else.
+    fn tell_service_manager(&self, state: &str) {
+        if let Err(e) = crate::notify::notify_service_manager(state) {
+            warn!(event = "service_notify_failed", error = %e, "cannot notify the service manager (NOTIFY_SOCKET)");
         }
     }
 
