@@ -30,6 +30,8 @@ pub struct ClusterBuilder {
     stop_signal: Signal,
     backlog: i32,
     accept_threads: Option<usize>,
+    /// Sockets passed by the service manager (socket activation), served instead of binding.
+    activated: std::sync::Arc<[std::net::TcpListener]>,
     subreaper: bool,
     cgroups: bool,
 }
@@ -134,6 +136,14 @@ impl ClusterBuilder {
         self
     }
 
+    /// Serves on these listening sockets, passed by a service manager (systemd socket
+    /// activation: see `LISTEN_FDS`), instead of binding: each `listen` address, if
+    /// any is given, must be one of theirs. Not with [`Via::Socket`].
+    pub fn activated(mut self, listeners: Vec<std::net::TcpListener>) -> Self {
+        self.activated = listeners.into();
+        self
+    }
+
     /// Checks the settings and the command, binds the sockets, and returns the cluster.
     pub fn build(self) -> Result<Cluster, Error> {
         if self.workers == 0 {
@@ -159,7 +169,20 @@ impl ClusterBuilder {
         let program =
             crate::runtime::command::resolve_program(&self.command.program, path_var.as_ref())
                 .map_err(Error::Command)?;
-        let addrs = if self.listen.is_empty() && via == Via::Node && self.balance != Balance::Shared {
+        if !self.activated.is_empty() && via == Via::Socket && self.balance != Balance::Shared {
+            return Err(Error::Config(ConfigError::ActivatedViaSocket));
+        }
+        let addrs = if !self.activated.is_empty() {
+            // Served as passed: nothing to bind.
+            let have: Vec<SocketAddr> = self.activated.iter().filter_map(|l| l.local_addr().ok()).collect();
+            if let Some(&listen) = self.listen.iter().find(|a| !have.contains(a)) {
+                return Err(Error::Config(ConfigError::ActivatedMismatch {
+                    listen,
+                    activated: have,
+                }));
+            }
+            Vec::new()
+        } else if self.listen.is_empty() && via == Via::Node && self.balance != Balance::Shared {
             // A Node worker's `listen(port)` names its port; the master binds it then.
             Vec::new()
         } else if self.listen.is_empty() {
@@ -167,7 +190,14 @@ impl ClusterBuilder {
         } else {
             self.listen.clone()
         };
-        let mut listeners = Vec::with_capacity(addrs.len());
+        let mut listeners = Vec::with_capacity(addrs.len().max(self.activated.len()));
+        for l in self.activated.iter() {
+            let addr = l.local_addr().map_err(|source| Error::Io {
+                context: "cannot read the address of a socket the service manager passed",
+                source,
+            })?;
+            listeners.push(l.try_clone().map_err(|source| Error::Listen { addr, source })?);
+        }
         // `--via socket`: slot k's sockets, one per address, for k >= 1 (slot 0's are
         // `listeners`), each address's in one SO_REUSEPORT group.
         let mut slot_sockets: Vec<Vec<std::net::TcpListener>> = Vec::new();
@@ -193,13 +223,18 @@ impl ClusterBuilder {
             }
             let l = crate::listen::bind(addr, self.backlog)
                 .map_err(|source| Error::Listen { addr, source })?;
-            // Every accept thread accepts on the same socket (a duplicate descriptor):
-            // one accept queue, owned as with one thread (see `balance`).
-            for thread in &mut accept_sockets {
-                let copy = l.try_clone().map_err(|source| Error::Listen { addr, source })?;
+            listeners.push(l);
+        }
+        // Every accept thread accepts on the same sockets (duplicate descriptors): one
+        // accept queue per address, owned as with one thread (see `balance`).
+        for thread in &mut accept_sockets {
+            for l in &listeners {
+                let copy = l.try_clone().map_err(|source| Error::Io {
+                    context: "cannot duplicate a listening socket for an accept thread",
+                    source,
+                })?;
                 thread.push(copy);
             }
-            listeners.push(l);
         }
         let (handle, ends) = crate::runtime::handle::pair();
         Ok(Cluster {
@@ -274,6 +309,7 @@ impl Cluster {
             stop_signal: Signal::SIGTERM,
             backlog: config::DEFAULT_BACKLOG,
             accept_threads: None,
+            activated: Vec::new().into(),
             subreaper: std::process::id() == 1,
             cgroups: true,
         }

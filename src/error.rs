@@ -60,6 +60,15 @@ pub enum ConfigError {
     ViaShared(crate::config::Via),
     /// `--via socket` with more slots than its kernel program can steer.
     ViaSocketSlots(usize),
+    /// Socket activation with `--via socket`, which binds a group of sockets per slot.
+    ActivatedViaSocket,
+    /// A `--listen` address that is none of the socket-activated ones.
+    ActivatedMismatch {
+        /// The `--listen` address.
+        listen: SocketAddr,
+        /// The addresses of the sockets the service manager passed.
+        activated: Vec<SocketAddr>,
+    },
 }
 
 impl fmt::Display for ConfigError {
@@ -79,6 +88,17 @@ impl fmt::Display for ConfigError {
                  {workers}: use fewer workers, --via channel, or --balance shared",
                 crate::balance::steer::MAX_STEERED_SLOTS
             ),
+            ConfigError::ActivatedViaSocket => f.write_str(
+                "--via socket binds a socket per slot itself and cannot serve sockets passed                  by the service manager (LISTEN_FDS): use --via channel, or drop the .socket unit",
+            ),
+            ConfigError::ActivatedMismatch { listen, activated } => {
+                let list: Vec<String> = activated.iter().map(ToString::to_string).collect();
+                write!(
+                    f,
+                    "--listen {listen} is not among the sockets the service manager passed                      (LISTEN_FDS: {}): make the .socket unit's ListenStream= and --listen agree,                      or leave --listen out",
+                    list.join(", ")
+                )
+            }
         }
     }
 }

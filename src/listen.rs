@@ -14,13 +14,17 @@
 //! non-blocking. They are close-on-exec (socket2's default) and only reach a worker
 //! through an explicit dup2 in `runtime::launch`.
 //!
+//! Under systemd socket activation (`LISTEN_PID` = the master's pid, `LISTEN_FDS` = N)
+//! the master takes the sockets at fds 3..3+N instead of binding ([`activated`]).
+//!
 //! For IPv6 addresses `IPV6_V6ONLY` keeps the operating system default
 //! (`net.ipv6.bindv6only`, 0 on Linux), so `[::]:port` also accepts IPv4 clients;
 //! listening on both `0.0.0.0:port` and `[::]:port` then fails with "address in use",
 //! and listening on `[::]:port` alone is the way to serve both families.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{BorrowedFd, FromRawFd};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -38,6 +42,53 @@ pub(crate) fn bind(addr: SocketAddr, backlog: i32) -> io::Result<std::net::TcpLi
     socket.bind(&addr.into()).map_err(with_context)?;
     socket.listen(backlog).map_err(with_context)?;
     Ok(socket.into())
+}
+
+/// The first descriptor a service manager passes (systemd's `SD_LISTEN_FDS_START`).
+const LISTEN_FDS_START: i32 = 3;
+
+/// The listening sockets the service manager passed to this process (socket
+/// activation), in order: `None` when `LISTEN_PID` is not this process's pid or
+/// `LISTEN_FDS` is unset. Each must be a listening TCP socket; it is made close-on-exec
+/// (systemd passes them without), so it reaches workers only as the master decides.
+pub(crate) fn activated() -> io::Result<Option<Vec<TcpListener>>> {
+    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let (Some(pid), Some(fds)) = (var("LISTEN_PID"), var("LISTEN_FDS")) else {
+        return Ok(None);
+    };
+    if pid.parse::<u32>().ok() != Some(std::process::id()) {
+        return Ok(None);
+    }
+    let bad = |why: String| io::Error::new(io::ErrorKind::InvalidInput, why);
+    let count: i32 = fds
+        .parse()
+        .ok()
+        .filter(|&n| (1..=1024).contains(&n))
+        .ok_or_else(|| bad(format!("LISTEN_FDS={fds}: want a count of passed sockets, 1 to 1024")))?;
+    let mut listeners = Vec::with_capacity(count as usize);
+    for fd in LISTEN_FDS_START..LISTEN_FDS_START + count {
+        // SAFETY: the descriptor is only borrowed for the checks below, and only after
+        // fcntl says it is open.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            return Err(bad(format!("LISTEN_FDS={fds}: descriptor {fd} is not open")));
+        }
+        let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+        let socket = socket2::SockRef::from(&borrowed);
+        let tcp_listener = socket.r#type().is_ok_and(|t| t == socket2::Type::STREAM)
+            && socket.local_addr().is_ok_and(|a| a.as_socket().is_some())
+            && crate::via::socket::is_listening(borrowed);
+        if !tcp_listener {
+            return Err(bad(format!(
+                "LISTEN_FDS={fds}: descriptor {fd} is not a listening TCP socket                  (recluster serves ListenStream= sockets of TCP addresses)"
+            )));
+        }
+        socket.set_cloexec(true)?;
+        // SAFETY: the service manager passed this descriptor to this process for it to
+        // own; it is taken once (the loop visits each number once) and nothing else in
+        // the master refers to fds 3.. before this runs.
+        listeners.push(unsafe { TcpListener::from_raw_fd(fd) });
+    }
+    Ok(Some(listeners))
 }
 
 #[cfg(test)]

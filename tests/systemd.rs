@@ -92,3 +92,93 @@ fn the_master_notifies_ready_reloading_ready_and_stopping() {
         .is_some_and(|e| e.success()));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The master started as systemd starts a socket-activated service: `listener` at fd 3,
+/// `LISTEN_FDS=1` and `LISTEN_PID` = the master's own pid (a shell sets it to its own
+/// and execs the master), stderr to `log`.
+fn start_activated(
+    listener: &std::net::TcpListener,
+    log: &std::path::Path,
+    extra: &[&str],
+) -> std::process::Child {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let fd = listener.as_raw_fd();
+    let mut cmd = std::process::Command::new("sh");
+    cmd.arg("-c")
+        .arg("LISTEN_PID=$$ exec \"$@\"")
+        .arg("sh")
+        .arg(recluster_bin())
+        .args(["--workers", "2", "--balance", "rr"])
+        .args(extra)
+        .arg("--")
+        .arg(echo())
+        .env("LISTEN_FDS", "1")
+        .env("LISTEN_FDNAMES", "web")
+        .env_remove("LISTEN_PID")
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap());
+    // SAFETY: dup2 is async-signal-safe; it puts the listener at fd 3 in the child
+    // only (without close-on-exec, as systemd passes it).
+    unsafe {
+        cmd.pre_exec(move || {
+            // dup2 onto itself keeps close-on-exec: then clear it instead.
+            let placed = if fd == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, 3)
+            };
+            if placed < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn().expect("sh")
+}
+
+#[test]
+fn a_socket_activated_master_serves_the_passed_socket_and_binds_nothing() {
+    let dir = std::env::temp_dir().join(format!("recluster-activation-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let log = dir.join("master.log");
+    let mut master = start_activated(&listener, &log, &[]);
+    // Nobody but the master accepts on the passed socket: a reply means it serves it.
+    let mut reply = None;
+    let served = poll_until(DEADLINE, || {
+        reply = request_from(addr, None, true, Duration::from_secs(2)).ok();
+        reply.is_some()
+    });
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(served, "no answer on the passed socket {addr}:\n{text}");
+    assert!(text.contains("event=\"socket_activated\""), "{text}");
+    let listening: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("event=\"listening\""))
+        .collect();
+    assert_eq!(
+        listening.len(),
+        1,
+        "it listens on the passed socket only:\n{text}"
+    );
+    assert!(listening[0].contains(&format!("addr={addr}")), "{text}");
+    // SAFETY: kill(2) on our own child, not yet reaped.
+    unsafe { libc::kill(master.id() as libc::pid_t, libc::SIGTERM) };
+    assert!(master.wait().unwrap().success());
+
+    // A --listen address that is not the passed socket's is a clear error, not a bind.
+    let mut wrong = start_activated(&listener, &log, &["--listen", "127.0.0.1:1"]);
+    let status = wrong.wait().unwrap();
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("--listen 127.0.0.1:1 is not among the sockets"),
+        "{text}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -262,6 +262,20 @@ pub fn main() -> i32 {
     for addr in &opts.listen {
         builder = builder.listen(*addr);
     }
+    // Socket activation: the service manager bound the sockets (listen.rs).
+    match crate::listen::activated() {
+        Ok(Some(listeners)) => {
+            let addrs: Vec<String> = listeners.iter().filter_map(|l| Some(l.local_addr().ok()?.to_string())).collect();
+            tracing::info!(event = "socket_activated", count = listeners.len(), addrs = %addrs.join(","),
+                "serving the sockets the service manager passed (LISTEN_FDS)");
+            builder = builder.activated(listeners);
+        }
+        Ok(None) => {}
+        Err(e) => {
+            log.line(format_args!("recluster: {e}"));
+            return 2;
+        }
+    }
     let cluster = match builder.build() {
         Ok(c) => c,
         Err(crate::Error::Config(e)) => {
