@@ -30,6 +30,8 @@ pub struct ClusterBuilder {
     stop_signal: Signal,
     backlog: i32,
     accept_threads: Option<usize>,
+    /// Who workers run as (`--user`, `--group`); `None`: as the master.
+    run_as: Option<config::Credentials>,
     /// Sockets passed by the service manager (socket activation), served instead of binding.
     activated: std::sync::Arc<[std::net::TcpListener]>,
     subreaper: bool,
@@ -136,6 +138,13 @@ impl ClusterBuilder {
         self
     }
 
+    /// Runs workers as this user and group, supplementary groups reset (default: as
+    /// the master). The master must run as root.
+    pub fn run_as(mut self, credentials: config::Credentials) -> Self {
+        self.run_as = Some(credentials);
+        self
+    }
+
     /// Serves on these listening sockets, passed by a service manager (systemd socket
     /// activation: see `LISTEN_FDS`), instead of binding: each `listen` address, if
     /// any is given, must be one of theirs. Not with [`Via::Socket`].
@@ -148,6 +157,10 @@ impl ClusterBuilder {
     pub fn build(self) -> Result<Cluster, Error> {
         if self.workers == 0 {
             return Err(Error::Config(ConfigError::NoWorkers));
+        }
+        // SAFETY: geteuid has no preconditions.
+        if self.run_as.is_some() && unsafe { libc::geteuid() } != 0 {
+            return Err(Error::Config(ConfigError::RunAsNeedsRoot));
         }
         let via_chosen = self.via.is_none() && self.balance != Balance::Shared;
         let via = match self.via {
@@ -246,6 +259,7 @@ impl ClusterBuilder {
                 ready_when: self.ready_when,
                 timing: self.timing,
                 stop_signal: self.stop_signal,
+                run_as: self.run_as,
                 subreaper: self.subreaper,
                 cgroups: self.cgroups,
                 listeners,
@@ -309,6 +323,7 @@ impl Cluster {
             stop_signal: Signal::SIGTERM,
             backlog: config::DEFAULT_BACKLOG,
             accept_threads: None,
+            run_as: None,
             activated: Vec::new().into(),
             subreaper: std::process::id() == 1,
             cgroups: true,

@@ -199,6 +199,17 @@ pub fn default_workers() -> usize {
         .unwrap_or(1)
 }
 
+/// Who workers run as (`--user`, `--group`): set in each worker before exec, with its
+/// supplementary groups reset (so the master may bind port 80 as root while workers
+/// run unprivileged). Only a master running as root can switch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Credentials {
+    /// User id the workers run as.
+    pub uid: u32,
+    /// Group id the workers run as (their only group).
+    pub gid: u32,
+}
+
 /// Cores per accept thread of the default `--accept-threads`: one thread per this many
 /// cores, at least one. A thread's master CPU per connection is about a third of a
 /// minimal worker's, and real workers cost more, so a quarter of the cores keeps the

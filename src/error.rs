@@ -62,6 +62,8 @@ pub enum ConfigError {
     ViaSocketSlots(usize),
     /// Socket activation with `--via socket`, which binds a group of sockets per slot.
     ActivatedViaSocket,
+    /// `--user` or `--group` while the master does not run as root.
+    RunAsNeedsRoot,
     /// A `--listen` address that is none of the socket-activated ones.
     ActivatedMismatch {
         /// The `--listen` address.
@@ -87,6 +89,10 @@ impl fmt::Display for ConfigError {
                 "--via socket steers at most {} workers (the kernel's program limit), not \
                  {workers}: use fewer workers, --via channel, or --balance shared",
                 crate::balance::steer::MAX_STEERED_SLOTS
+            ),
+            ConfigError::RunAsNeedsRoot => f.write_str(
+                "--user and --group need the master to run as root (to switch the workers \
+                 to another user); run it as root, or leave them out to run workers as yourself",
             ),
             ConfigError::ActivatedViaSocket => f.write_str(
                 "--via socket binds a socket per slot itself and cannot serve sockets passed                  by the service manager (LISTEN_FDS): use --via channel, or drop the .socket unit",

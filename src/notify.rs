@@ -89,6 +89,13 @@ impl NotifySocket {
         }
     }
 
+    /// Lets workers running as `uid`:`gid` (`--user`) reach the socket: the private
+    /// directory and the socket become theirs (the master, as root, still reads it).
+    pub(crate) fn allow(&self, uid: u32, gid: u32) -> io::Result<()> {
+        std::os::unix::fs::chown(&self.dir, Some(uid), Some(gid))?;
+        std::os::unix::fs::chown(&self.path, Some(uid), Some(gid))
+    }
+
     /// Filesystem path to give workers in `NOTIFY_SOCKET`.
     pub(crate) fn path(&self) -> &Path {
         &self.path

@@ -92,6 +92,15 @@ pub struct Options {
     #[arg(long, env = "RECLUSTER_ACCEPT_THREADS", value_name = "K", value_parser = clap::value_parser!(u16).range(1..=64))]
     pub accept_threads: Option<u16>,
 
+    /// Run workers as this user (name or uid), in its primary group with no
+    /// supplementary groups; the master must run as root
+    #[arg(long, env = "RECLUSTER_USER", value_name = "USER")]
+    pub user: Option<String>,
+
+    /// Run workers in this group (name or gid) [default: the --user's primary group]
+    #[arg(long, env = "RECLUSTER_GROUP", value_name = "GROUP")]
+    pub group: Option<String>,
+
     /// Listen backlog of the sockets the master binds
     #[arg(long, env = "RECLUSTER_BACKLOG", default_value_t = config::DEFAULT_BACKLOG, value_parser = clap::value_parser!(i32).range(1..))]
     pub backlog: i32,
@@ -262,6 +271,14 @@ pub fn main() -> i32 {
     for addr in &opts.listen {
         builder = builder.listen(*addr);
     }
+    match run_as(opts.user.as_deref(), opts.group.as_deref()) {
+        Ok(Some(c)) => builder = builder.run_as(c),
+        Ok(None) => {}
+        Err(e) => {
+            log.line(format_args!("recluster: {e}"));
+            return 2;
+        }
+    }
     // Socket activation: the service manager bound the sockets (listen.rs).
     match crate::listen::activated() {
         Ok(Some(listeners)) => {
@@ -394,6 +411,52 @@ fn init_logging(level: tracing::Level) -> StderrLog {
         .try_init();
     log
 }
+
+/// The workers' credentials from `--user` and `--group` (names or numbers): `None`
+/// when neither is given; `--group` alone keeps the master's user.
+fn run_as(user: Option<&str>, group: Option<&str>) -> Result<Option<config::Credentials>, String> {
+    use nix::unistd::{Gid, Group, Uid, User};
+    if user.is_none() && group.is_none() {
+        return Ok(None);
+    }
+    let (uid, primary) = match user {
+        Some(u) => {
+            let found = match u.parse::<u32>() {
+                Ok(n) => User::from_uid(Uid::from_raw(n)),
+                Err(_) => User::from_name(u),
+            };
+            match found {
+                Ok(Some(p)) => (p.uid.as_raw(), p.gid.as_raw()),
+                // A number names a uid even without a passwd entry (containers).
+                Ok(None) => match u.parse::<u32>() {
+                    Ok(n) => (n, n),
+                    Err(_) => return Err(format!("--user {u}: no such user (see /etc/passwd)")),
+                },
+                Err(e) => return Err(format!("--user {u}: cannot look it up: {e}")),
+            }
+        }
+        None => (Uid::current().as_raw(), Gid::current().as_raw()),
+    };
+    let gid = match group {
+        Some(g) => {
+            let found = match g.parse::<u32>() {
+                Ok(n) => Group::from_gid(Gid::from_raw(n)),
+                Err(_) => Group::from_name(g),
+            };
+            match found {
+                Ok(Some(grp)) => grp.gid.as_raw(),
+                Ok(None) => match g.parse::<u32>() {
+                    Ok(n) => n,
+                    Err(_) => return Err(format!("--group {g}: no such group (see /etc/group)")),
+                },
+                Err(e) => return Err(format!("--group {g}: cannot look it up: {e}")),
+            }
+        }
+        None => primary,
+    };
+    Ok(Some(config::Credentials { uid, gid }))
+}
+
 
 #[cfg(test)]
 mod tests {

@@ -108,6 +108,8 @@ pub(crate) struct Launcher {
     channel: bool,
     /// That channel is Node's cluster IPC: each worker gets its `NODE_UNIQUE_ID`.
     node: bool,
+    /// Who workers run as; `None`: as the master.
+    run_as: Option<crate::config::Credentials>,
 }
 
 impl Launcher {
@@ -144,6 +146,7 @@ impl Launcher {
             slot_fds: Vec::new(),
             channel: false,
             node: false,
+            run_as: setup.run_as,
         }
     }
 
@@ -229,6 +232,7 @@ impl Launcher {
             fds: &fds,
             listen_pid: !self.channel,
             contain,
+            run_as: self.run_as,
         };
         spawn(&spec)
     }

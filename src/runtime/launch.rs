@@ -44,6 +44,8 @@ pub(crate) struct SpawnSpec<'a> {
     pub listen_pid: bool,
     /// What the child does to stay contained (see [`Contain`]).
     pub contain: Contain<'a>,
+    /// Who the worker runs as; `None`: as the master.
+    pub run_as: Option<crate::config::Credentials>,
 }
 
 /// What the child does, before exec, so that a killed master leaves nothing behind
@@ -102,6 +104,9 @@ struct ChildPlan<'a> {
     guard: RawFd,
     /// `cgroup.procs` of the worker's cgroup, or null.
     cgroup_procs: *const libc::c_char,
+    /// User and group to switch to (after the cgroup move, which needs the master's
+    /// rights), or `None`.
+    run_as: Option<(libc::uid_t, libc::gid_t)>,
 }
 
 /// Forks and execs a worker; returns its pid once exec succeeded.
@@ -177,6 +182,7 @@ pub(crate) fn spawn(spec: &SpawnSpec<'_>) -> io::Result<u32> {
         fd_limit: fd_limit(),
         guard: spec.contain.guard.unwrap_or(-1),
         cgroup_procs: spec.contain.cgroup_procs.map_or(ptr::null(), CStr::as_ptr),
+        run_as: spec.run_as.map(|c| (c.uid, c.gid)),
     };
 
     // Block every signal in this thread around the fork so that no handler of the
@@ -336,6 +342,21 @@ unsafe fn exec_child(plan: &ChildPlan<'_>) -> ! {
     if plan.guard >= 0 {
         super::guard::send(plan.guard, super::guard::ADD, libc::getpid());
     }
+    // `--user`/`--group`: drop to them now that the steps needing the master's rights
+    // are done: no supplementary groups, then the group, then the user (a failure is
+    // the exec failure the master reports). Changing credentials clears the
+    // parent-death signal, so it is armed again, and the master checked again.
+    if let Some((uid, gid)) = plan.run_as {
+        if libc::setgroups(0, ptr::null()) != 0 || libc::setgid(gid) != 0 || libc::setuid(uid) != 0 {
+            fail(plan.err_pipe);
+        }
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+            fail(plan.err_pipe);
+        }
+        if libc::getppid() != plan.parent_pid {
+            libc::_exit(127);
+        }
+    }
     // Handlers are reset by exec anyway, but SIG_IGN survives it (Rust ignores SIGPIPE,
     // `nohup` ignores SIGHUP). The raw system call also reaches the signals glibc
     // reserves for itself (32, 33), which its `sigaction` refuses; an all-zero kernel
@@ -460,6 +481,7 @@ mod tests {
             fds,
             listen_pid,
             contain: Contain::default(),
+            run_as: None,
         })
     }
 
@@ -628,6 +650,7 @@ mod tests {
             fds: &[],
             listen_pid: false,
             contain: Contain::default(),
+            run_as: None,
         })
         .unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::ENOENT));

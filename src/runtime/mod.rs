@@ -58,6 +58,8 @@ pub(crate) struct Setup {
     pub ready_when: ReadyWhen,
     pub timing: Timing,
     pub stop_signal: Signal,
+    /// Who workers run as; `None`: as the master.
+    pub run_as: Option<crate::config::Credentials>,
     pub subreaper: bool,
     /// Whether workers get cgroups of their own where cgroup v2 is writable.
     pub cgroups: bool,
@@ -137,6 +139,11 @@ pub(crate) async fn run(setup: Setup) -> Result<(), Error> {
         crate::runtime::reap::become_subreaper().map_err(io("cannot become a child subreaper"))?;
     }
     let notify = NotifySocket::bind().map_err(io("cannot create the notify socket"))?;
+    if let Some(c) = setup.run_as {
+        notify
+            .allow(c.uid, c.gid)
+            .map_err(io("cannot give the workers' user the notify socket"))?;
+    }
     for (index, l) in setup.listeners.iter().enumerate() {
         if let Ok(addr) = l.local_addr() {
             let accept_threads = if setup.workers_accept() { 0 } else { 1 + setup.accept_sockets.len() };

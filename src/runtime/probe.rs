@@ -199,6 +199,7 @@ mod tests {
             fds,
             listen_pid: false,
             contain: Default::default(),
+            run_as: None,
         })
         .unwrap();
         Worker(pid)
