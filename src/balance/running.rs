@@ -12,7 +12,7 @@
 //! idle one. (The time it waited for a CPU, the next field, is left out: on a busy
 //! machine a worker that serves quick connections waits about as long as one that
 //! spins, and would look as busy.) When accept passes are too far apart for such a
-//! span (more than [`STALE`] since the last sample: a quiet server, or just after the
+//! span (more than [`STALE`] since the kept sample: a quiet server, or just after the
 //! worker started), the state letter of `/proc/PID/stat` says instead whether it is
 //! on a CPU right now. `rr` ranks workers with nothing unread by the share, in
 //! [`BUSY_STEPS`] steps, and among equals the rotation decides.
@@ -57,8 +57,11 @@ pub const BEHIND: usize = 4 * BUSY_STEPS * RANK_SCALE;
 /// does not look as busy as one stuck in a slow request.
 pub const WINDOW: Duration = Duration::from_millis(8);
 
-/// A span longer than this says nothing of now: the instant state decides instead.
-pub const STALE: Duration = Duration::from_millis(32);
+/// A span longer than this says nothing of now: the instant state decides instead. Long
+/// enough that the span kept after one sparse pass stays usable until the next window
+/// (the instant state cannot tell a worker finishing a quick connection from one
+/// stuck in a slow request: both are on a CPU).
+pub const STALE: Duration = Duration::from_millis(100);
 
 /// A worker process's `/proc/PID/schedstat` and `/proc/PID/stat`, open for reading.
 #[derive(Debug)]
@@ -111,12 +114,26 @@ impl RunState {
     pub fn rank(&self, recent: &mut Recent, at: Instant) -> Option<usize> {
         let sample = self.sample(at)?;
         let steps = match recent.observe(sample) {
-            Some(steps) => steps,
-            None if self.on_cpu() => BUSY_STEPS,
-            None => 0,
+            Span::Recent(steps) => steps,
+            // On a CPU now: busy if it also ran through the long span (stuck in
+            // something long), else half (maybe just finishing a quick connection).
+            Span::Stale(steps) if self.on_cpu() && steps >= 1 => BUSY_STEPS,
+            Span::Stale(_) | Span::Unknown if self.on_cpu() => 1,
+            Span::Stale(_) | Span::Unknown => 0,
         };
         Some(steps * RANK_SCALE)
     }
+}
+
+/// What [`Recent::observe`] could measure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Span {
+    /// Busy steps over a span of [`WINDOW`] to [`STALE`].
+    Recent(usize),
+    /// Busy steps over a span longer than [`STALE`]: they say little of now.
+    Stale(usize),
+    /// No span (no earlier sample, or only one too recent).
+    Unknown,
 }
 
 /// A worker's recent samples: measured from the newer of the two kept once it is at
@@ -129,9 +146,8 @@ pub struct Recent {
 }
 
 impl Recent {
-    /// Takes a new sample; returns the busy steps over the recent span, or `None` when
-    /// there is no span of [`WINDOW`] to [`STALE`] to measure over.
-    pub fn observe(&mut self, now: Sample) -> Option<usize> {
+    /// Takes a new sample; returns the busy steps over the span since the kept one.
+    pub fn observe(&mut self, now: Sample) -> Span {
         let old_enough = |s: &Sample| now.at.saturating_duration_since(s.at) >= WINDOW;
         let from = match (self.older, self.newer) {
             (_, Some(newer)) if old_enough(&newer) => Some(newer),
@@ -141,8 +157,11 @@ impl Recent {
             self.older = self.newer;
             self.newer = Some(now);
         }
-        let from = from.filter(|f| now.at.saturating_duration_since(f.at) <= STALE)?;
-        Some(busy_steps(from, now))
+        match from {
+            None => Span::Unknown,
+            Some(f) if now.at.saturating_duration_since(f.at) > STALE => Span::Stale(busy_steps(f, now)),
+            Some(f) => Span::Recent(busy_steps(f, now)),
+        }
     }
 }
 
@@ -211,25 +230,33 @@ mod tests {
         let t = Instant::now();
         let ms = |m: u64| m * 1000;
         let mut r = Recent::default();
-        assert_eq!(r.observe(at(t, 0, 0)), None, "nothing to compare with yet");
-        assert_eq!(r.observe(at(t, ms(4), 0)), None, "under a window: too short to tell");
-        assert_eq!(r.observe(at(t, ms(12), 0)), Some(0), "idle for 12 ms");
+        assert_eq!(r.observe(at(t, 0, 0)), Span::Unknown, "nothing to compare with yet");
+        assert_eq!(r.observe(at(t, ms(4), 0)), Span::Unknown, "under a window: too short to tell");
+        assert_eq!(r.observe(at(t, ms(12), 0)), Span::Recent(0), "idle for 12 ms");
         // A quick connection served just now (0.2 ms of running): busy for all of the
         // last short gap, but not of the span since the kept sample.
-        assert_eq!(r.observe(at(t, ms(12) + 200, 200)), Some(0));
+        assert_eq!(r.observe(at(t, ms(12) + 200, 200)), Span::Recent(0));
         // Spinning with passes every 2.8 ms: measured over 8 to 16 ms, all of it run.
         let mut spinning = Recent::default();
         for i in 0..10 {
             spinning.observe(at(t, i * 2800, i * 2800));
         }
-        assert_eq!(spinning.observe(at(t, 28_800, 28_800)), Some(BUSY_STEPS));
+        assert_eq!(spinning.observe(at(t, 28_800, 28_800)), Span::Recent(BUSY_STEPS));
         // Busy long ago, idle for a second and a half, then a slow request began just
         // before a pass, and the next pass comes 20 ms later.
         let mut sparse = Recent::default();
         sparse.observe(at(t, 0, 0));
-        assert_eq!(sparse.observe(at(t, ms(100), ms(100))), None, "100 ms: stale");
-        assert_eq!(sparse.observe(at(t, ms(1600), ms(100))), None, "1.5 s since the last pass");
-        assert_eq!(sparse.observe(at(t, ms(1620), ms(120))), Some(BUSY_STEPS), "20 ms since");
+        assert_eq!(sparse.observe(at(t, ms(150), ms(150))), Span::Stale(BUSY_STEPS), "150 ms: stale");
+        assert_eq!(sparse.observe(at(t, ms(1650), ms(150))), Span::Stale(0), "1.5 s since the last pass");
+        assert_eq!(sparse.observe(at(t, ms(1670), ms(170))), Span::Recent(BUSY_STEPS), "20 ms since");
+        // Passes 1 ms apart after one 40 ms after: the span from the kept sample stays
+        // usable (40 to 48 ms) until a newer one is a window old.
+        let mut after_gap = Recent::default();
+        after_gap.observe(at(t, 0, 0));
+        assert_eq!(after_gap.observe(at(t, ms(40), ms(40))), Span::Recent(BUSY_STEPS));
+        for i in 1..8 {
+            assert_eq!(after_gap.observe(at(t, ms(40 + i), ms(40 + i))), Span::Recent(BUSY_STEPS), "{i}");
+        }
     }
 
     /// Spins the calling thread for `d`.
@@ -252,7 +279,7 @@ mod tests {
         assert!(own.on_cpu(), "the reading thread is on a CPU");
         let mut recent = Recent::default();
         let first = own.rank(&mut recent, Instant::now());
-        assert_eq!(first, Some(BUSY_STEPS * RANK_SCALE), "no span yet: on a CPU now");
+        assert_eq!(first, Some(RANK_SCALE), "no span yet: on a CPU now, maybe briefly");
         spin(Duration::from_millis(20));
         // Unless the machine is busy, a spinning thread runs all the time.
         let rank = own.rank(&mut recent, Instant::now()).unwrap();
