@@ -76,7 +76,7 @@ pub(crate) fn activated() -> io::Result<Option<Vec<TcpListener>>> {
         let socket = socket2::SockRef::from(&borrowed);
         let tcp_listener = socket.r#type().is_ok_and(|t| t == socket2::Type::STREAM)
             && socket.local_addr().is_ok_and(|a| a.as_socket().is_some())
-            && crate::via::socket::is_listening(borrowed);
+            && socket.is_listener().unwrap_or(false);
         if !tcp_listener {
             return Err(bad(format!(
                 "LISTEN_FDS={fds}: descriptor {fd} is not a listening TCP socket                  (recluster serves ListenStream= sockets of TCP addresses)"
