@@ -95,13 +95,16 @@ impl fmt::Display for ConfigError {
                  to another user); run it as root, or leave them out to run workers as yourself",
             ),
             ConfigError::ActivatedViaSocket => f.write_str(
-                "--via socket binds a socket per slot itself and cannot serve sockets passed                  by the service manager (LISTEN_FDS): use --via channel, or drop the .socket unit",
+                "--via socket binds a socket per slot itself and cannot serve sockets passed \
+                 by the service manager (LISTEN_FDS): use --via channel, or drop the .socket unit",
             ),
             ConfigError::ActivatedMismatch { listen, activated } => {
                 let list: Vec<String> = activated.iter().map(ToString::to_string).collect();
                 write!(
                     f,
-                    "--listen {listen} is not among the sockets the service manager passed                      (LISTEN_FDS: {}): make the .socket unit's ListenStream= and --listen agree,                      or leave --listen out",
+                    "--listen {listen} is not among the sockets the service manager passed \
+                 (LISTEN_FDS: {}): make the .socket unit's ListenStream= and --listen agree, \
+                 or leave --listen out",
                     list.join(", ")
                 )
             }

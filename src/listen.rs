@@ -63,8 +63,12 @@ pub(crate) fn activated() -> io::Result<Option<Vec<TcpListener>>> {
     let count: i32 = fds
         .parse()
         .ok()
-        .filter(|&n| (1..=1024).contains(&n))
-        .ok_or_else(|| bad(format!("LISTEN_FDS={fds}: want a count of passed sockets, 1 to 1024")))?;
+        .filter(|&n| (0..=1024).contains(&n))
+        .ok_or_else(|| bad(format!("LISTEN_FDS={fds}: want a count of passed sockets, 0 to 1024")))?;
+    if count == 0 {
+        // sd_listen_fds' convention: nothing passed, bind as usual.
+        return Ok(None);
+    }
     let mut listeners = Vec::with_capacity(count as usize);
     for fd in LISTEN_FDS_START..LISTEN_FDS_START + count {
         // SAFETY: the descriptor is only borrowed for the checks below, and only after
@@ -79,7 +83,8 @@ pub(crate) fn activated() -> io::Result<Option<Vec<TcpListener>>> {
             && socket.is_listener().unwrap_or(false);
         if !tcp_listener {
             return Err(bad(format!(
-                "LISTEN_FDS={fds}: descriptor {fd} is not a listening TCP socket                  (recluster serves ListenStream= sockets of TCP addresses)"
+                "LISTEN_FDS={fds}: descriptor {fd} is not a listening TCP socket \
+                 (recluster serves ListenStream= sockets of TCP addresses)"
             )));
         }
         socket.set_cloexec(true)?;

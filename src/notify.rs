@@ -89,11 +89,16 @@ impl NotifySocket {
         }
     }
 
-    /// Lets workers running as `uid`:`gid` (`--user`) reach the socket: the private
-    /// directory and the socket become theirs (the master, as root, still reads it).
-    pub(crate) fn allow(&self, uid: u32, gid: u32) -> io::Result<()> {
-        std::os::unix::fs::chown(&self.dir, Some(uid), Some(gid))?;
-        std::os::unix::fs::chown(&self.path, Some(uid), Some(gid))
+    /// Lets workers running in group `gid` (`--user`, `--group`) reach the socket and
+    /// nothing more: the private directory stays the master's, searchable by that group
+    /// only (0710: no listing, no creating, no renaming or deleting), and the socket is
+    /// writable by it (0660), which `connect`/`sendto` need.
+    pub(crate) fn allow_group(&self, gid: u32) -> io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        std::os::unix::fs::chown(&self.dir, None, Some(gid))?;
+        std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o710))?;
+        std::os::unix::fs::chown(&self.path, None, Some(gid))?;
+        std::fs::set_permissions(&self.path, std::fs::Permissions::from_mode(0o660))
     }
 
     /// Filesystem path to give workers in `NOTIFY_SOCKET`.
@@ -309,6 +314,8 @@ fn send_to(addr: &OsString, data: &[u8]) -> io::Result<()> {
         }
     };
     let socket = UnixDatagram::unbound()?;
+    // A manager that does not read must not stop the master: EAGAIN is an error here.
+    socket.set_nonblocking(true)?;
     let sent = socket.send_to_addr(data, &address)?;
     if sent != data.len() {
         return Err(io::Error::new(

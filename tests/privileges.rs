@@ -112,6 +112,21 @@ fn an_unprivileged_worker_can_still_say_ready_on_the_notify_socket() {
     let pids = m.wait_cluster_ready(1);
     let nobody = User::from_name("nobody").unwrap().expect("a nobody user");
     assert_eq!(credentials(pids[&0]).0[1], nobody.uid.as_raw());
+    // ... and nothing more: the directory stays the master's (root's), searchable by
+    // the workers' group only, so a worker cannot delete, replace or fill it.
+    use std::os::unix::fs::MetadataExt;
+    let environ = std::fs::read(format!("/proc/{}/environ", pids[&0])).unwrap();
+    let socket = environ
+        .split(|&b| b == 0)
+        .find_map(|v| v.strip_prefix(b"NOTIFY_SOCKET="))
+        .map(|v| std::path::PathBuf::from(String::from_utf8_lossy(v).into_owned()))
+        .expect("NOTIFY_SOCKET in the worker's environment");
+    let dir = std::fs::metadata(socket.parent().unwrap()).unwrap();
+    assert_eq!(
+        (dir.uid(), dir.mode() & 0o777),
+        (0, 0o710),
+        "the notify directory"
+    );
     m.signal(Signal::SIGTERM);
     assert!(m.wait_exit(DEADLINE).is_some());
 }

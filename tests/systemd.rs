@@ -182,3 +182,36 @@ fn a_socket_activated_master_serves_the_passed_socket_and_binds_nothing() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_service_manager_that_never_reads_does_not_stop_the_master() {
+    let dir = std::env::temp_dir().join(format!("recluster-deaf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("notify");
+    let _ = std::fs::remove_file(&path);
+    // Bound and never read: its queue fills after a few datagrams.
+    let deaf = UnixDatagram::bind(&path).unwrap();
+    socket2::SockRef::from(&deaf)
+        .set_recv_buffer_size(1)
+        .unwrap();
+    let m = Cluster::new()
+        .workers(1)
+        .args(["--balance", "rr", "--listen", "127.0.0.1:0"])
+        .env("NOTIFY_SOCKET", &path)
+        .command([echo()])
+        .spawn();
+    m.wait_cluster_ready(1);
+    for generation in 2..=13 {
+        m.reload_to(generation);
+    }
+    assert!(
+        !m.events("service_notify_failed").is_empty(),
+        "the full queue was noticed"
+    );
+    m.signal(Signal::SIGTERM);
+    assert!(m
+        .wait_exit(Duration::from_secs(20))
+        .is_some_and(|e| e.success()));
+    drop(deaf);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

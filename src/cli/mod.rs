@@ -272,7 +272,13 @@ pub fn main() -> i32 {
         builder = builder.listen(*addr);
     }
     match run_as(opts.user.as_deref(), opts.group.as_deref()) {
-        Ok(Some(c)) => builder = builder.run_as(c),
+        Ok(Some(c)) => {
+            if opts.user.is_none() {
+                tracing::warn!(event = "group_without_user", gid = c.gid,
+                    "--group without --user: workers keep the master's user (root); add --user to run them unprivileged");
+            }
+            builder = builder.run_as(c);
+        }
         Ok(None) => {}
         Err(e) => {
             log.line(format_args!("recluster: {e}"));
@@ -454,6 +460,10 @@ fn run_as(user: Option<&str>, group: Option<&str>) -> Result<Option<config::Cred
         }
         None => primary,
     };
+    // -1 means "unchanged" to setuid/setgid: never a user to run as.
+    if uid == u32::MAX || gid == u32::MAX {
+        return Err("--user/--group: 4294967295 (-1) is no user or group id".to_string());
+    }
     Ok(Some(config::Credentials { uid, gid }))
 }
 

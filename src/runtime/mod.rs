@@ -141,7 +141,7 @@ pub(crate) async fn run(setup: Setup) -> Result<(), Error> {
     let notify = NotifySocket::bind().map_err(io("cannot create the notify socket"))?;
     if let Some(c) = setup.run_as {
         notify
-            .allow(c.uid, c.gid)
+            .allow_group(c.gid)
             .map_err(io("cannot give the workers' user the notify socket"))?;
     }
     for (index, l) in setup.listeners.iter().enumerate() {
