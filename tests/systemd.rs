@@ -37,13 +37,20 @@ fn value<'a>(message: &'a str, key: &str) -> Option<&'a str> {
         .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
 }
 
-#[test]
-fn the_master_notifies_ready_reloading_ready_and_stopping() {
-    let dir = std::env::temp_dir().join(format!("recluster-notify-{}", std::process::id()));
+/// A datagram socket playing systemd's notify socket, in a directory of its own
+/// (named after `name`, removed by the caller): the directory, the path, the socket.
+fn service_manager(name: &str) -> (std::path::PathBuf, std::path::PathBuf, UnixDatagram) {
+    let dir = std::env::temp_dir().join(format!("recluster-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("notify");
     let _ = std::fs::remove_file(&path);
-    let systemd = UnixDatagram::bind(&path).unwrap();
+    let socket = UnixDatagram::bind(&path).unwrap();
+    (dir, path, socket)
+}
+
+#[test]
+fn the_master_notifies_ready_reloading_ready_and_stopping() {
+    let (dir, path, systemd) = service_manager("notify");
     systemd.set_read_timeout(Some(DEADLINE)).unwrap();
 
     let m = Cluster::new()
@@ -185,12 +192,8 @@ fn a_socket_activated_master_serves_the_passed_socket_and_binds_nothing() {
 
 #[test]
 fn a_service_manager_that_never_reads_does_not_stop_the_master() {
-    let dir = std::env::temp_dir().join(format!("recluster-deaf-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("notify");
-    let _ = std::fs::remove_file(&path);
     // Bound and never read: its queue fills after a few datagrams.
-    let deaf = UnixDatagram::bind(&path).unwrap();
+    let (dir, path, deaf) = service_manager("deaf");
     socket2::SockRef::from(&deaf)
         .set_recv_buffer_size(1)
         .unwrap();
