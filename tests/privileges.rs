@@ -66,6 +66,17 @@ fn workers_run_as_the_given_user_with_no_supplementary_groups_while_the_master_s
             "worker {pid}: supplementary groups {groups:?}"
         );
     }
+    // The user's own home and name, not the master's.
+    let environ = std::fs::read(format!("/proc/{}/environ", pids[&0])).unwrap();
+    let var = |key: &str| {
+        environ
+            .split(|&b| b == 0)
+            .find_map(|v| v.strip_prefix(format!("{key}=").as_bytes()))
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    };
+    assert_eq!(var("HOME").as_deref(), nobody.dir.to_str());
+    assert_eq!(var("USER").as_deref(), Some("nobody"));
+    assert_eq!(var("LOGNAME").as_deref(), Some("nobody"));
     let (master_uids, _, _) = credentials(m.pid);
     assert_eq!(master_uids, vec![0; 4], "the master stays root");
     let reply = request_from(addr, None, true, DEADLINE).expect("a worker answers");

@@ -124,6 +124,21 @@ impl Launcher {
             .collect();
         let mut vars: Vec<(OsString, OsString)> =
             std::env::vars_os().filter(|(k, _)| !withheld(k)).collect();
+        // `--user`: the user's own HOME, USER and LOGNAME, as login and systemd set them
+        // (a worker must not write into root's home); the command's env still wins.
+        if let Some(user) = setup
+            .run_as
+            .and_then(|c| nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(c.uid)).ok().flatten())
+        {
+            for (k, v) in [
+                ("HOME", user.dir.into_os_string()),
+                ("USER", OsString::from(&user.name)),
+                ("LOGNAME", OsString::from(&user.name)),
+            ] {
+                vars.retain(|(ek, _)| ek != k);
+                vars.push((k.into(), v));
+            }
+        }
         for (k, v) in &setup.command.env {
             vars.retain(|(ek, _)| ek != k);
             vars.push((k.clone(), v.clone()));
