@@ -71,11 +71,12 @@ pub(crate) fn activated() -> io::Result<Option<Vec<TcpListener>>> {
     }
     let mut listeners = Vec::with_capacity(count as usize);
     for fd in LISTEN_FDS_START..LISTEN_FDS_START + count {
-        // SAFETY: the descriptor is only borrowed for the checks below, and only after
-        // fcntl says it is open.
+        // SAFETY: F_GETFD only reads the descriptor's flags.
         if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
             return Err(bad(format!("LISTEN_FDS={fds}: descriptor {fd} is not open")));
         }
+        // SAFETY: the descriptor is open (just checked) and only borrowed for the checks
+        // below, while nothing closes it.
         let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
         let socket = socket2::SockRef::from(&borrowed);
         let tcp_listener = socket.r#type().is_ok_and(|t| t == socket2::Type::STREAM)

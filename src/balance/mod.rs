@@ -685,19 +685,19 @@ impl Balancer {
 
     /// Sends slot `slot`'s batch in one message; on failure re-dispatches or parks it.
     fn flush(&mut self, slot: usize, now: Instant) {
+        // Under Node, what the worker took before its window filled (counted even when
+        // the rest of the batch is refused).
+        let mut taken = 0;
         let result = match &self.table[slot] {
             Some(Link::Node(node)) => {
                 // One connection at a time, as far as the worker's window goes; what
                 // does not fit stays in the batch, to be re-dispatched as on a full queue.
-                let mut taken = 0;
                 for conn in self.batches[slot].drain(..) {
                     match node.offer(conn) {
                         Ok(()) => taken += 1,
                         Err(conn) => self.refused.push(conn),
                     }
                 }
-                self.handed_here += taken;
-                BalanceStats::add(&self.stats.handed, taken);
                 std::mem::swap(&mut self.batches[slot], &mut self.refused);
                 if self.batches[slot].is_empty() {
                     Ok(())
@@ -716,6 +716,7 @@ impl Balancer {
             }
             None => Err(io::ErrorKind::NotConnected.into()),
         };
+        self.count_handed(taken);
         match result {
             Ok(()) => {
                 self.count_handed(self.batches[slot].len() as u64);
