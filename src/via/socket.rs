@@ -52,8 +52,9 @@ pub(crate) fn listen_again(socket: BorrowedFd<'_>, backlog: i32) -> io::Result<(
 /// bound without SO_REUSEPORT, which fails with "address in use" as a plain bind
 /// would, and released just before the group binds it. What this does not stop: a
 /// group bound by another process in the instant between the two, or a socket of the
-/// same user joining the group later (the slots' program sends it nothing only while
-/// some slot is not ready; see `balance::steer`).
+/// same user joining the group later (`sticky`'s program never picks it, but in `rr`,
+/// while every slot is ready, the kernel's own hash spreads over it too; see
+/// `balance::steer`).
 pub(crate) fn bind_group(addr: SocketAddr, slots: usize, backlog: i32) -> io::Result<Vec<TcpListener>> {
     let mut group: Vec<TcpListener> = Vec::with_capacity(slots);
     let mut at = {
