@@ -58,7 +58,8 @@ master! {
     pub use cluster::{Cluster, ClusterBuilder};
     pub use config::{Balance, ReadyWhen, Timing, Via};
     pub use error::{CommandError, ConfigError, Error};
-    pub use runtime::handle::ClusterHandle;
+    pub use runtime::handle::{ClusterHandle, ReloadError};
+    pub use runtime::status::{ReloadCounts, Status, WorkerStatus};
     pub use runtime::command::WorkerCommand;
     pub use supervisor::{Event, ExitStatus, StartFailure, WorkerId, WorkerInfo, WorkerState};
 }

@@ -602,8 +602,14 @@ impl Balancer {
         self.handed_here
     }
 
-    /// Counts `n` connections handed over.
-    fn count_handed(&mut self, n: u64) {
+    /// Counts `n` connections handed over to slot `slot`'s worker.
+    fn count_handed(&mut self, slot: usize, n: u64) {
+        if n == 0 {
+            return;
+        }
+        if let Some(link) = &self.table[slot] {
+            link.count_handed(n);
+        }
         self.handed_here += n;
         BalanceStats::add(&self.stats.handed, n);
     }
@@ -716,10 +722,10 @@ impl Balancer {
             }
             None => Err(io::ErrorKind::NotConnected.into()),
         };
-        self.count_handed(taken);
+        self.count_handed(slot, taken);
         match result {
             Ok(()) => {
-                self.count_handed(self.batches[slot].len() as u64);
+                self.count_handed(slot, self.batches[slot].len() as u64);
                 let sent = Instant::now();
                 for c in &self.batches[slot] {
                     self.stats.handoff.record(sent.saturating_duration_since(c.since));

@@ -20,6 +20,7 @@ use crate::cli::stderr_log::StderrLog;
 use crate::config::{self, Balance, ReadyWhen, Via};
 use crate::{Cluster, WorkerCommand};
 
+mod client;
 mod pidfile;
 mod stderr_log;
 
@@ -29,9 +30,17 @@ mod stderr_log;
     name = "recluster",
     version,
     about = "Run N workers behind shared listening sockets; reload them with zero downtime.",
+    subcommand_negates_reqs = true,
+    subcommand_value_name = "SUBCOMMAND",
+    subcommand_help_heading = "Subcommands (steer a running master through its control socket)",
+    override_usage = "recluster [OPTIONS] -- COMMAND [ARGS]...\n       recluster status|reload|stop [--control PATH | --name NAME]",
     after_help = "Signals: SIGUSR2 or SIGHUP reload; SIGTERM or SIGINT terminate gracefully; a second SIGINT kills at once."
 )]
 pub struct Options {
+    /// A subcommand for a running master, instead of starting one
+    #[command(subcommand)]
+    pub action: Option<client::Subcommand>,
+
     /// Number of worker processes [default: number of cores]
     #[arg(long, short = 'w', env = "RECLUSTER_WORKERS", value_parser = parse_workers)]
     pub workers: Option<usize>,
@@ -113,9 +122,15 @@ pub struct Options {
     #[arg(long, env = "RECLUSTER_CGROUPS", num_args = 0..=1, default_value = "true", default_missing_value = "true", require_equals = true)]
     pub cgroups: bool,
 
-    /// Unix socket for `status`, `reload` and `terminate` commands (mode 0600)
+    /// Control socket for `recluster status|reload|stop` (mode 0600); `off` for none
+    /// [default: NAME.sock in /run/recluster as root, else in $XDG_RUNTIME_DIR/recluster]
     #[arg(long, env = "RECLUSTER_CONTROL", value_name = "PATH")]
     pub control: Option<std::path::PathBuf>,
+
+    /// The cluster's name: its control socket's in the default directory [default: the
+    /// first listen address, as in 127.0.0.1-8080]
+    #[arg(long, env = "RECLUSTER_NAME", value_name = "NAME", value_parser = client::parse_name)]
+    pub name: Option<String>,
 
     /// File to write the master's pid to (removed at exit), for `kill -USR2 $(cat FILE)`
     #[arg(long, env = "RECLUSTER_PID_FILE", value_name = "FILE")]
@@ -234,6 +249,10 @@ pub fn main() -> i32 {
             return code;
         }
     };
+    if let Some(sub) = opts.action {
+        // A subcommand for a running master: `--control`/`--name` may come before it.
+        return client::run(sub.aimed(opts.control, opts.name));
+    }
     // Every line to stderr from here on goes through `log`, which never blocks and
     // never fails; dropping it, at any return below, flushes it (bounded).
     let log = init_logging(opts.log_level);
@@ -334,7 +353,15 @@ pub fn main() -> i32 {
             return 1;
         }
     };
-    match runtime.block_on(run(cluster, opts.control)) {
+    let control = match opts.control {
+        Some(path) if path.as_os_str() == "off" => Control::Off,
+        Some(path) => Control::At(path),
+        None => Control::Default(
+            opts.name
+                .unwrap_or_else(|| client::name_for(cluster.local_addrs().first().copied())),
+        ),
+    };
+    match runtime.block_on(run(cluster, control)) {
         Ok(()) => 0,
         Err(e) => {
             log.line(format_args!("recluster: {e}"));
@@ -343,15 +370,37 @@ pub fn main() -> i32 {
     }
 }
 
-async fn run(cluster: Cluster, control: Option<std::path::PathBuf>) -> Result<(), crate::Error> {
+/// Where the master's control socket goes.
+enum Control {
+    /// `--control off`: none.
+    Off,
+    /// `--control PATH`: there, or the master does not start.
+    At(std::path::PathBuf),
+    /// The default directory, under this name; the master runs without one if it
+    /// cannot be made (a warning says why).
+    Default(String),
+}
+
+async fn run(cluster: Cluster, control: Control) -> Result<(), crate::Error> {
+    use crate::runtime::control::ControlSocket;
     let handle = cluster.handle();
-    if let Some(path) = control {
-        let socket = crate::runtime::control::ControlSocket::bind(&path).map_err(|source| {
-            crate::Error::Io {
-                context: "cannot create the control socket (--control)",
-                source,
+    let socket = match control {
+        Control::Off => None,
+        Control::At(path) => Some(ControlSocket::bind(&path).map_err(|source| crate::Error::Io {
+            context: "cannot create the control socket (--control)",
+            source,
+        })?),
+        Control::Default(name) => match client::prepare_default(&name).and_then(|p| ControlSocket::bind(&p)) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(event = "control_unavailable", name, dir = %client::default_dir().display(), error = %e,
+                    "no control socket: `recluster status` cannot reach this master; pass --control PATH or --name NAME");
+                None
             }
-        })?;
+        },
+    };
+    if let Some(socket) = socket {
+        tracing::info!(event = "control_socket", path = %socket.path().display(), "control socket ready");
         tokio::spawn(socket.serve(handle.clone()));
     }
     let io = |source| crate::Error::Io {

@@ -76,6 +76,11 @@ impl ControlSocket {
         })
     }
 
+    /// Where the socket is.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Answers commands for `handle`'s cluster until the task is dropped.
     pub async fn serve(self, handle: ClusterHandle) {
         let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
@@ -127,9 +132,22 @@ async fn answer(stream: UnixStream, handle: &ClusterHandle) -> io::Result<()> {
         match tokio::time::timeout(READ_DEADLINE, reader.read_until(b'\n', &mut bytes)).await {
             Ok(r) => match (r?, std::str::from_utf8(&bytes)) {
                 (0, _) => return Ok(()),
-                (_, Ok(line)) => command(line.trim(), handle),
+                (_, Ok(line)) => {
+                    // A client that hangs up (or shuts down its writing) cancels what
+                    // it waits for (`reload wait`); a command that answers at once
+                    // answers first, as `biased` polls it first.
+                    let hangup = async {
+                        let mut rest = [0u8; 64];
+                        while let Ok(1..) = reader.read(&mut rest).await {}
+                    };
+                    tokio::select! {
+                        biased;
+                        reply = command(line.trim(), handle) => reply,
+                        () = hangup => return Ok(()),
+                    }
+                }
                 (_, Err(_)) => {
-                    "error the command is not UTF-8: use status, reload or terminate\n".into()
+                    format!("error the command is not UTF-8: use {COMMANDS}\n")
                 }
             },
             Err(_) => "error no command within the read deadline\n".into(),
@@ -156,18 +174,57 @@ async fn answer(stream: UnixStream, handle: &ClusterHandle) -> io::Result<()> {
 const DRAIN_LIMIT: u64 = 4096;
 
 /// The answer to one command line.
-fn command(line: &str, handle: &ClusterHandle) -> String {
-    match line {
-        "status" => status(handle),
-        "reload" => {
+async fn command(line: &str, handle: &ClusterHandle) -> String {
+    let mut words = line.split_ascii_whitespace();
+    match (words.next().unwrap_or(""), words.next(), words.next()) {
+        ("status", None, _) => status(handle),
+        ("status", Some("json"), None) => format!("{}\n", handle.status().to_json()),
+        ("reload", None, _) => {
             handle.reload();
             "ok\n".to_string()
         }
-        "terminate" => {
+        ("reload", Some("wait"), seconds) => {
+            let limit = match seconds.map(str::parse::<u64>) {
+                None => MAX_RELOAD_WAIT,
+                Some(Ok(s)) => std::time::Duration::from_secs(s).min(MAX_RELOAD_WAIT),
+                Some(Err(_)) => return "error expected `reload wait [SECONDS]`\n".into(),
+            };
+            reload_and_wait(handle, limit).await
+        }
+        ("terminate" | "stop", None, _) => {
             handle.terminate();
             "ok\n".to_string()
         }
-        other => format!("error unknown command `{other}`: use status, reload or terminate\n"),
+        _ => format!("error unknown command `{line}`: use {COMMANDS}\n"),
+    }
+}
+
+/// The commands, as the error for an unknown one lists them.
+const COMMANDS: &str = "status, status json, reload, reload wait [SECONDS], stop (or terminate)";
+
+/// Longest a `reload wait` waits, whatever the client asks.
+pub const MAX_RELOAD_WAIT: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// Reloads and answers once the new generation serves every slot, the reload is
+/// given up, or `limit` has passed.
+async fn reload_and_wait(handle: &ClusterHandle, limit: std::time::Duration) -> String {
+    match tokio::time::timeout(limit, handle.reload_and_wait()).await {
+        Ok(Ok(generation)) => format!("ok generation={generation}\n"),
+        Ok(Err(e)) => format!("error {e}\n"),
+        Err(_) => {
+            let s = handle.status();
+            let ready = s
+                .workers
+                .iter()
+                .filter(|w| w.generation == s.generation && w.state == WorkerState::Ready)
+                .count();
+            format!(
+                "error generation {} is not ready after {}s ({ready} of {} slots ready); the old workers keep serving: see the master's log\n",
+                s.generation,
+                limit.as_secs(),
+                s.slots
+            )
+        }
     }
 }
 
@@ -179,11 +236,7 @@ fn status(handle: &ClusterHandle) -> String {
         handle.active_workers().len()
     );
     for w in workers {
-        let state = match w.state {
-            WorkerState::Starting => "starting",
-            WorkerState::Ready => "ready",
-            WorkerState::Retiring => "retiring",
-        };
+        let state = crate::runtime::status::state_name(w.state);
         let pid = w.pid.map_or_else(|| "-".to_string(), |p| p.to_string());
         out.push_str(&format!(
             "worker slot={} pid={pid} generation={} state={state}\n",

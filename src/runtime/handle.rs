@@ -4,12 +4,17 @@
 //! latest [`Snapshot`] the loop publishes after every event, and subscribes to the
 //! event stream. It never waits for the loop: every call returns at once.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::sync::{broadcast, mpsc, watch};
+use tokio::time::Instant;
 
 use crate::balance::{BalanceCounts, BalanceStats};
+use crate::config::{Balance, Via};
+use crate::runtime::status::{ReloadCounts, Status, WorkerStatus};
 use crate::supervisor::{Event, WorkerInfo};
+use crate::via::Link;
 
 /// A request from a handle to the running cluster.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,7 +30,63 @@ pub(crate) struct Snapshot {
     pub generation: u64,
     pub active: Vec<Option<WorkerInfo>>,
     pub workers: Vec<WorkerInfo>,
+    /// What never changes while the cluster runs (`None` until it runs).
+    pub facts: Option<Arc<Facts>>,
+    /// One row per live worker, in `workers` order.
+    pub rows: Vec<Row>,
+    /// The newest generation that served every slot.
+    pub ready_generation: u64,
+    /// The newest generation whose reload was given up.
+    pub aborted_generation: u64,
+    pub reloading: bool,
+    pub terminating: bool,
+    pub reloads: ReloadCounts,
 }
+
+/// The cluster's facts that never change while it runs.
+#[derive(Debug)]
+pub(crate) struct Facts {
+    pub balance: Balance,
+    pub via: Option<Via>,
+    pub listeners: Vec<SocketAddr>,
+    pub started: Instant,
+}
+
+/// A live worker's row besides its [`WorkerInfo`].
+#[derive(Debug, Clone)]
+pub(crate) struct Row {
+    pub started: Instant,
+    pub restarts: u64,
+    /// Where its handed-over count is kept (`rr`/`sticky`).
+    pub link: Option<Link>,
+}
+
+/// Why [`ClusterHandle::reload_and_wait`] did not see the new generation ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReloadError {
+    /// The new generation kept failing to start (`--reload-abort-after`): the old
+    /// workers keep serving.
+    Aborted {
+        /// The generation that was given up.
+        generation: u64,
+    },
+    /// The cluster is terminating (or terminated before the reload finished).
+    Terminating,
+}
+
+impl std::fmt::Display for ReloadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReloadError::Aborted { generation } => write!(
+                f,
+                "the reload to generation {generation} was aborted: its workers kept failing to start; the old workers keep serving (see the master's log)"
+            ),
+            ReloadError::Terminating => f.write_str("the cluster is terminating"),
+        }
+    }
+}
+
+impl std::error::Error for ReloadError {}
 
 /// The loop's ends of what a [`ClusterHandle`] talks to.
 pub(crate) struct Ends {
@@ -108,5 +169,65 @@ impl ClusterHandle {
     /// The balancer's counters so far (all zero in `shared`, where workers accept).
     pub fn balance_counts(&self) -> BalanceCounts {
         BalanceCounts::from(&*self.stats)
+    }
+
+    /// The cluster's state and counters now: what `recluster status` shows.
+    pub fn status(&self) -> Status {
+        let snapshot = self.state.borrow().clone();
+        let now = Instant::now();
+        let facts = snapshot.facts.as_deref();
+        let workers = snapshot
+            .workers
+            .iter()
+            .zip(&snapshot.rows)
+            .map(|(info, row)| {
+                let handed = row.link.as_ref().map_or(0, Link::handed);
+                WorkerStatus::new(*info, now.saturating_duration_since(row.started), row.restarts, handed)
+            })
+            .collect();
+        Status {
+            pid: std::process::id(),
+            balance: facts.map_or_else(Balance::default, |f| f.balance),
+            via: facts.and_then(|f| f.via),
+            listeners: facts.map_or_else(Vec::new, |f| f.listeners.clone()),
+            uptime: facts.map_or(std::time::Duration::ZERO, |f| now.saturating_duration_since(f.started)),
+            generation: snapshot.generation,
+            ready_generation: snapshot.ready_generation,
+            reloading: snapshot.reloading,
+            terminating: snapshot.terminating,
+            slots: snapshot.active.len(),
+            totals: self.balance_counts(),
+            reloads: snapshot.reloads,
+            workers,
+        }
+    }
+
+    /// Reloads and waits until every slot is served by the new generation (or a newer
+    /// one); returns that generation, or why it will not be. Bound the wait with
+    /// `tokio::time::timeout`: a new generation that keeps failing to start without
+    /// `--reload-abort-after` is retried for ever while the old one serves.
+    pub async fn reload_and_wait(&self) -> Result<u64, ReloadError> {
+        let mut state = self.state.clone();
+        let target = state.borrow_and_update().generation + 1;
+        self.reload();
+        loop {
+            {
+                let s = state.borrow_and_update();
+                if s.ready_generation >= target {
+                    return Ok(s.ready_generation);
+                }
+                if s.aborted_generation >= target {
+                    return Err(ReloadError::Aborted {
+                        generation: s.aborted_generation,
+                    });
+                }
+                if s.terminating {
+                    return Err(ReloadError::Terminating);
+                }
+            }
+            if state.changed().await.is_err() {
+                return Err(ReloadError::Terminating);
+            }
+        }
     }
 }

@@ -46,6 +46,7 @@ pub(crate) mod handle;
 mod journal;
 pub(crate) mod launch;
 mod probe;
+pub(crate) mod status;
 mod ratelimit;
 mod reap;
 
@@ -129,6 +130,18 @@ struct Driver {
     guard: guard::Guard,
     /// `--via socket`: which slots the kernel's program sends connections to.
     steering: Option<Steering>,
+    /// What `status` shows that never changes.
+    facts: Arc<handle::Facts>,
+    /// Reloads and ready generations so far, for `status`.
+    tally: Tally,
+}
+
+/// What the driver counts from the core's events, for `status` and `reload --wait`.
+#[derive(Debug, Default)]
+struct Tally {
+    ready_generation: u64,
+    aborted_generation: u64,
+    reloads: status::ReloadCounts,
 }
 
 /// Runs a cluster until it has terminated.
@@ -154,6 +167,7 @@ pub(crate) async fn run(setup: Setup) -> Result<(), Error> {
     let mut driver = Driver::new(setup, notify, messages)?;
     let first = driver.sup.start(Instant::now());
     driver.apply(first);
+    driver.publish();
 
     let mut probe = tokio::time::interval(PROBE_INTERVAL);
     probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -281,7 +295,15 @@ impl Driver {
             balancer = Some(tx);
         }
         let guard = guard::Guard::start(setup.cgroups);
+        let facts = Arc::new(handle::Facts {
+            balance: setup.balance,
+            via: (setup.balance != Balance::Shared).then_some(setup.via),
+            listeners: addrs.clone(),
+            started: Instant::now(),
+        });
         Ok(Driver {
+            facts,
+            tally: Tally::default(),
             sup: Supervisor::new(setup.workers, setup.timing).with_ready_when(setup.ready_when),
             setup,
             notify,
@@ -630,12 +652,17 @@ impl Driver {
                 );
             }
             Event::ClusterReady { generation } | Event::ReloadFinished { generation } => {
+                if matches!(event, Event::ReloadFinished { .. }) {
+                    self.tally.reloads.finished += 1;
+                }
+                self.tally.ready_generation = self.tally.ready_generation.max(*generation);
                 let workers = self.setup.workers;
                 self.tell_service_manager(&format!(
                     "READY=1\nSTATUS=ready: generation {generation}, {workers} workers"
                 ));
             }
             Event::ReloadStarted { generation } => {
+                self.tally.reloads.started += 1;
                 // systemd's Type=notify-reload wants the time the reload began.
                 let usec = crate::notify::monotonic_usec();
                 self.tell_service_manager(&format!(
@@ -735,10 +762,26 @@ impl Driver {
     }
 
     fn publish(&self) {
+        let workers = self.sup.workers();
+        let rows = workers
+            .iter()
+            .map(|w| handle::Row {
+                started: self.sup.started_at(w.id).unwrap_or(self.facts.started),
+                restarts: self.sup.restarts(w.slot),
+                link: self.procs.get(&w.id).and_then(|p| p.link.clone()),
+            })
+            .collect();
         let snapshot = Snapshot {
             generation: self.sup.generation(),
             active: self.sup.active_workers(),
-            workers: self.sup.workers(),
+            workers,
+            facts: Some(self.facts.clone()),
+            rows,
+            ready_generation: self.tally.ready_generation,
+            aborted_generation: self.tally.aborted_generation,
+            reloading: self.sup.reloading().is_some(),
+            terminating: self.sup.is_terminating(),
+            reloads: self.tally.reloads,
         };
         self.setup.ends.state.send_replace(Arc::new(snapshot));
     }

@@ -423,6 +423,9 @@ struct Slot {
     respawn_at: Option<Instant>,
     /// The delay the next respawn of this slot will wait.
     delay: Duration,
+    /// Workers started in this slot to replace one that died, failed to start, was
+    /// stuck or asked to be replaced (not reloads).
+    restarts: u64,
 }
 
 /// The cluster's lifecycle state machine; see the module docs for its rules.
@@ -458,6 +461,7 @@ impl Supervisor {
                     pending: None,
                     respawn_at: None,
                     delay: timing.respawn,
+                    restarts: 0,
                 })
                 .collect(),
             workers: BTreeMap::new(),
@@ -573,6 +577,11 @@ impl Supervisor {
         self.generation
     }
 
+    /// The generation a reload under way is bringing in, if one is.
+    pub fn reloading(&self) -> Option<u64> {
+        self.reloading
+    }
+
     /// Whether terminate has started.
     pub fn is_terminating(&self) -> bool {
         self.terminating
@@ -599,6 +608,17 @@ impl Supervisor {
     /// The current record of one live worker.
     pub fn info(&self, id: WorkerId) -> Option<WorkerInfo> {
         self.workers.get(&id).map(|w| w.info)
+    }
+
+    /// Workers started in `slot` to replace one that died, failed to start, was stuck
+    /// or asked to be replaced; reloads do not count.
+    pub fn restarts(&self, slot: usize) -> u64 {
+        self.slots.get(slot).map_or(0, |s| s.restarts)
+    }
+
+    /// When a live worker was started (asked to spawn).
+    pub fn started_at(&self, id: WorkerId) -> Option<Instant> {
+        self.workers.get(&id).map(|w| w.started_at)
     }
 
     fn spawn(&mut self, slot: usize, now: Instant, out: &mut Vec<Action>) {
@@ -752,6 +772,7 @@ impl Supervisor {
             return; // not active, or a replacement is already on its way
         }
         out.push(Action::Report(Event::ReplaceStarted(info)));
+        self.slots[slot].restarts += 1;
         self.spawn(slot, now, out);
     }
 
@@ -862,6 +883,7 @@ impl Supervisor {
                     fired = true;
                     self.slots[slot].respawn_at = None;
                     if !self.terminating && self.slots[slot].pending.is_none() {
+                        self.slots[slot].restarts += 1;
                         self.spawn(slot, now, out);
                     }
                 }

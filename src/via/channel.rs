@@ -46,6 +46,8 @@ pub(crate) struct WorkerChannel {
     stopped: Mutex<bool>,
     /// The master's duplicate of the worker's end, for [`WorkerChannel::reclaim`].
     worker_end: OwnedFd,
+    /// Connections handed to this worker so far (for `status` and metrics).
+    handed: std::sync::atomic::AtomicU64,
 }
 
 impl WorkerChannel {
@@ -60,8 +62,19 @@ impl WorkerChannel {
             fd: fdpass::register(master)?,
             stopped: Mutex::new(false),
             worker_end: keep,
+            handed: std::sync::atomic::AtomicU64::new(0),
         };
         Ok((channel, worker))
+    }
+
+    /// Counts `n` more connections handed to this worker.
+    pub fn count_handed(&self, n: u64) {
+        self.handed.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Connections handed to this worker so far.
+    pub fn handed(&self) -> u64 {
+        self.handed.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Bytes the master sent that the worker has not read yet (`SIOCOUTQ` on the

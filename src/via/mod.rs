@@ -50,6 +50,22 @@ impl Link {
         }
     }
 
+    /// Counts `n` more connections handed to this worker.
+    pub fn count_handed(&self, n: u64) {
+        match self {
+            Link::Channel(ch) => ch.count_handed(n),
+            Link::Node(node) => node.count_handed(n),
+        }
+    }
+
+    /// Connections handed to this worker so far.
+    pub fn handed(&self) -> u64 {
+        match self {
+            Link::Channel(ch) => ch.handed(),
+            Link::Node(node) => node.handed(),
+        }
+    }
+
     /// How far behind the worker is: 0 when it has taken everything it was sent, more
     /// the more it has not (bytes of unread messages on a worker channel, connections
     /// not yet accepted under Node). Only comparisons between workers mean anything.

@@ -241,6 +241,8 @@ pub(crate) struct NodeChannel {
     slot: usize,
     /// The worker's pid once started, for the log.
     pid: std::sync::atomic::AtomicU32,
+    /// Connections handed to this worker so far (for `status` and metrics).
+    handed: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for NodeChannel {
@@ -262,6 +264,7 @@ impl NodeChannel {
             ports,
             slot,
             pid: std::sync::atomic::AtomicU32::new(0),
+            handed: std::sync::atomic::AtomicU64::new(0),
         };
         Ok((channel, worker))
     }
@@ -269,6 +272,16 @@ impl NodeChannel {
     /// Records the worker's pid, once it is started.
     pub fn set_pid(&self, pid: u32) {
         self.pid.store(pid, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Counts `n` more connections handed to this worker.
+    pub fn count_handed(&self, n: u64) {
+        self.handed.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Connections handed to this worker so far.
+    pub fn handed(&self) -> u64 {
+        self.handed.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
