@@ -59,7 +59,7 @@ master! {
     pub use config::{Balance, ReadyWhen, Timing, Via};
     pub use error::{CommandError, ConfigError, Error};
     pub use runtime::handle::{ClusterHandle, ReloadError};
-    pub use runtime::status::{ReloadCounts, Status, WorkerStatus};
+    pub use runtime::status::{ReloadCounts, SlotState, SlotStatus, Status, WorkerStatus};
     pub use runtime::command::WorkerCommand;
     pub use supervisor::{Event, ExitStatus, StartFailure, WorkerId, WorkerInfo, WorkerState};
 }

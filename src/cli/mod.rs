@@ -132,6 +132,10 @@ pub struct Options {
     #[arg(long, env = "RECLUSTER_NAME", value_name = "NAME", value_parser = client::parse_name)]
     pub name: Option<String>,
 
+    /// Serve Prometheus metrics at http://ADDR/metrics (an address of its own, never a balanced one)
+    #[arg(long, env = "RECLUSTER_METRICS", value_name = "ADDR", value_parser = parse_addr)]
+    pub metrics: Option<SocketAddr>,
+
     /// File to write the master's pid to (removed at exit), for `kill -USR2 $(cat FILE)`
     #[arg(long, env = "RECLUSTER_PID_FILE", value_name = "FILE")]
     pub pid_file: Option<std::path::PathBuf>,
@@ -361,7 +365,7 @@ pub fn main() -> i32 {
                 .unwrap_or_else(|| client::name_for(cluster.local_addrs().first().copied())),
         ),
     };
-    match runtime.block_on(run(cluster, control)) {
+    match runtime.block_on(run(cluster, control, opts.metrics)) {
         Ok(()) => 0,
         Err(e) => {
             log.line(format_args!("recluster: {e}"));
@@ -381,9 +385,20 @@ enum Control {
     Default(String),
 }
 
-async fn run(cluster: Cluster, control: Control) -> Result<(), crate::Error> {
+async fn run(cluster: Cluster, control: Control, metrics: Option<SocketAddr>) -> Result<(), crate::Error> {
     use crate::runtime::control::ControlSocket;
     let handle = cluster.handle();
+    if let Some(addr) = metrics {
+        let endpoint = crate::runtime::metrics::MetricsEndpoint::bind(addr)
+            .await
+            .map_err(|source| crate::Error::Io {
+                context: "cannot listen for metrics (--metrics)",
+                source,
+            })?;
+        let bound = endpoint.local_addr().unwrap_or(addr);
+        tracing::info!(event = "metrics_listening", addr = %bound, "serving Prometheus metrics at /metrics");
+        tokio::spawn(endpoint.serve(handle.clone()));
+    }
     let socket = match control {
         Control::Off => None,
         Control::At(path) => Some(ControlSocket::bind(&path).map_err(|source| crate::Error::Io {

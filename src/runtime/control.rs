@@ -222,7 +222,7 @@ async fn reload_and_wait(handle: &ClusterHandle, limit: std::time::Duration) -> 
                 "error generation {} is not ready after {}s ({ready} of {} slots ready); the old workers keep serving: see the master's log\n",
                 s.generation,
                 limit.as_secs(),
-                s.slots
+                s.slots.len()
             )
         }
     }

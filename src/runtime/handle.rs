@@ -12,8 +12,8 @@ use tokio::time::Instant;
 
 use crate::balance::{BalanceCounts, BalanceStats};
 use crate::config::{Balance, Via};
-use crate::runtime::status::{ReloadCounts, Status, WorkerStatus};
-use crate::supervisor::{Event, WorkerInfo};
+use crate::runtime::status::{ReloadCounts, SlotState, SlotStatus, Status, WorkerStatus};
+use crate::supervisor::{Event, WorkerInfo, WorkerState};
 use crate::via::Link;
 
 /// A request from a handle to the running cluster.
@@ -41,6 +41,10 @@ pub(crate) struct Snapshot {
     pub reloading: bool,
     pub terminating: bool,
     pub reloads: ReloadCounts,
+    /// Per slot: connections handed to its workers that have exited.
+    pub handed_gone: Vec<u64>,
+    /// Per slot: its restarts so far.
+    pub restarts: Vec<u64>,
 }
 
 /// The cluster's facts that never change while it runs.
@@ -176,13 +180,32 @@ impl ClusterHandle {
         let snapshot = self.state.borrow().clone();
         let now = Instant::now();
         let facts = snapshot.facts.as_deref();
-        let workers = snapshot
+        let workers: Vec<WorkerStatus> = snapshot
             .workers
             .iter()
             .zip(&snapshot.rows)
             .map(|(info, row)| {
                 let handed = row.link.as_ref().map_or(0, Link::handed);
                 WorkerStatus::new(*info, now.saturating_duration_since(row.started), row.restarts, handed)
+            })
+            .collect();
+        let slots = (0..snapshot.active.len())
+            .map(|slot| {
+                let live = workers.iter().filter(|w| w.slot == slot);
+                let handed = snapshot.handed_gone.get(slot).copied().unwrap_or(0)
+                    + live.map(|w| w.handed).sum::<u64>();
+                let serving = snapshot.active[slot].map(|w| (SlotState::Ready, w)).or_else(|| {
+                    let starting = snapshot.workers.iter().filter(|w| w.slot == slot && w.state == WorkerState::Starting);
+                    starting.max_by_key(|w| w.id).map(|w| (SlotState::Starting, *w))
+                });
+                SlotStatus {
+                    slot,
+                    state: serving.map_or(SlotState::Down, |(s, _)| s),
+                    pid: serving.and_then(|(_, w)| w.pid),
+                    generation: serving.map(|(_, w)| w.generation),
+                    restarts: snapshot.restarts.get(slot).copied().unwrap_or(0),
+                    handed,
+                }
             })
             .collect();
         Status {
@@ -195,7 +218,7 @@ impl ClusterHandle {
             ready_generation: snapshot.ready_generation,
             reloading: snapshot.reloading,
             terminating: snapshot.terminating,
-            slots: snapshot.active.len(),
+            slots,
             totals: self.balance_counts(),
             reloads: snapshot.reloads,
             workers,

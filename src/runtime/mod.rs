@@ -45,6 +45,7 @@ mod guard;
 pub(crate) mod handle;
 mod journal;
 pub(crate) mod launch;
+pub(crate) mod metrics;
 mod probe;
 pub(crate) mod status;
 mod ratelimit;
@@ -134,6 +135,8 @@ struct Driver {
     facts: Arc<handle::Facts>,
     /// Reloads and ready generations so far, for `status`.
     tally: Tally,
+    /// Per slot: connections handed to its workers that have exited.
+    handed_gone: Vec<u64>,
 }
 
 /// What the driver counts from the core's events, for `status` and `reload --wait`.
@@ -304,6 +307,7 @@ impl Driver {
         Ok(Driver {
             facts,
             tally: Tally::default(),
+            handed_gone: Vec::new(),
             sup: Supervisor::new(setup.workers, setup.timing).with_ready_when(setup.ready_when),
             setup,
             notify,
@@ -522,6 +526,13 @@ impl Driver {
             // reused while any of it lives: the guard forgets it. The cgroup goes too.
             self.guard.released(Some(pid), p.cgroup);
             let slot = self.sup.info(id).map(|w| w.slot);
+            if let (Some(slot), Some(link)) = (slot, &p.link) {
+                // Its count stays in its slot's total (a counter never goes down).
+                if self.handed_gone.len() <= slot {
+                    self.handed_gone.resize(slot + 1, 0);
+                }
+                self.handed_gone[slot] += link.handed();
+            }
             // First the core (which routes the slot away), then the connections the
             // worker never read go to the workers that remain.
             self.feed(Input::Exited { id, status });
@@ -782,6 +793,8 @@ impl Driver {
             reloading: self.sup.reloading().is_some(),
             terminating: self.sup.is_terminating(),
             reloads: self.tally.reloads,
+            handed_gone: self.handed_gone.clone(),
+            restarts: (0..self.sup.active_workers().len()).map(|slot| self.sup.restarts(slot)).collect(),
         };
         self.setup.ends.state.send_replace(Arc::new(snapshot));
     }

@@ -39,8 +39,8 @@ pub struct Status {
     pub reloading: bool,
     /// Whether the cluster is terminating.
     pub terminating: bool,
-    /// Number of slots (`--workers`).
-    pub slots: usize,
+    /// One entry per slot (`--workers` of them).
+    pub slots: Vec<SlotStatus>,
     /// The balancer's counters (all zero where workers accept: `shared`, `--via socket`).
     pub totals: BalanceCounts,
     /// Reloads so far.
@@ -58,6 +58,49 @@ pub struct ReloadCounts {
     pub finished: u64,
     /// Reloads given up because the new generation kept failing to start.
     pub aborted: u64,
+}
+
+/// One slot: the worker serving it (or starting for it) and its totals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotStatus {
+    /// The slot (`WORKER_ID`).
+    pub slot: usize,
+    /// Served by a ready worker, waiting for a starting one, or neither.
+    pub state: SlotState,
+    /// The pid of the worker serving it (else of the one starting for it).
+    pub pid: Option<u32>,
+    /// That worker's generation.
+    pub generation: Option<u64>,
+    /// Workers started in it to replace one that died, failed to start, was stuck or
+    /// asked to be replaced.
+    pub restarts: u64,
+    /// Connections handed to its workers, past and present: only ever grows.
+    pub handed: u64,
+}
+
+/// Whether a slot has a worker taking its connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotState {
+    /// A ready worker serves it.
+    Ready,
+    /// No ready worker; one is starting.
+    Starting,
+    /// No worker at all: waiting to respawn (or the cluster is terminating).
+    Down,
+}
+
+impl SlotState {
+    /// Every state, in the order metrics list them.
+    pub const ALL: [SlotState; 3] = [SlotState::Ready, SlotState::Starting, SlotState::Down];
+
+    /// Its name in `status` and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SlotState::Ready => "ready",
+            SlotState::Starting => "starting",
+            SlotState::Down => "down",
+        }
+    }
 }
 
 /// One live worker as `status` shows it.
@@ -135,7 +178,7 @@ impl Status {
                 "ready_generation": self.ready_generation,
                 "reloading": self.reloading,
                 "terminating": self.terminating,
-                "slots": self.slots,
+                "slots": self.slots.len(),
             },
             "totals": {
                 "accepted": t.accepted,
@@ -152,6 +195,14 @@ impl Status {
                 "aborted": self.reloads.aborted,
             },
             "workers": workers,
+            "slots": self.slots.iter().map(|s| json!({
+                "slot": s.slot,
+                "state": s.state.as_str(),
+                "pid": s.pid,
+                "generation": s.generation,
+                "restarts": s.restarts,
+                "handed": s.handed,
+            })).collect::<Vec<_>>(),
         })
     }
 }
