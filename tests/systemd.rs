@@ -218,3 +218,43 @@ fn a_service_manager_that_never_reads_does_not_stop_the_master() {
     drop(deaf);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `ExecReload=recluster reload --wait` (with `Type=notify`): the command returns only
+/// once the new generation serves every slot, after the master told systemd `READY=1`
+/// for it, so `systemctl reload` ordering holds.
+#[test]
+fn exec_reload_with_reload_wait_returns_after_the_new_generation_is_ready() {
+    let (dir, path, systemd) = service_manager("execreload");
+    systemd.set_read_timeout(Some(DEADLINE)).unwrap();
+    let control = dir.join("control.sock");
+    let m = Cluster::new()
+        .workers(2)
+        .args(["--balance", "rr", "--listen", "127.0.0.1:0", "--control"])
+        .arg(&control)
+        .env("NOTIFY_SOCKET", &path)
+        .command([echo()])
+        .spawn();
+    assert_eq!(value(&next(&systemd), "READY"), Some("1"));
+    m.wait_cluster_ready(2);
+
+    // What systemd runs for `systemctl reload` with this ExecReload=.
+    let out = std::process::Command::new(recluster_bin())
+        .args(["reload", "--wait", "--control"])
+        .arg(&control)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Both notifications are in already: nothing to wait for.
+    systemd.set_nonblocking(true).unwrap();
+    let reloading = next(&systemd);
+    assert_eq!(value(&reloading, "RELOADING"), Some("1"), "{reloading:?}");
+    let ready = next(&systemd);
+    assert_eq!(value(&ready, "READY"), Some("1"), "{ready:?}");
+    assert_eq!(value(&ready, "STATUS"), Some("ready: generation 2, 2 workers"));
+    let served = request_from(m.addr(), None, true, DEADLINE).expect("served");
+    assert_eq!(served.gen, 2, "only generation 2 serves once reload --wait returned");
+
+    m.signal(Signal::SIGTERM);
+    assert!(m.wait_exit(DEADLINE).is_some_and(|e| e.success()));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -102,8 +102,12 @@ async fn answer(mut stream: TcpStream, handle: &ClusterHandle) -> io::Result<()>
     match (method, path) {
         ("GET" | "HEAD", "/metrics" | "/") => {
             let body = render(&handle.status());
-            let body = if method == "HEAD" { String::new() } else { body };
-            respond(&mut stream, "200 OK", "text/plain; version=0.0.4; charset=utf-8", &body).await
+            let kind = "text/plain; version=0.0.4; charset=utf-8";
+            if method == "HEAD" {
+                write_head(&mut stream, "200 OK", kind, body.len()).await?;
+                return stream.shutdown().await;
+            }
+            respond(&mut stream, "200 OK", kind, &body).await
         }
         ("GET" | "HEAD", _) => respond(&mut stream, "404 Not Found", "text/plain", "only /metrics is here\n").await,
         _ => respond(&mut stream, "405 Method Not Allowed", "text/plain", "use GET /metrics\n").await,
@@ -111,13 +115,16 @@ async fn answer(mut stream: TcpStream, handle: &ClusterHandle) -> io::Result<()>
 }
 
 async fn respond(stream: &mut TcpStream, status: &str, kind: &str, body: &str) -> io::Result<()> {
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
+    write_head(stream, status, kind, body.len()).await?;
     stream.write_all(body.as_bytes()).await?;
     stream.shutdown().await
+}
+
+async fn write_head(stream: &mut TcpStream, status: &str, kind: &str, length: usize) -> io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {length}\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await
 }
 
 /// The Prometheus text exposition of `status`.
