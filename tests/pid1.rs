@@ -258,17 +258,53 @@ fn read_ns_pid(path: &Path) -> u32 {
     pid.unwrap()
 }
 
-fn temp_file(what: &str) -> PathBuf {
-    let p = std::env::temp_dir().join(format!("recluster-pid1-{what}-{}", std::process::id()));
-    let _ = std::fs::remove_file(&p);
-    p
+/// A directory of the test's own, removed when dropped: the master's temporary
+/// directory (`TMPDIR`, where its notify socket goes), as a container has its own.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(what: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(unique_tag(&format!("recluster-pid1-{what}")));
+        std::fs::create_dir(&dir).expect("create the test's directory");
+        TempDir(dir)
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// The notify directories in it whose names start with `recluster-<pid>-`.
+    fn notify_dirs_of(&self, pid: u32) -> Vec<String> {
+        let prefix = format!("recluster-{pid}-");
+        std::fs::read_dir(&self.0)
+            .map(|d| {
+                d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                    .filter(|n| n.starts_with(&prefix))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `cluster` with `dir` as its temporary directory.
+fn in_dir(cluster: Cluster, dir: &TempDir) -> Cluster {
+    cluster
+        .env("TMPDIR", dir.path())
+        .env("XDG_RUNTIME_DIR", dir.path())
 }
 
 #[test]
 fn as_pid_1_the_master_adopts_and_reaps_orphans_a_worker_leaves() {
     let Some(unshare) = unshare() else { return };
-    let parent_file = temp_file("parent");
-    let child_file = temp_file("child");
+    let tmp = TempDir::new("orphans");
+    let parent_file = tmp.path().join("parent");
+    let child_file = tmp.path().join("child");
     // The worker, before it execs the server, leaves an orphan: a subshell that exits
     // at once after starting `parent` (an `exec sleep 300`, which never waits for
     // anything), so `parent` is re-parented to PID 1, the master. `parent` started
@@ -283,7 +319,7 @@ fn as_pid_1_the_master_adopts_and_reaps_orphans_a_worker_leaves() {
     // Debug: the master logs each orphan it reaps (`orphan_reaped`).
     let p = Pid1::start(
         &unshare,
-        echo_cluster(1, Some(&prelude)).args(["--log-level", "debug"]),
+        in_dir(echo_cluster(1, Some(&prelude)), &tmp).args(["--log-level", "debug"]),
     );
     let addr = p.m.addr();
     let worker = p.m.wait_cluster_ready(1)[&0];
@@ -357,8 +393,6 @@ fn as_pid_1_the_master_adopts_and_reaps_orphans_a_worker_leaves() {
     p.signal(Signal::SIGTERM);
     let exit = p.m.expect_exit(DEADLINE);
     assert!(exit.success(), "{exit:?}\n{}", p.m.stderr_text());
-    let _ = std::fs::remove_file(&parent_file);
-    let _ = std::fs::remove_file(&child_file);
 }
 
 /// Serves on every slot, keeps one connection open across the signal, sends
@@ -367,8 +401,9 @@ fn as_pid_1_the_master_adopts_and_reaps_orphans_a_worker_leaves() {
 /// the master exits 0.
 fn stops_gracefully_on(signal: Signal) {
     let Some(unshare) = unshare() else { return };
+    let tmp = TempDir::new("stop");
     let workers = 2;
-    let p = Pid1::start(&unshare, echo_cluster(workers, None));
+    let p = Pid1::start(&unshare, in_dir(echo_cluster(workers, None), &tmp));
     let addr = p.m.addr();
     let ready = p.m.wait_cluster_ready(workers);
     let serving = every_slot_serves(addr, workers);
@@ -440,10 +475,11 @@ fn sigint_from_the_host_stops_the_master_as_pid_1_gracefully() {
 #[test]
 fn a_second_sigint_kills_the_workers_at_once_as_pid_1() {
     let Some(unshare) = unshare() else { return };
+    let tmp = TempDir::new("kill");
     // A worker that ignores the stop signal would hold the stop for all of --timeout.
     let p = Pid1::start(
         &unshare,
-        shared_cluster(1)
+        in_dir(shared_cluster(1), &tmp)
             .args(["--timeout", "1h"])
             .env("TEST_WORKER_IGNORE_TERM", "1"),
     );
@@ -466,4 +502,79 @@ fn a_second_sigint_kills_the_workers_at_once_as_pid_1() {
     assert_eq!(exited.field("signal"), Some("9"), "killed: {}", exited.raw);
     assert!(exit.success(), "{exit:?}\n{}", p.m.stderr_text());
     println!("second SIGINT to PID 1: exit {exit:?} {took:?} after it");
+}
+
+/// The cgroup a PID-1 master killed with its namespace left (its guard died with it),
+/// removed: the test's own leftovers, empty now.
+fn remove_cgroup_left_by(p: &Pid1) {
+    let Some(base) =
+        p.m.events("guard_started")
+            .first()
+            .and_then(|l| l.field("cgroup").map(PathBuf::from))
+            .filter(|b| b.is_absolute())
+    else {
+        return; // cgroup=none
+    };
+    let Ok(leaves) = std::fs::read_dir(&base) else {
+        return;
+    };
+    for leaf in leaves.flatten().filter(|e| e.path().is_dir()) {
+        let path = leaf.path();
+        assert!(
+            poll_until(DEADLINE, || std::fs::remove_dir(&path).is_ok()
+                || !path.exists()),
+            "cannot remove {}",
+            path.display()
+        );
+    }
+    let _ = std::fs::remove_dir(&base);
+}
+
+/// A PID-1 master and the host's masters sharing a temporary directory (a container
+/// given the host's /tmp) tell live notify directories from stale ones by their
+/// sockets, not their pids: the container's master leaves the host master's alone,
+/// though that pid means nothing in its namespace, and a host master removes what a
+/// killed PID-1 master left, though pid 1 lives on the host.
+#[test]
+fn a_pid_1_master_and_the_hosts_leave_each_others_notify_directories_alone() {
+    let Some(unshare) = unshare() else { return };
+    let tmp = TempDir::new("shared-tmp");
+    // Readiness by READY=1 on the notify socket: the host master needs its directory.
+    let host = in_dir(shared_cluster(1), &tmp)
+        .args(["--ready-when", "ready"])
+        .env("TEST_WORKER_NOTIFY", "1")
+        .spawn();
+    host.wait_cluster_ready(1);
+    let host_dirs = tmp.notify_dirs_of(host.pid);
+    assert_eq!(host_dirs.len(), 1, "the host master's notify directory");
+
+    let p = Pid1::start(&unshare, in_dir(shared_cluster(1), &tmp));
+    p.m.wait_cluster_ready(1);
+    assert_eq!(
+        tmp.notify_dirs_of(host.pid),
+        host_dirs,
+        "the PID-1 master removed the live host master's notify directory"
+    );
+    let pid1_dirs = tmp.notify_dirs_of(1);
+    assert_eq!(pid1_dirs.len(), 1, "the PID-1 master's notify directory");
+    // Killed: unshare and with it (--kill-child) the namespace. Nothing cleans up.
+    p.m.signal(Signal::SIGKILL);
+    p.m.expect_exit(DEADLINE);
+    assert!(
+        poll_until(DEADLINE, || !pid_alive(p.host)),
+        "the PID-1 master outlived unshare"
+    );
+    remove_cgroup_left_by(&p);
+    assert_eq!(tmp.notify_dirs_of(1), pid1_dirs, "left behind");
+
+    let next = in_dir(shared_cluster(1), &tmp).spawn();
+    next.wait_cluster_ready(1);
+    assert_eq!(
+        tmp.notify_dirs_of(1),
+        Vec::<String>::new(),
+        "a host master kept the stale directory of a killed PID-1 master"
+    );
+    assert_eq!(tmp.notify_dirs_of(host.pid), host_dirs);
+    // The host master still hears its workers: the reload needs READY=1.
+    host.reload_to(2);
 }
