@@ -10,7 +10,13 @@
 //!   PID 1) must reap them, or they stay zombies for the container's whole life;
 //! * PID 1 gets no signal it has no handler for, even from the host (`docker stop`
 //!   sends SIGTERM from outside the namespace): SIGTERM and SIGINT stop it gracefully,
-//!   and exit 0, only because it installs handlers; a second SIGINT kills at once.
+//!   and exit 0, only because it installs handlers; a second SIGINT kills at once;
+//! * every PID-1 master has pid 1: where masters of several namespaces share a
+//!   directory or a cgroup tree, names made of the pid collide, and a pid says nothing
+//!   about a process of another namespace (notify directories, cgroups).
+//!
+//! Each master gets a temporary directory (`TMPDIR`) of its own, as a container has,
+//! but the test that shares one on purpose.
 //!
 //! Needs root (a new PID namespace) and util-linux `unshare`: skipped without them on a
 //! developer's machine, failed under `CI=true`.
