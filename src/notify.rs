@@ -136,11 +136,17 @@ impl Drop for NotifySocket {
     }
 }
 
-/// Creates a fresh directory of mode 0700 under `base` with an unguessable name.
 /// Removes the directories that masters killed before they could clean up left in
-/// `base`: `recluster-<pid>-<n>-<hex>`, owned by this user, whose pid is gone, holding
-/// nothing but the socket. Anything else (a live master's, another user's, a link, a
-/// directory with other contents) is left alone.
+/// `base`: `recluster-<pid>-<n>-<hex>`, owned by this user, holding nothing but the
+/// socket, which nobody has bound any more (or, with no socket yet, whose pid is
+/// gone). Anything else (a live master's, another user's, a link, a directory with
+/// other contents) is left alone.
+///
+/// The socket, not the pid, tells: a master in another PID namespace that shares this
+/// directory (a container's PID 1 with the host's /tmp, or the host's master seen from
+/// the container) has a pid this process cannot see, or one that names another
+/// process here; each would take the other's live directory for stale, or keep a
+/// stale one for ever.
 fn remove_stale_dirs(base: &Path) {
     use std::os::unix::fs::MetadataExt;
     let Ok(entries) = std::fs::read_dir(base) else {
@@ -156,7 +162,17 @@ fn remove_stale_dirs(base: &Path) {
         let dir = entry.path();
         let owned_dir = std::fs::symlink_metadata(&dir)
             .is_ok_and(|m| m.is_dir() && m.uid() == uid);
-        if !owned_dir || pid_alive(pid) {
+        if !owned_dir {
+            continue;
+        }
+        let stale = match socket_bound(&dir.join(SOCKET_NAME)) {
+            Some(bound) => !bound,
+            // No socket: a master between creating its directory and binding, or killed
+            // there. (One in another PID namespace could lose its directory in that
+            // moment, and fail to start, saying so.)
+            None => !pid_alive(pid),
+        };
+        if !stale {
             continue;
         }
         let _ = std::fs::remove_file(dir.join(SOCKET_NAME));
@@ -172,6 +188,17 @@ fn stale_dir_pid(name: &str) -> Option<i32> {
     let hex = parts.next()?;
     let hex_ok = hex.len() == 16 && hex.bytes().all(|b| b.is_ascii_hexdigit());
     (n_ok && hex_ok && parts.next().is_none() && pid > 0).then_some(pid)
+}
+
+/// Whether a socket is bound at `path` (a datagram `connect` to it succeeds), not
+/// (refused: a socket file nobody holds, or not a socket); `None` when there is none.
+fn socket_bound(path: &Path) -> Option<bool> {
+    let probe = UnixDatagram::unbound().ok()?;
+    match probe.connect(path) {
+        Ok(()) => Some(true),
+        Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => Some(false),
+        Err(_) => None,
+    }
 }
 
 /// Whether a process `pid` exists (another user's counts).
@@ -433,9 +460,22 @@ mod tests {
         std::fs::write(crowded.join("other"), b"").unwrap();
         let odd = base.join(format!("recluster-{dead}-x"));
         std::fs::create_dir(&odd).unwrap();
+        // A live master in another PID namespace: its pid means nothing here, its
+        // socket is bound.
+        let elsewhere = base.join(format!("recluster-{dead}-2-00000000000000ab"));
+        std::fs::create_dir(&elsewhere).unwrap();
+        let bound = UnixDatagram::bind(elsewhere.join(SOCKET_NAME)).unwrap();
+        // A killed master of another namespace whose pid (1, say) lives here: its
+        // socket file is left, bound by nobody.
+        let reused = base.join(format!("recluster-{}-3-00000000000000ab", std::process::id()));
+        std::fs::create_dir(&reused).unwrap();
+        drop(UnixDatagram::bind(reused.join(SOCKET_NAME)).unwrap());
         remove_stale_dirs(&base);
         assert!(!stale.exists(), "a dead master's directory stays");
+        assert!(!reused.exists(), "a directory whose socket nobody holds stays");
         assert!(live.exists() && crowded.exists() && odd.exists());
+        assert!(elsewhere.exists(), "a live socket's directory was removed");
+        drop(bound);
         std::fs::remove_dir_all(&base).unwrap();
     }
 

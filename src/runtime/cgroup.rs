@@ -83,14 +83,25 @@ impl Tree {
                 mount.root
             )
         })?;
-        let name = format!(
-            "recluster-{}-{}",
-            std::process::id(),
-            CLUSTERS.fetch_add(1, Ordering::Relaxed)
-        );
-        let base = own_dir.join(&name);
-        std::fs::create_dir(&base)
-            .map_err(|e| format!("cannot create cgroup {}: {e}", base.display()))?;
+        // The pid alone does not make the name unique: masters that are PID 1 of their
+        // own PID namespaces (containers) may share a cgroup tree, and one killed there
+        // leaves its base behind (its guard dies with the namespace). Taken: the next.
+        let mut attempts = 0;
+        let (name, base) = loop {
+            let name = format!(
+                "recluster-{}-{}",
+                std::process::id(),
+                CLUSTERS.fetch_add(1, Ordering::Relaxed)
+            );
+            let base = own_dir.join(&name);
+            match std::fs::create_dir(&base) {
+                Ok(()) => break (name, base),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempts < 64 => {
+                    attempts += 1;
+                }
+                Err(e) => return Err(format!("cannot create cgroup {}: {e}", base.display())),
+            }
+        };
         if !base.join("cgroup.kill").exists() {
             let _ = std::fs::remove_dir(&base);
             return Err("no cgroup.kill (Linux before 5.14)".into());

@@ -449,6 +449,8 @@ pub struct Cluster {
     no_separator: bool,
     /// Soft and hard `RLIMIT_NOFILE` of the master (set between fork and exec).
     nofile: Option<u64>,
+    /// A program and its arguments that run the master (`unshare --pid --fork`).
+    wrapper: Vec<OsString>,
 }
 
 /// `recluster --workers n --balance shared --listen 127.0.0.1:0 -- test_worker`.
@@ -510,8 +512,22 @@ impl Cluster {
         self
     }
 
+    /// Runs the master under a program that execs or forks it, such as
+    /// `unshare --pid --fork`: [`Master::pid`] is then that program's pid.
+    pub fn wrapped_in<I: IntoIterator<Item = S>, S: AsRef<OsStr>>(mut self, wrapper: I) -> Cluster {
+        self.wrapper = wrapper.into_iter().map(|a| a.as_ref().to_owned()).collect();
+        self
+    }
+
     fn command_line(&self) -> Command {
-        let mut cmd = Command::new(recluster_bin());
+        let mut cmd = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(recluster_bin());
+                cmd
+            }
+            None => Command::new(recluster_bin()),
+        };
         cmd.args(&self.args);
         if !self.no_separator {
             cmd.arg("--");
