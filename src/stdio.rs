@@ -608,4 +608,68 @@ mod tests {
         assert!(log.flush(LONG));
         assert_eq!(fake.text(), "part one, part two\n");
     }
+
+    #[test]
+    fn workers_lines_leave_room_for_the_log() {
+        let (log, fake) = fake_log();
+        fake.set(true, false);
+        let shared = &log.queue.shared;
+        log.line(format_args!("first"));
+        let deadline = Instant::now() + LONG;
+        while shared.queued_lines.load(Ordering::Acquire) != 0 {
+            assert!(Instant::now() < deadline, "the writer never took the first line");
+            std::thread::yield_now();
+        }
+        let piece = [b'w'; 999];
+        let mut offered = 0;
+        while log.queue.offer(&[&piece, b"\n"]) {
+            offered += 1;
+            assert!(offered <= MAX_LINES, "workers' lines are never refused");
+        }
+        assert!(shared.queued_bytes.load(Ordering::Acquire) <= WORKER_BYTES);
+        assert_eq!(offered, WORKER_BYTES / 1000);
+        for i in 0..10 {
+            log.line(format_args!("log {i}"));
+        }
+        assert_eq!(shared.dropped_full.load(Ordering::Acquire), 0, "the log still fits");
+        fake.set(false, false);
+        assert!(log.flush(LONG));
+        let text = fake.text();
+        assert_eq!(text.lines().filter(|l| l.starts_with('w')).count(), offered);
+        assert!(text.ends_with("log 8\nlog 9\n"), "{text}");
+        assert!(!text.contains("dropped"), "{text}");
+    }
+
+    #[test]
+    fn failed_worker_lines_are_counted_for_the_caller_not_in_the_log_notice() {
+        let (log, fake) = fake_log();
+        fake.set(false, true);
+        assert!(log.queue.offer(&[b"[0 1] lost\n"]));
+        assert!(log.queue.offer(&[b"[0 1] lost too\n"]));
+        assert!(log.flush(LONG));
+        assert!(log.queue.worker_failed());
+        assert_eq!(log.queue.take_worker_failed(), 2);
+        assert_eq!(log.queue.take_worker_failed(), 0);
+        fake.set(false, false);
+        log.line(format_args!("back"));
+        assert!(log.flush(LONG));
+        assert_eq!(fake.text(), "back\n");
+    }
+
+    #[test]
+    fn json_notices_are_log_objects() {
+        let dropped = Dropped {
+            failed: 2,
+            full: 1,
+            error: Some(io::Error::from_raw_os_error(libc::EPIPE)),
+        };
+        let line = dropped.notice(true);
+        assert!(line.ends_with('\n') && line.matches('\n').count() == 1, "{line}");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["level"], "WARN");
+        assert_eq!(v["fields"]["event"], "log_dropped");
+        assert_eq!(v["fields"]["lines"], 3);
+        assert!(v["timestamp"].as_str().unwrap().ends_with('Z'), "{line}");
+        assert!(v["fields"]["message"].as_str().unwrap().contains("dropped 3 log lines"));
+    }
 }

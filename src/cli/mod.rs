@@ -533,6 +533,19 @@ mod tests {
     }
 
     #[test]
+    fn prefix_and_log_format_parse_and_default_off_and_text() {
+        let parse = |args: &[&str]| Options::try_parse_from(["recluster"].iter().chain(args).chain(&["--", "x"]));
+        let plain = parse(&[]).unwrap();
+        assert!(!plain.prefix);
+        assert_eq!(plain.log_format, LogFormat::Text);
+        let set = parse(&["--prefix", "--log-format", "json"]).unwrap();
+        assert!(set.prefix);
+        assert_eq!(set.log_format, LogFormat::Json);
+        assert!(!parse(&["--prefix=false"]).unwrap().prefix);
+        assert!(parse(&["--log-format", "xml"]).is_err());
+    }
+
+    #[test]
     fn help_shows_v6_addresses_without_escapes() {
         use clap::CommandFactory;
         let help = Options::command().render_long_help().to_string();
