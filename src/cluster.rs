@@ -47,9 +47,10 @@ impl ClusterBuilder {
     /// Each worker then writes into pipes the master reads. A line is written whole
     /// (never interleaved with another); one longer than 16 KiB is cut into pieces,
     /// each prefixed; a last line without a newline is written when the worker's end
-    /// closes. The master never waits for its stdout or stderr: when they are too slow
-    /// or fail, lines are dropped, counted, and reported (`output_dropped`, at most
-    /// once a second). A worker's own output buffering may change, since its stdout
+    /// closes. The event loop never waits for the master's stdout or stderr: lines go
+    /// through bounded queues; a worker writing faster than they drain is slowed for
+    /// at most half a second, after which (the output is stuck, or fails) its lines
+    /// are dropped, counted, and reported (`output_dropped`, at most once a second). A worker's own output buffering may change, since its stdout
     /// is a pipe, not a terminal (set `PYTHONUNBUFFERED=1`, say).
     pub fn prefix_output(mut self, on: bool) -> Self {
         self.prefix_output = on;

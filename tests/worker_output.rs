@@ -254,6 +254,48 @@ fn prefix_writes_each_worker_line_whole_with_its_slot_and_pid() {
 }
 
 #[test]
+fn prefix_works_in_rr_with_the_channel_at_fd_3_too() {
+    // The worker's fd 3 is its channel; stdout and stderr are the master's pipes.
+    let script = "echo \"out $WORKER_ID $(readlink /proc/$$/fd/3 | cut -c1-7)\"; \
+                  printf 'err %s' \"$WORKER_ID\" >&2; exec sleep 1000";
+    let mut m = Cluster::new()
+        .workers(2)
+        .args([
+            "--prefix",
+            "--balance",
+            "rr",
+            "--listen",
+            "127.0.0.1:0",
+            "--ready-when",
+            "started",
+        ])
+        .command(["sh", "-c", script])
+        .spawn_with_stdout(Stdio::piped());
+    let (stdout, reader) = collect(m.take_stdout().expect("piped stdout"));
+    let ready = m.wait_cluster_ready(2);
+    assert!(
+        poll_until(DEADLINE, || stdout.lock().unwrap().len() >= 2),
+        "no output from the workers\n{}",
+        m.stderr_text()
+    );
+    m.signal(Signal::SIGTERM);
+    assert!(m.expect_exit(DEADLINE).success(), "{}", m.stderr_text());
+    reader.join().unwrap();
+    let mut out = stdout.lock().unwrap().clone();
+    out.sort();
+    let want: Vec<String> = ready
+        .iter()
+        .map(|(s, p)| format!("[{s} {p}] out {s} socket:"))
+        .collect();
+    assert_eq!(out, want);
+    // The stderr lines had no newline: written, prefixed, when the workers ended.
+    for (s, p) in &ready {
+        let line = format!("[{s} {p}] err {s}");
+        m.wait_for(&line, DEADLINE, |l| l.raw == line);
+    }
+}
+
+#[test]
 fn without_prefix_workers_write_to_the_masters_stdout_themselves() {
     let mut m = Cluster::new()
         .workers(2)

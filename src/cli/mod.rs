@@ -129,8 +129,8 @@ pub struct Options {
     pub log_format: LogFormat,
 
     /// Write each line of the workers' stdout and stderr to the master's own, prefixed
-    /// `[SLOT PID] ` (lines over 16 KiB are cut, each piece prefixed; lines are dropped
-    /// and counted, not waited for, when the master's output is too slow)
+    /// `[SLOT PID] ` (lines over 16 KiB are cut, each piece prefixed; when the master's
+    /// output is stuck, lines are dropped and counted: event output_dropped)
     #[arg(long, env = "RECLUSTER_PREFIX", num_args = 0..=1, default_value = "false", default_missing_value = "true", require_equals = true)]
     pub prefix: bool,
 
