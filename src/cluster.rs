@@ -36,9 +36,27 @@ pub struct ClusterBuilder {
     activated: std::sync::Arc<[std::net::TcpListener]>,
     subreaper: bool,
     cgroups: bool,
+    prefix_output: bool,
 }
 
 impl ClusterBuilder {
+    /// Relay each line the workers write to stdout and stderr to the master's own,
+    /// prefixed `[SLOT PID] ` (default: off, workers write to the master's descriptors
+    /// themselves).
+    ///
+    /// Each worker then writes into pipes the master reads. A line is written whole
+    /// (never interleaved with another); one longer than 16 KiB is cut into pieces,
+    /// each prefixed; a last line without a newline is written when the worker's end
+    /// closes. The event loop never waits for the master's stdout or stderr: lines go
+    /// through bounded queues; a worker writing faster than they drain is slowed for
+    /// at most half a second, after which (the output is stuck, or fails) its lines
+    /// are dropped, counted, and reported (`output_dropped`, at most once a second). A worker's own output buffering may change, since its stdout
+    /// is a pipe, not a terminal (set `PYTHONUNBUFFERED=1`, say).
+    pub fn prefix_output(mut self, on: bool) -> Self {
+        self.prefix_output = on;
+        self
+    }
+
     /// Become a child subreaper and reap orphaned descendants too (default: only when PID 1).
     ///
     /// Only for a process that runs one cluster and no other children: it reaps every child.
@@ -262,6 +280,7 @@ impl ClusterBuilder {
                 run_as: self.run_as,
                 subreaper: self.subreaper,
                 cgroups: self.cgroups,
+                prefix_output: self.prefix_output,
                 listeners,
                 slot_sockets,
                 accept_sockets,
@@ -327,6 +346,7 @@ impl Cluster {
             activated: Vec::new().into(),
             subreaper: std::process::id() == 1,
             cgroups: true,
+            prefix_output: false,
         }
     }
 

@@ -19,6 +19,7 @@
 //! * [`balance`]: accept → choose a slot → hand over (`rr`, `sticky`), on a thread of
 //!   its own.
 //! * `via`: how a worker receives its connections (the worker channel's master end).
+//! * `stdio`: the master's stdout and stderr, bounded queues that never block it.
 //! * [`channel`]: the worker channel's frames, shared by both ends.
 //! * [`Cluster`], [`ClusterBuilder`], [`ClusterHandle`]: the public API.
 //! * [`worker`]: the library a Rust worker uses to receive its connections.
@@ -51,6 +52,7 @@ master! {
     mod listen;
     mod notify;
     mod runtime;
+    mod stdio;
     pub mod supervisor;
     mod via;
 

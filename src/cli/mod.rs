@@ -16,13 +16,12 @@ use nix::sys::signal::Signal;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::cli::pidfile::PidFile;
-use crate::cli::stderr_log::StderrLog;
 use crate::config::{self, Balance, ReadyWhen, Via};
+use crate::stdio::StderrLog;
 use crate::{Cluster, WorkerCommand};
 
 mod client;
 mod pidfile;
-mod stderr_log;
 
 /// Command-line options of `recluster`.
 #[derive(Debug, Parser)]
@@ -144,9 +143,30 @@ pub struct Options {
     #[arg(long, env = "RECLUSTER_LOG_LEVEL", default_value = "info")]
     pub log_level: tracing::Level,
 
+    /// Format of the master's log on stderr: text, or json (one object per line)
+    #[arg(long, env = "RECLUSTER_LOG_FORMAT", default_value = "text", value_enum)]
+    pub log_format: LogFormat,
+
+    /// Write each line of the workers' stdout and stderr to the master's own, prefixed
+    /// `[SLOT PID] ` (lines over 16 KiB are cut, each piece prefixed; when the master's
+    /// output is stuck, lines are dropped and counted: event output_dropped)
+    #[arg(long, env = "RECLUSTER_PREFIX", num_args = 0..=1, default_value = "false", default_missing_value = "true", require_equals = true)]
+    pub prefix: bool,
+
     /// The worker command and its arguments, after `--`
     #[arg(last = true, required = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,
+}
+
+/// Format of the master's own log (`--log-format`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// `<time>  INFO <target>: <message> key=value …`, for people.
+    #[default]
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `fields` (`message`, `event`, …),
+    /// `target`, for log collectors.
+    Json,
 }
 
 fn parse_workers(s: &str) -> Result<usize, String> {
@@ -259,7 +279,7 @@ pub fn main() -> i32 {
     }
     // Every line to stderr from here on goes through `log`, which never blocks and
     // never fails; dropping it, at any return below, flushes it (bounded).
-    let log = init_logging(opts.log_level);
+    let log = init_logging(opts.log_level, opts.log_format);
     let mut command = opts.command.iter();
     let program = command.next().cloned().unwrap_or_default();
     let mut builder = Cluster::builder(WorkerCommand::new(program).args(command.cloned()))
@@ -273,7 +293,8 @@ pub fn main() -> i32 {
         .stuck_timeout(opts.stuck_timeout)
         .stop_signal(opts.stop_signal)
         .backlog(opts.backlog)
-        .cgroups(opts.cgroups);
+        .cgroups(opts.cgroups)
+        .prefix_output(opts.prefix);
     if let Some(k) = opts.accept_threads {
         let workers = opts.workers.unwrap_or_else(config::default_workers);
         if opts.balance == Balance::Shared || opts.via == Some(Via::Socket) {
@@ -463,22 +484,30 @@ fn control_signals() -> nix::sys::signal::SigSet {
     set
 }
 
-/// Logs to stderr through a [`StderrLog`], so that a broken stderr (a closed pipe, a
-/// hung-up terminal) or a stuck one never ends or stalls the master; returns the log,
-/// which flushes when dropped.
-fn init_logging(level: tracing::Level) -> StderrLog {
+/// Logs to stderr, as text or JSON, through a [`StderrLog`], so that a broken stderr (a
+/// closed pipe, a hung-up terminal) or a stuck one never ends or stalls the master;
+/// returns the log, which flushes when dropped.
+fn init_logging(level: tracing::Level, format: LogFormat) -> StderrLog {
     use std::io::IsTerminal;
-    let log = StderrLog::start();
+    let log = StderrLog::start(format == LogFormat::Json);
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level.as_str()));
-    let _ = tracing_subscriber::fmt()
+    // A failed write is counted by the log and reported when stderr is back; the
+    // default reports it with `eprintln!`, which panics on the same broken stderr.
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(log.queue())
-        .with_ansi(std::io::stderr().is_terminal())
-        // A failed write is counted by the log and reported when stderr is back; the
-        // default reports it with `eprintln!`, which panics on the same broken stderr.
-        .log_internal_errors(false)
-        .try_init();
+        .log_internal_errors(false);
+    let _ = match format {
+        LogFormat::Text => fmt.with_ansi(std::io::stderr().is_terminal()).try_init(),
+        // The master logs no spans: each line is the event alone.
+        LogFormat::Json => fmt
+            .json()
+            .with_ansi(false)
+            .with_current_span(false)
+            .with_span_list(false)
+            .try_init(),
+    };
     log
 }
 
@@ -565,6 +594,19 @@ mod tests {
             vec![OsString::from("srv"), OsString::from("-x")]
         );
         assert_eq!(ok.balance, Balance::RoundRobin);
+    }
+
+    #[test]
+    fn prefix_and_log_format_parse_and_default_off_and_text() {
+        let parse = |args: &[&str]| Options::try_parse_from(["recluster"].iter().chain(args).chain(&["--", "x"]));
+        let plain = parse(&[]).unwrap();
+        assert!(!plain.prefix);
+        assert_eq!(plain.log_format, LogFormat::Text);
+        let set = parse(&["--prefix", "--log-format", "json"]).unwrap();
+        assert!(set.prefix);
+        assert_eq!(set.log_format, LogFormat::Json);
+        assert!(!parse(&["--prefix=false"]).unwrap().prefix);
+        assert!(parse(&["--log-format", "xml"]).is_err());
     }
 
     #[test]

@@ -215,13 +215,15 @@ impl Launcher {
 
     /// Starts worker `unique` (a number never reused in this cluster) of `slot` and
     /// `generation`, with `channel_fd` (its end of the worker channel) at fd 3 when
-    /// workers use one, contained as `contain` says; returns its pid.
+    /// workers use one, `output` as its stdout and stderr when given (`--prefix`),
+    /// contained as `contain` says; returns its pid.
     pub fn launch(
         &self,
         unique: u64,
         slot: usize,
         generation: u64,
         channel_fd: Option<RawFd>,
+        output: Option<[RawFd; 2]>,
         contain: Contain<'_>,
     ) -> io::Result<u32> {
         let mut env = self.env.clone();
@@ -248,6 +250,7 @@ impl Launcher {
             listen_pid: !self.channel,
             contain,
             run_as: self.run_as,
+            output,
         };
         spawn(&spec)
     }

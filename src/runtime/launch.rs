@@ -46,6 +46,9 @@ pub(crate) struct SpawnSpec<'a> {
     pub contain: Contain<'a>,
     /// Who the worker runs as; `None`: as the master.
     pub run_as: Option<crate::config::Credentials>,
+    /// Descriptors of the master to become the worker's stdout and stderr (`--prefix`:
+    /// pipes the master reads); `None`: the worker inherits the master's.
+    pub output: Option<[RawFd; 2]>,
 }
 
 /// What the child does, before exec, so that a killed master leaves nothing behind
@@ -90,6 +93,8 @@ struct ChildPlan<'a> {
     high_min: RawFd,
     /// `/dev/null`, opened for the child's stdin.
     dev_null: RawFd,
+    /// The child's stdout and stderr, or -1 each to keep the master's.
+    output: [RawFd; 2],
     /// Write end of the CLOEXEC pipe that reports an exec failure.
     err_pipe: RawFd,
     /// Pid of the forking process, to detect that it died before PDEATHSIG was armed.
@@ -111,7 +116,8 @@ struct ChildPlan<'a> {
 
 /// Forks and execs a worker; returns its pid once exec succeeded.
 ///
-/// The worker gets `/dev/null` as stdin, inherits stdout and stderr, finds
+/// The worker gets `/dev/null` as stdin, inherits stdout and stderr (or gets
+/// `spec.output` as them), finds
 /// `spec.fds[i]` at fd `3 + i` (without close-on-exec), leads its own process group,
 /// has an empty signal mask and default signal dispositions, and receives SIGKILL when
 /// the calling thread dies (see the module docs: call from a long-lived thread). Every
@@ -136,7 +142,7 @@ pub(crate) fn spawn(spec: &SpawnSpec<'_>) -> io::Result<u32> {
     };
     envp.push(ptr::null());
 
-    for &fd in spec.fds {
+    for &fd in spec.fds.iter().chain(spec.output.iter().flatten()) {
         // SAFETY: F_GETFD only queries the descriptor's flags.
         if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
             return Err(io::Error::last_os_error());
@@ -152,6 +158,7 @@ pub(crate) fn spawn(spec: &SpawnSpec<'_>) -> io::Result<u32> {
         .fds
         .iter()
         .copied()
+        .chain(spec.output.into_iter().flatten())
         .chain([FIRST_FD + len, err_write.as_raw_fd(), dev_null.as_raw_fd()])
         .max()
         .unwrap_or(FIRST_FD)
@@ -175,6 +182,7 @@ pub(crate) fn spawn(spec: &SpawnSpec<'_>) -> io::Result<u32> {
         high: high.as_mut_ptr(),
         high_min,
         dev_null: dev_null.as_raw_fd(),
+        output: spec.output.unwrap_or([-1, -1]),
         err_pipe: err_write.as_raw_fd(),
         parent_pid: std::process::id() as libc::pid_t,
         nsig: libc::SIGRTMAX() + 1,
@@ -393,9 +401,25 @@ unsafe fn exec_child(plan: &ChildPlan<'_>) -> ! {
         // Writes into the child's private copy of the buffer allocated before fork.
         *plan.high.add(i) = fd;
     }
-    // Stdin now (a source at fd 0 has been copied, and `dev_null` may be a target).
+    // Copied high too, so that neither can be overwritten before it is placed.
+    let mut output = [-1 as RawFd; 2];
+    for (high, &src) in output.iter_mut().zip(&plan.output) {
+        if src >= 0 {
+            *high = libc::fcntl(src, libc::F_DUPFD_CLOEXEC, plan.high_min);
+            if *high < 0 {
+                fail(err_pipe);
+            }
+        }
+    }
+    // Stdin now (a source at fd 0 has been copied, and `dev_null` may be a target),
+    // then stdout and stderr when the master gives them.
     if libc::dup2(plan.dev_null, 0) < 0 {
         fail(err_pipe);
+    }
+    for (target, &high) in (1..).zip(&output) {
+        if high >= 0 && libc::dup2(high, target) < 0 {
+            fail(err_pipe);
+        }
     }
     // Phase 2: dup2 onto the targets; dup2 leaves the new descriptor without CLOEXEC.
     for i in 0..plan.fds.len() {
@@ -482,6 +506,7 @@ mod tests {
             listen_pid,
             contain: Contain::default(),
             run_as: None,
+            output: None,
         })
     }
 
@@ -651,9 +676,40 @@ mod tests {
             listen_pid: false,
             contain: Contain::default(),
             run_as: None,
+            output: None,
         })
         .unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::ENOENT));
+    }
+
+    #[test]
+    fn output_descriptors_become_stdout_and_stderr() {
+        let (out_r, out_w) = cloexec_pipe().unwrap();
+        let (err_r, err_w) = cloexec_pipe().unwrap();
+        let (fd3_r, fd3_w) = cloexec_pipe().unwrap();
+        let program = c("/bin/sh");
+        let args = [
+            c("sh"),
+            c("-c"),
+            c("echo out; echo err >&2; echo three >&3; ls /proc/self/fd | wc -l >&3"),
+        ];
+        let pid = spawn(&SpawnSpec {
+            program: &program,
+            args: &args,
+            env: &[],
+            fds: &[fd3_w.as_raw_fd()],
+            listen_pid: false,
+            contain: Contain::default(),
+            run_as: None,
+            output: Some([out_w.as_raw_fd(), err_w.as_raw_fd()]),
+        })
+        .unwrap();
+        drop((out_w, err_w, fd3_w));
+        assert_eq!(read_all(out_r), "out\n");
+        assert_eq!(read_all(err_r), "err\n");
+        // 0..=3 and ls's directory: the high copies did not leak.
+        assert_eq!(read_all(fd3_r), "three\n5\n");
+        assert_eq!(wait_exit(pid), 0);
     }
 
     #[test]

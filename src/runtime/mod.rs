@@ -46,6 +46,7 @@ pub(crate) mod handle;
 mod journal;
 pub(crate) mod launch;
 pub(crate) mod metrics;
+mod output;
 mod probe;
 pub(crate) mod status;
 mod ratelimit;
@@ -65,6 +66,8 @@ pub(crate) struct Setup {
     pub subreaper: bool,
     /// Whether workers get cgroups of their own where cgroup v2 is writable.
     pub cgroups: bool,
+    /// `--prefix`: workers' stdout and stderr are relayed line by line, prefixed.
+    pub prefix_output: bool,
     pub listeners: Vec<TcpListener>,
     /// `--via socket`: the sockets of slots 1.. (slot 0's are `listeners`), per address.
     pub slot_sockets: Vec<Vec<TcpListener>>,
@@ -137,6 +140,8 @@ struct Driver {
     tally: Tally,
     /// Per slot: connections handed to its workers that have exited.
     handed_gone: Vec<u64>,
+    /// `--prefix`: the relays of the workers' output.
+    output: Option<output::Output>,
 }
 
 /// What the driver counts from the core's events, for `status` and `reload --wait`.
@@ -195,6 +200,9 @@ pub(crate) async fn run(setup: Setup) -> Result<(), Error> {
             Some(input) = message_rx.recv() => driver.feed(input),
         }
         driver.publish();
+    }
+    if let Some(output) = driver.output.take() {
+        output.finish().await;
     }
     driver.journal.flush(Instant::now(), true);
     let clean = driver.procs.is_empty();
@@ -304,6 +312,7 @@ impl Driver {
             listeners: addrs.clone(),
             started: Instant::now(),
         });
+        let setup_prefix = setup.prefix_output;
         Ok(Driver {
             facts,
             tally: Tally::default(),
@@ -324,6 +333,7 @@ impl Driver {
             exit: false,
             guard,
             steering,
+            output: setup_prefix.then(output::Output::new),
         })
     }
 
@@ -426,16 +436,29 @@ impl Driver {
                 return self.sup.handle(Input::SpawnFailed { id, error }, now);
             }
         };
+        let pipes = match self.output.is_some().then(output::Pipes::new).transpose() {
+            Ok(pipes) => pipes,
+            Err(e) => {
+                let error = spawn_error(SpawnStep::Output, &e);
+                return self.sup.handle(Input::SpawnFailed { id, error }, now);
+            }
+        };
+        let output_fds = pipes
+            .as_ref()
+            .map(|p| p.worker.each_ref().map(|fd| fd.as_raw_fd()));
         let channel_fd = worker_end.as_ref().map(|e| e.as_raw_fd());
         let cgroup = self.guard.leaf();
         let contain = self.guard.contain(cgroup.as_ref());
         let spawned = self
             .launcher
-            .launch(id.0, slot, generation, channel_fd, contain);
+            .launch(id.0, slot, generation, channel_fd, output_fds, contain);
         drop(worker_end); // the worker has its copy (a channel keeps one for reclaiming)
         match spawned {
             Ok(pid) => {
                 self.guard.spawned(pid, cgroup.as_ref());
+                if let (Some(pipes), Some(output)) = (pipes, self.output.as_mut()) {
+                    output.relay(pipes, slot, pid);
+                }
                 if let Some(Link::Node(n)) = &link {
                     n.set_pid(pid);
                 }

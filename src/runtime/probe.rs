@@ -200,6 +200,7 @@ mod tests {
             listen_pid: false,
             contain: Default::default(),
             run_as: None,
+            output: None,
         })
         .unwrap();
         Worker(pid)

@@ -95,6 +95,8 @@ pub enum SpawnStep {
     Channel,
     /// Forking and executing the command.
     Launch,
+    /// Creating the pipes of the worker's stdout and stderr (`--prefix`).
+    Output,
 }
 
 impl SpawnError {
@@ -115,6 +117,7 @@ impl fmt::Display for SpawnError {
         match self.step {
             SpawnStep::Channel => write!(f, "cannot create the worker channel: {os}"),
             SpawnStep::Launch => write!(f, "{os}"),
+            SpawnStep::Output => write!(f, "cannot create the output pipes: {os}"),
         }
     }
 }

@@ -575,8 +575,14 @@ impl Cluster {
 
     /// Starts the master, its stderr followed by the harness.
     pub fn spawn(&self) -> Master {
+        self.spawn_with_stdout(Stdio::null())
+    }
+
+    /// Starts the master with `stdout` as its stdout (with `Stdio::piped()`, see
+    /// [`Master::take_stdout`]), its stderr followed by the harness.
+    pub fn spawn_with_stdout(&self, stdout: Stdio) -> Master {
         let mut cmd = self.command_line();
-        cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+        cmd.stdout(stdout).stderr(Stdio::piped());
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", recluster_bin().display()));
@@ -744,6 +750,11 @@ pub struct Master {
 }
 
 impl Master {
+    /// The read end of the master's stdout, when it was spawned with `Stdio::piped()`.
+    pub fn take_stdout(&mut self) -> Option<std::process::ChildStdout> {
+        self._child.stdout.take()
+    }
+
     /// Every line read so far.
     pub fn lines(&self) -> Vec<LogLine> {
         self.log.state().lines.clone()
