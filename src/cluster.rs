@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 
-use crate::config::{self, Balance, ReadyWhen, Timing, Via};
+use crate::config::{self, Balance, ReadyWhen, RollingReload, Timing, Via};
 use crate::error::{ConfigError, Error};
 use crate::runtime::command::WorkerCommand;
 use crate::runtime::handle::ClusterHandle;
@@ -27,6 +27,7 @@ pub struct ClusterBuilder {
     via: Option<Via>,
     ready_when: ReadyWhen,
     timing: Timing,
+    rolling: RollingReload,
     stop_signal: Signal,
     backlog: i32,
     accept_threads: Option<usize>,
@@ -114,6 +115,22 @@ impl ClusterBuilder {
     /// (`rr`/`sticky`; default 10 s, zero: never).
     pub fn stuck_timeout(mut self, d: Duration) -> Self {
         self.timing.stuck_timeout = d;
+        self
+    }
+
+    /// Most slots replaced at once by a reload, lowest first: each slot whose new worker
+    /// gets ready lets the next one start (a rolling reload). Zero, the default: every
+    /// slot at once.
+    pub fn reload_batch(mut self, k: usize) -> Self {
+        self.rolling.batch = k;
+        self
+    }
+
+    /// Failed starts in a row of a reload's new workers (exited before ready, or not
+    /// ready in time) after which the reload is abandoned: slots not yet replaced keep
+    /// their old workers. Zero, the default: never abandon.
+    pub fn reload_abort_after(mut self, m: u32) -> Self {
+        self.rolling.abort_after = m;
         self
     }
 
@@ -258,6 +275,7 @@ impl ClusterBuilder {
                 balance: self.balance,
                 ready_when: self.ready_when,
                 timing: self.timing,
+                rolling: self.rolling,
                 stop_signal: self.stop_signal,
                 run_as: self.run_as,
                 subreaper: self.subreaper,
@@ -320,6 +338,7 @@ impl Cluster {
             via: None,
             ready_when: ReadyWhen::default(),
             timing: Timing::default(),
+            rolling: RollingReload::default(),
             stop_signal: Signal::SIGTERM,
             backlog: config::DEFAULT_BACKLOG,
             accept_threads: None,

@@ -56,7 +56,7 @@ master! {
 
     pub use balance::BalanceCounts;
     pub use cluster::{Cluster, ClusterBuilder};
-    pub use config::{Balance, ReadyWhen, Timing, Via};
+    pub use config::{Balance, ReadyWhen, RollingReload, Timing, Via};
     pub use error::{CommandError, ConfigError, Error};
     pub use runtime::handle::ClusterHandle;
     pub use runtime::command::WorkerCommand;

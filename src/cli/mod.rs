@@ -29,7 +29,7 @@ mod stderr_log;
     name = "recluster",
     version,
     about = "Run N workers behind shared listening sockets; reload them with zero downtime.",
-    after_help = "Signals: SIGUSR2 or SIGHUP reload; SIGTERM or SIGINT terminate gracefully; a second SIGINT kills at once."
+    after_help = "Signals: SIGUSR2 or SIGHUP reload; SIGTTIN adds a worker, SIGTTOU removes one (not under --via socket); SIGTERM or SIGINT terminate gracefully; a second SIGINT kills at once."
 )]
 pub struct Options {
     /// Number of worker processes [default: number of cores]
@@ -81,6 +81,16 @@ pub struct Options {
     /// Time a worker may leave a connection unread before it is replaced (rr, sticky); 0: never
     #[arg(long, env = "RECLUSTER_STUCK_TIMEOUT", default_value = "10s", value_parser = config::parse_duration)]
     pub stuck_timeout: Duration,
+
+    /// Slots a reload replaces at once, lowest first; each new worker ready starts the
+    /// next slot (a rolling reload); 0: every slot at once
+    #[arg(long, env = "RECLUSTER_RELOAD_BATCH", value_name = "K", default_value_t = 0)]
+    pub reload_batch: usize,
+
+    /// Failed starts in a row of a reload's new workers after which the reload is
+    /// abandoned (slots not yet replaced keep their old workers); 0: never
+    #[arg(long, env = "RECLUSTER_RELOAD_ABORT_AFTER", value_name = "M", default_value_t = 0)]
+    pub reload_abort_after: u32,
 
     /// Signal that asks a worker to stop (TERM, SIGINT, 15, …)
     #[arg(long, env = "RECLUSTER_STOP_SIGNAL", default_value = "TERM", value_parser = parse_signal)]
@@ -248,6 +258,8 @@ pub fn main() -> i32 {
         .backoff(opts.backoff)
         .ready_timeout(opts.ready_timeout)
         .stuck_timeout(opts.stuck_timeout)
+        .reload_batch(opts.reload_batch)
+        .reload_abort_after(opts.reload_abort_after)
         .stop_signal(opts.stop_signal)
         .backlog(opts.backlog)
         .cgroups(opts.cgroups);
@@ -362,6 +374,9 @@ async fn run(cluster: Cluster, control: Option<std::path::PathBuf>) -> Result<()
     let mut hup = signal(SignalKind::hangup()).map_err(io)?;
     let mut term = signal(SignalKind::terminate()).map_err(io)?;
     let mut int = signal(SignalKind::interrupt()).map_err(io)?;
+    // gunicorn's: TTIN one worker more, TTOU one fewer.
+    let mut ttin = signal(SignalKind::from_raw(libc::SIGTTIN)).map_err(io)?;
+    let mut ttou = signal(SignalKind::from_raw(libc::SIGTTOU)).map_err(io)?;
     // Handlers are in place: what arrived since start-up is delivered to them now.
     let _ = control_signals().thread_unblock();
     tokio::spawn(async move {
@@ -370,6 +385,8 @@ async fn run(cluster: Cluster, control: Option<std::path::PathBuf>) -> Result<()
             tokio::select! {
                 _ = usr2.recv() => handle.reload(),
                 _ = hup.recv() => handle.reload(),
+                _ = ttin.recv() => handle.scale_by(1),
+                _ = ttou.recv() => handle.scale_by(-1),
                 _ = term.recv() => handle.terminate(),
                 _ = int.recv() => {
                     if interrupted {
@@ -393,6 +410,8 @@ fn control_signals() -> nix::sys::signal::SigSet {
         Signal::SIGHUP,
         Signal::SIGTERM,
         Signal::SIGINT,
+        Signal::SIGTTIN,
+        Signal::SIGTTOU,
     ] {
         set.add(s);
     }
