@@ -20,7 +20,8 @@
 //!   reload starts pending workers in at most K slots, lowest first; each time a slot's
 //!   new worker becomes ready (its old worker retires) the next waiting slot starts, so
 //!   at most K slots are mid-replacement. (A slot whose worker died is respawned as
-//!   always, and counts as mid-replacement until its new worker is ready.)
+//!   always, and counts as mid-replacement until its new worker is ready; a worker
+//!   that asks to be replaced while its slot waits for its turn is replaced in that turn.)
 //! * **Reload abort** (`--reload-abort-after M`, M > 0; 0 means never): M failed starts
 //!   in a row (see "Failing starts") of the reload's new workers abandon the reload:
 //!   its pending workers retire, the respawn timers of slots that still have an old
@@ -929,8 +930,9 @@ impl Supervisor {
         if self.terminating
             || self.slots.get(slot).and_then(|s| s.active) != Some(id)
             || self.slots[slot].pending.is_some()
+            || self.slots[slot].queued
         {
-            return; // not active, or a replacement is already on its way
+            return; // not active, a replacement is already on its way, or due in its turn
         }
         out.push(Action::Report(Event::ReplaceStarted(info)));
         self.spawn(slot, now, out);
