@@ -60,7 +60,10 @@ fn a_rolling_reload_of_four_workers_one_at_a_time_never_runs_more_than_five() {
     let lines = &m.lines()[from..];
     let most = most_not_retiring(lines, first);
     eprintln!("at most {most} workers alive and not retiring during the reload of 4");
-    assert!(most <= 5, "{most} workers alive and not retiring at once (4 + batch 1 at most)");
+    assert!(
+        most <= 5,
+        "{most} workers alive and not retiring at once (4 + batch 1 at most)"
+    );
     assert_eq!(most, 5, "each slot had its replacement");
     // One slot after the other, lowest first.
     let order: Vec<usize> = lines
@@ -70,7 +73,10 @@ fn a_rolling_reload_of_four_workers_one_at_a_time_never_runs_more_than_five() {
         .collect();
     assert_eq!(order, vec![0, 1, 2, 3]);
     let served = serve_all(addr, 4);
-    assert!(served.values().all(|g| g == &BTreeSet::from([2])), "{served:?}");
+    assert!(
+        served.values().all(|g| g == &BTreeSet::from([2])),
+        "{served:?}"
+    );
 }
 
 #[test]
@@ -80,7 +86,14 @@ fn a_reload_whose_new_workers_fail_to_start_is_aborted_and_the_old_workers_keep_
     let echo = echo();
     let m = Cluster::new()
         .workers(4)
-        .args(["--balance", "rr", "--listen", "127.0.0.1:0", "--respawn", "100ms"])
+        .args([
+            "--balance",
+            "rr",
+            "--listen",
+            "127.0.0.1:0",
+            "--respawn",
+            "100ms",
+        ])
         .args(["--reload-batch", "1", "--reload-abort-after", "2"])
         .env("BROKEN", &broken)
         .command([
@@ -108,18 +121,25 @@ fn a_reload_whose_new_workers_fail_to_start_is_aborted_and_the_old_workers_keep_
         "two failed starts"
     );
     assert!(
-        lines.iter().all(|l| !l.matches("worker_spawned generation=2")
-            || l.slot() == 0),
+        lines
+            .iter()
+            .all(|l| !l.matches("worker_spawned generation=2") || l.slot() == 0),
         "only slot 0 was tried (batch 1)"
     );
     assert!(m.events("worker_retiring generation=1").is_empty());
     assert!(m.events("reload_finished").is_empty());
     // The first generation serves on, every slot of it.
     let served = serve_all(addr, 4);
-    assert!(served.values().all(|g| g == &BTreeSet::from([1])), "{served:?}");
+    assert!(
+        served.values().all(|g| g == &BTreeSet::from([1])),
+        "{served:?}"
+    );
     assert_eq!(m.ready_workers(1), first);
     // A later reload starts afresh, and finishes.
     m.reload_to(3);
     let served = serve_all(addr, 4);
-    assert!(served.values().all(|g| g == &BTreeSet::from([3])), "{served:?}");
+    assert!(
+        served.values().all(|g| g == &BTreeSet::from([3])),
+        "{served:?}"
+    );
 }

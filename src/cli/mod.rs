@@ -523,6 +523,41 @@ mod tests {
     }
 
     #[test]
+    fn rolling_reload_options_parse_and_read_their_variables() {
+        use clap::CommandFactory;
+        let ok = Options::try_parse_from(["recluster", "--", "srv"]).unwrap();
+        assert_eq!((ok.reload_batch, ok.reload_abort_after), (0, 0));
+        let ok = Options::try_parse_from([
+            "recluster",
+            "--reload-batch",
+            "2",
+            "--reload-abort-after",
+            "3",
+            "--",
+            "srv",
+        ])
+        .unwrap();
+        assert_eq!((ok.reload_batch, ok.reload_abort_after), (2, 3));
+        let command = Options::command();
+        let env = |long: &str| {
+            command
+                .get_arguments()
+                .find(|a| a.get_long() == Some(long))
+                .and_then(|a| a.get_env())
+                .map(|e| e.to_string_lossy().into_owned())
+        };
+        assert_eq!(env("reload-batch").as_deref(), Some("RECLUSTER_RELOAD_BATCH"));
+        assert_eq!(
+            env("reload-abort-after").as_deref(),
+            Some("RECLUSTER_RELOAD_ABORT_AFTER")
+        );
+        let help = command.clone().render_long_help().to_string();
+        assert!(help.contains("SIGTTIN") && help.contains("SIGTTOU"), "{help}");
+        assert!(control_signals().contains(Signal::SIGTTIN));
+        assert!(control_signals().contains(Signal::SIGTTOU));
+    }
+
+    #[test]
     fn help_shows_v6_addresses_without_escapes() {
         use clap::CommandFactory;
         let help = Options::command().render_long_help().to_string();
