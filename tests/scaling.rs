@@ -109,6 +109,33 @@ fn sigttin_adds_an_rr_slot_that_gets_connections() {
 }
 
 #[test]
+fn in_shared_sigttin_and_sigttou_add_and_remove_a_worker_process() {
+    let m = shared_cluster(2).spawn();
+    let addr = m.addr();
+    m.wait_cluster_ready(2);
+    let from = m.mark();
+    m.signal(Signal::SIGTTIN);
+    m.wait_event_after(from, "scaled from=2 to=3", DEADLINE);
+    let ready = m.wait_event_after(from, "worker_ready slot=2 generation=1", DEADLINE);
+    let seen = collect_ids(addr, 3, DEADLINE);
+    // The new worker is told the new size (RECLUSTER_WORKERS).
+    assert_eq!(
+        seen[&2].fields.get("workers").map(String::as_str),
+        Some("3")
+    );
+    let from = m.mark();
+    m.signal(Signal::SIGTTOU);
+    m.wait_event_after(from, "scaled from=3 to=2", DEADLINE);
+    let pid = ready.pid();
+    m.wait_event_after(
+        from,
+        &format!("worker_exited slot=2 pid={pid} code=0"),
+        DEADLINE,
+    );
+    assert!(!pid_alive(pid));
+}
+
+#[test]
 fn scaling_below_one_worker_is_refused_and_changes_nothing() {
     let m = Cluster::new()
         .workers(1)

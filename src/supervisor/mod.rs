@@ -815,6 +815,8 @@ impl Supervisor {
         if self.terminating || n == 0 || n > MAX_SLOTS || n == from {
             return;
         }
+        // Reported first, so that the workers started below are told the new size.
+        out.push(Action::Report(Event::Scaled { from, to: n }));
         if n > from {
             for slot in from..n {
                 self.slots.push(Slot::new(self.timing.respawn));
@@ -835,7 +837,6 @@ impl Supervisor {
             }
             self.slots.truncate(n);
         }
-        out.push(Action::Report(Event::Scaled { from, to: n }));
         self.check_cluster_ready(out);
         self.roll(now, out);
         self.check_reload_finished(out);
