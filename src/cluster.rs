@@ -55,7 +55,8 @@ impl ClusterBuilder {
         self
     }
 
-    /// Number of worker slots (default: the available cores).
+    /// Number of worker slots (default: the available cores); a running cluster can be
+    /// scaled with [`ClusterHandle::scale`].
     pub fn workers(mut self, n: usize) -> Self {
         self.workers = n;
         self
