@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 
-use crate::config::{self, Balance, ReadyWhen, Timing, Via};
+use crate::config::{self, Balance, ReadyWhen, RollingReload, Timing, Via};
 use crate::error::{ConfigError, Error};
 use crate::runtime::command::WorkerCommand;
 use crate::runtime::handle::ClusterHandle;
@@ -27,6 +27,7 @@ pub struct ClusterBuilder {
     via: Option<Via>,
     ready_when: ReadyWhen,
     timing: Timing,
+    rolling: RollingReload,
     stop_signal: Signal,
     backlog: i32,
     accept_threads: Option<usize>,
@@ -72,7 +73,8 @@ impl ClusterBuilder {
         self
     }
 
-    /// Number of worker slots (default: the available cores).
+    /// Number of worker slots (default: the available cores); a running cluster can be
+    /// scaled with [`ClusterHandle::scale`].
     pub fn workers(mut self, n: usize) -> Self {
         self.workers = n;
         self
@@ -132,6 +134,22 @@ impl ClusterBuilder {
     /// (`rr`/`sticky`; default 10 s, zero: never).
     pub fn stuck_timeout(mut self, d: Duration) -> Self {
         self.timing.stuck_timeout = d;
+        self
+    }
+
+    /// Most slots replaced at once by a reload, lowest first: each slot whose new worker
+    /// gets ready lets the next one start (a rolling reload). Zero, the default: every
+    /// slot at once.
+    pub fn reload_batch(mut self, k: usize) -> Self {
+        self.rolling.batch = k;
+        self
+    }
+
+    /// Failed starts in a row of a reload's new workers (exited before ready, or not
+    /// ready in time) after which the reload is abandoned: slots not yet replaced keep
+    /// their old workers. Zero, the default: never abandon.
+    pub fn reload_abort_after(mut self, m: u32) -> Self {
+        self.rolling.abort_after = m;
         self
     }
 
@@ -276,6 +294,7 @@ impl ClusterBuilder {
                 balance: self.balance,
                 ready_when: self.ready_when,
                 timing: self.timing,
+                rolling: self.rolling,
                 stop_signal: self.stop_signal,
                 run_as: self.run_as,
                 subreaper: self.subreaper,
@@ -339,6 +358,7 @@ impl Cluster {
             via: None,
             ready_when: ReadyWhen::default(),
             timing: Timing::default(),
+            rolling: RollingReload::default(),
             stop_signal: Signal::SIGTERM,
             backlog: config::DEFAULT_BACKLOG,
             accept_threads: None,

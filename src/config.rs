@@ -166,6 +166,17 @@ impl Default for Timing {
     }
 }
 
+/// How a reload rolls through the slots (`--reload-batch`, `--reload-abort-after`);
+/// the default replaces every slot at once and never gives up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RollingReload {
+    /// Most slots mid-replacement at once, lowest slots first; zero: every slot at once.
+    pub batch: usize,
+    /// Failed starts in a row of a reload's new workers that abandon the reload (the
+    /// slots not yet replaced keep their old workers); zero: never.
+    pub abort_after: u32,
+}
+
 /// Default `--ready-timeout`: long enough for slow starters, short enough that a stuck reload shows.
 pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(60);
 

@@ -58,7 +58,7 @@ master! {
 
     pub use balance::BalanceCounts;
     pub use cluster::{Cluster, ClusterBuilder};
-    pub use config::{Balance, ReadyWhen, Timing, Via};
+    pub use config::{Balance, ReadyWhen, RollingReload, Timing, Via};
     pub use error::{CommandError, ConfigError, Error};
     pub use runtime::handle::{ClusterHandle, ReloadError};
     pub use runtime::status::{ReloadCounts, SlotState, SlotStatus, Status, WorkerStatus};

@@ -115,3 +115,55 @@ fn a_command_that_does_not_exist_fails_at_build_with_a_clear_error() {
     let msg = err.to_string();
     assert!(msg.contains("/nonexistent/server"), "{msg}");
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_shared_cluster_scales_through_its_handle_and_the_snapshot_follows() {
+    let cluster = Cluster::builder(WorkerCommand::new("sleep").arg("60"))
+        .workers(2)
+        .listen("127.0.0.1:0".parse().unwrap())
+        .balance(Balance::Shared)
+        .ready_when(recluster::ReadyWhen::Started)
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("build");
+    let handle = cluster.handle();
+    let mut events = handle.events();
+    let running = tokio::spawn(cluster.run());
+    next_matching(&mut events, "cluster ready", |e| {
+        matches!(e, Event::ClusterReady { generation: 1 })
+    })
+    .await;
+
+    handle.scale(3);
+    next_matching(&mut events, "scaled 2 -> 3", |e| {
+        matches!(e, Event::Scaled { from: 2, to: 3 })
+    })
+    .await;
+    next_matching(
+        &mut events,
+        "slot 2 ready",
+        |e| matches!(e, Event::Ready(w) if w.slot == 2),
+    )
+    .await;
+    assert_eq!(handle.active_workers().len(), 3);
+    assert!(handle.active_workers().iter().all(Option::is_some));
+
+    // Relative: from the number the cluster has when the request is handled.
+    handle.scale_by(-1);
+    handle.scale_by(-1);
+    next_matching(&mut events, "scaled 2 -> 1", |e| {
+        matches!(e, Event::Scaled { from: 2, to: 1 })
+    })
+    .await;
+    let gone = next_matching(
+        &mut events,
+        "a removed slot's worker exited",
+        |e| matches!(e, Event::Exited { worker, .. } if worker.slot >= 1),
+    )
+    .await;
+    assert!(matches!(gone, Event::Exited { worker, .. } if worker.state == WorkerState::Retiring));
+    assert_eq!(handle.active_workers().len(), 1);
+
+    handle.terminate();
+    running.await.unwrap().expect("the cluster ran");
+}

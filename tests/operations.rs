@@ -247,3 +247,103 @@ fn reload_wait_fails_with_the_reason_when_the_new_generation_never_gets_ready() 
     m.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(m.expect_exit(DEADLINE).success());
 }
+
+#[test]
+fn scale_adds_and_removes_workers_and_status_follows() {
+    let dir = control_dir("scale");
+    let m = rr_master(&dir, 2, &[]);
+    m.wait_cluster_ready(2);
+    m.wait_event("control_socket", DEADLINE);
+    let ready_slots = |v: &Value| {
+        v["slots"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["state"] == "ready")
+            .count()
+    };
+
+    let out = recluster(&dir, &["scale", "4"]);
+    assert!(out.status.success(), "scale 4: {}", text(&out.stderr));
+    let grown = poll_until(DEADLINE, || {
+        let v = status_json(&dir);
+        v["master"]["slots"] == 4 && ready_slots(&v) == 4
+    });
+    assert!(grown, "4 ready slots: {}", status_json(&dir));
+    // The new slots take connections.
+    let served: std::collections::BTreeSet<usize> = (0..40)
+        .map(|_| {
+            request_from(m.addr(), None, true, DEADLINE)
+                .expect("served")
+                .id
+        })
+        .collect();
+    assert_eq!(served.len(), 4, "{served:?}");
+
+    let out = recluster(&dir, &["scale", "1"]);
+    assert!(out.status.success(), "scale 1: {}", text(&out.stderr));
+    let shrunk = poll_until(DEADLINE, || {
+        let v = status_json(&dir);
+        v["master"]["slots"] == 1 && v["workers"].as_array().unwrap().len() == 1
+    });
+    assert!(
+        shrunk,
+        "one slot, the others' workers gone: {}",
+        status_json(&dir)
+    );
+    let reply = request_from(m.addr(), None, true, DEADLINE).expect("served");
+    assert_eq!(reply.id, 0);
+
+    for bad in ["0", "1025", "x"] {
+        let out = recluster(&dir, &["scale", bad]);
+        assert_ne!(out.status.code(), Some(0), "scale {bad} is refused");
+    }
+    let out = recluster(&dir, &["stop"]);
+    assert!(out.status.success());
+    assert!(m.expect_exit(DEADLINE).success());
+}
+
+#[test]
+fn reload_wait_reports_an_aborted_reload_and_exits_1() {
+    let dir = control_dir("abort");
+    let flag = dir.with_extension("broken");
+    let _ = std::fs::remove_file(&flag);
+    let script = format!("test -e {} && exit 1; exec {}", flag.display(), echo());
+    let m = Cluster::new()
+        .workers(2)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--respawn",
+            "50ms",
+            "--reload-abort-after",
+            "2",
+        ])
+        .env("RECLUSTER_CONTROL_DIR", &dir)
+        .command(["sh", "-c", &script])
+        .spawn();
+    m.wait_cluster_ready(2);
+    std::fs::write(&flag, b"").unwrap();
+    let out = recluster(&dir, &["reload", "--wait"]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("generation 2 was aborted"), "{err}");
+    let v = status_json(&dir);
+    assert_eq!(v["reloads"]["aborted"], 1, "{v}");
+    assert_eq!(v["reloads"]["finished"], 0, "{v}");
+    assert_eq!(v["master"]["ready_generation"], 1, "{v}");
+    let reply = request_from(m.addr(), None, true, DEADLINE).expect("old workers serve");
+    assert_eq!(reply.gen, 1);
+
+    // Fixed: the next reload goes through.
+    std::fs::remove_file(&flag).unwrap();
+    let out = recluster(&dir, &["reload", "--wait"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("generation 3"),
+        "{}",
+        text(&out.stdout)
+    );
+    m.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(m.expect_exit(DEADLINE).success());
+}

@@ -11,7 +11,7 @@ use recluster::supervisor::{
     Action, Event, ExitStatus, Input, SpawnError, SpawnStep, Supervisor, WorkerId, WorkerInfo,
     WorkerState,
 };
-use recluster::Timing;
+use recluster::{RollingReload, Timing};
 use tokio::time::Instant;
 
 #[derive(Debug, Clone)]
@@ -31,6 +31,8 @@ enum Op {
     Wait(u64),
     /// The next spawns fail (true) or succeed (false).
     SpawnsFail(bool),
+    /// Scale to this many slots (0 included: refused).
+    Scale(usize),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -44,6 +46,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => any::<usize>().prop_map(Op::Stuck),
         4 => (0u64..3000).prop_map(Op::Wait),
         1 => any::<bool>().prop_map(Op::SpawnsFail),
+        1 => (0usize..6).prop_map(Op::Scale),
     ]
 }
 
@@ -65,6 +68,8 @@ struct Checker {
     fail_spawns: bool,
     next_pid: u32,
     exited: bool,
+    /// `--reload-batch`.
+    batch: usize,
 }
 
 impl Checker {
@@ -123,6 +128,23 @@ impl Checker {
             "two pending in a slot: {live:?}"
         );
         let active = self.sup.active_workers();
+        // A rolling reload has at most `batch` slots whose old worker awaits its replacement.
+        if let (Some(g), true) = (self.sup.reloading(), self.batch > 0) {
+            let replacing = active
+                .iter()
+                .enumerate()
+                .filter(|(slot, a)| {
+                    a.is_some_and(|a| a.generation < g)
+                        && live.iter().any(|w| {
+                            w.slot == *slot && w.state == WorkerState::Starting && w.generation == g
+                        })
+                })
+                .count();
+            assert!(
+                replacing <= self.batch,
+                "{replacing} slots mid-replacement: {live:?}"
+            );
+        }
         for (slot, a) in active.iter().enumerate() {
             if let Some(a) = a {
                 assert_eq!((a.slot, a.state), (slot, WorkerState::Ready));
@@ -137,7 +159,9 @@ impl Checker {
                         matches!(a, Action::Report(Event::Stuck { worker, .. }) if worker.id == *id)
                     });
                     if let Some(old) = before.get(id).filter(|w| w.state == WorkerState::Ready) {
-                        if !self.sup.is_terminating() && !stuck {
+                        // A slot scaled away retires its worker with no replacement.
+                        let removed = old.slot >= active.len();
+                        if !self.sup.is_terminating() && !stuck && !removed {
                             let now_active = active[old.slot].map(|w| w.id);
                             assert!(
                                 now_active.is_some() && now_active != Some(*id),
@@ -190,16 +214,20 @@ proptest! {
     fn supervisor_invariants_hold_for_any_event_sequence(
         slots in 1usize..5,
         timing in timing(),
+        batch in 0usize..3,
+        abort_after in 0u32..3,
         ops in proptest::collection::vec(op(), 0..80),
     ) {
         let now = Instant::now();
+        let rolling = RollingReload { batch, abort_after };
         let mut c = Checker {
-            sup: Supervisor::new(slots, timing),
+            sup: Supervisor::new(slots, timing).with_rolling(rolling),
             timing,
             now,
             fail_spawns: false,
             next_pid: 100,
             exited: false,
+            batch,
         };
         let mut first = c.sup.start(now);
         let spawns: Vec<WorkerId> = first
@@ -228,6 +256,7 @@ proptest! {
                     c.run(Input::Tick);
                 }
                 Op::SpawnsFail(f) => c.fail_spawns = f,
+                Op::Scale(n) => c.run(Input::Scale(n)),
             }
         }
         // Terminate always ends with no worker: stop everyone, let time pass (kills),

@@ -243,16 +243,26 @@ fn exec_reload_with_reload_wait_returns_after_the_new_generation_is_ready() {
         .arg(&control)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Both notifications are in already: nothing to wait for.
     systemd.set_nonblocking(true).unwrap();
     let reloading = next(&systemd);
     assert_eq!(value(&reloading, "RELOADING"), Some("1"), "{reloading:?}");
     let ready = next(&systemd);
     assert_eq!(value(&ready, "READY"), Some("1"), "{ready:?}");
-    assert_eq!(value(&ready, "STATUS"), Some("ready: generation 2, 2 workers"));
+    assert_eq!(
+        value(&ready, "STATUS"),
+        Some("ready: generation 2, 2 workers")
+    );
     let served = request_from(m.addr(), None, true, DEADLINE).expect("served");
-    assert_eq!(served.gen, 2, "only generation 2 serves once reload --wait returned");
+    assert_eq!(
+        served.gen, 2,
+        "only generation 2 serves once reload --wait returned"
+    );
 
     m.signal(Signal::SIGTERM);
     assert!(m.wait_exit(DEADLINE).is_some_and(|e| e.success()));

@@ -427,6 +427,8 @@ impl Balancer {
                 worker,
                 running,
             } => {
+                // A slot added since the start (the cluster was scaled up).
+                self.grow(slot + 1);
                 self.running[slot] = running;
                 self.samples[slot] = running::Recent::default();
                 self.ranks[slot] = 0;
@@ -472,6 +474,24 @@ impl Balancer {
         if self.router.has_ready() && !self.parked.is_empty() {
             self.retry_parked();
         }
+    }
+
+    /// Sizes every per-slot vector for at least `slots` slots (they never shrink: a
+    /// removed slot is routed nowhere, and its entries stay empty).
+    fn grow(&mut self, slots: usize) {
+        if self.table.len() >= slots {
+            return;
+        }
+        self.table.resize_with(slots, || None);
+        self.workers.resize(slots, None);
+        self.watches.resize(slots, stuck::Watch::default());
+        self.batches
+            .resize_with(slots, || Vec::with_capacity(MAX_FDS));
+        self.full.resize(slots, false);
+        self.backlogs.resize(slots, 0);
+        self.running.resize(slots, None);
+        self.samples.resize(slots, running::Recent::default());
+        self.ranks.resize(slots, 0);
     }
 
     fn accept(&mut self, index: usize) {

@@ -1,4 +1,4 @@
-//! `recluster status|reload|stop|scale`: the operator's side of the control socket.
+//! `recluster status|reload|scale|stop`: the operator's side of the control socket.
 //!
 //! Each subcommand is one line sent to a running master's control socket
 //! (`runtime::control`) and the answer printed. Which master: `--control PATH`, or
@@ -120,6 +120,15 @@ pub enum Subcommand {
         #[command(flatten)]
         target: Target,
     },
+    /// Set the number of workers: added slots start and join when ready, removed ones
+    /// (the highest) retire gracefully; as SIGTTIN/SIGTTOU do one at a time
+    Scale {
+        /// The number of workers to run, 1 to 1024
+        #[arg(value_name = "N")]
+        workers: usize,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Stop the cluster gracefully (as SIGTERM does)
     Stop {
         #[command(flatten)]
@@ -134,6 +143,7 @@ impl Subcommand {
         let target = match &mut self {
             Subcommand::Status { target, .. }
             | Subcommand::Reload { target, .. }
+            | Subcommand::Scale { target, .. }
             | Subcommand::Stop { target } => target,
         };
         if target.control.is_none() && target.name.is_none() {
@@ -159,6 +169,7 @@ pub fn run(sub: Subcommand) -> i32 {
             *timeout + Duration::from_secs(10),
         ),
         Subcommand::Reload { target, .. } => (target, "reload".to_string(), Duration::from_secs(10)),
+        Subcommand::Scale { workers, target } => (target, format!("scale {workers}"), Duration::from_secs(10)),
         Subcommand::Stop { target } => (target, "stop".to_string(), Duration::from_secs(10)),
     };
     let path = match resolve(target) {
@@ -207,6 +218,10 @@ pub fn run(sub: Subcommand) -> i32 {
         }
         Subcommand::Reload { .. } => {
             println!("reload started");
+            0
+        }
+        Subcommand::Scale { workers, .. } => {
+            println!("scaling to {workers} workers: added slots join once ready, removed ones drain");
             0
         }
         Subcommand::Stop { .. } => {

@@ -32,8 +32,8 @@ mod pidfile;
     subcommand_negates_reqs = true,
     subcommand_value_name = "SUBCOMMAND",
     subcommand_help_heading = "Subcommands (steer a running master through its control socket)",
-    override_usage = "recluster [OPTIONS] -- COMMAND [ARGS]...\n       recluster status|reload|stop [--control PATH | --name NAME]",
-    after_help = "Signals: SIGUSR2 or SIGHUP reload; SIGTERM or SIGINT terminate gracefully; a second SIGINT kills at once."
+    override_usage = "recluster [OPTIONS] -- COMMAND [ARGS]...\n       recluster status|reload|scale|stop [--control PATH | --name NAME]",
+    after_help = "Signals: SIGUSR2 or SIGHUP reload; SIGTTIN adds a worker, SIGTTOU removes one (not under --via socket); SIGTERM or SIGINT terminate gracefully; a second SIGINT kills at once."
 )]
 pub struct Options {
     /// A subcommand for a running master, instead of starting one
@@ -89,6 +89,16 @@ pub struct Options {
     /// Time a worker may leave a connection unread before it is replaced (rr, sticky); 0: never
     #[arg(long, env = "RECLUSTER_STUCK_TIMEOUT", default_value = "10s", value_parser = config::parse_duration)]
     pub stuck_timeout: Duration,
+
+    /// Slots a reload replaces at once, lowest first; each new worker ready starts the
+    /// next slot (a rolling reload); 0: every slot at once
+    #[arg(long, env = "RECLUSTER_RELOAD_BATCH", value_name = "K", default_value_t = 0)]
+    pub reload_batch: usize,
+
+    /// Failed starts in a row of a reload's new workers after which the reload is
+    /// abandoned (slots not yet replaced keep their old workers); 0: never
+    #[arg(long, env = "RECLUSTER_RELOAD_ABORT_AFTER", value_name = "M", default_value_t = 0)]
+    pub reload_abort_after: u32,
 
     /// Signal that asks a worker to stop (TERM, SIGINT, 15, …)
     #[arg(long, env = "RECLUSTER_STOP_SIGNAL", default_value = "TERM", value_parser = parse_signal)]
@@ -291,6 +301,8 @@ pub fn main() -> i32 {
         .backoff(opts.backoff)
         .ready_timeout(opts.ready_timeout)
         .stuck_timeout(opts.stuck_timeout)
+        .reload_batch(opts.reload_batch)
+        .reload_abort_after(opts.reload_abort_after)
         .stop_signal(opts.stop_signal)
         .backlog(opts.backlog)
         .cgroups(opts.cgroups)
@@ -447,6 +459,9 @@ async fn run(cluster: Cluster, control: Control, metrics: Option<SocketAddr>) ->
     let mut hup = signal(SignalKind::hangup()).map_err(io)?;
     let mut term = signal(SignalKind::terminate()).map_err(io)?;
     let mut int = signal(SignalKind::interrupt()).map_err(io)?;
+    // gunicorn's: TTIN one worker more, TTOU one fewer.
+    let mut ttin = signal(SignalKind::from_raw(libc::SIGTTIN)).map_err(io)?;
+    let mut ttou = signal(SignalKind::from_raw(libc::SIGTTOU)).map_err(io)?;
     // Handlers are in place: what arrived since start-up is delivered to them now.
     let _ = control_signals().thread_unblock();
     tokio::spawn(async move {
@@ -455,6 +470,8 @@ async fn run(cluster: Cluster, control: Control, metrics: Option<SocketAddr>) ->
             tokio::select! {
                 _ = usr2.recv() => handle.reload(),
                 _ = hup.recv() => handle.reload(),
+                _ = ttin.recv() => handle.scale_by(1),
+                _ = ttou.recv() => handle.scale_by(-1),
                 _ = term.recv() => handle.terminate(),
                 _ = int.recv() => {
                     if interrupted {
@@ -478,6 +495,8 @@ fn control_signals() -> nix::sys::signal::SigSet {
         Signal::SIGHUP,
         Signal::SIGTERM,
         Signal::SIGINT,
+        Signal::SIGTTIN,
+        Signal::SIGTTOU,
     ] {
         set.add(s);
     }
@@ -607,6 +626,41 @@ mod tests {
         assert_eq!(set.log_format, LogFormat::Json);
         assert!(!parse(&["--prefix=false"]).unwrap().prefix);
         assert!(parse(&["--log-format", "xml"]).is_err());
+    }
+
+    #[test]
+    fn rolling_reload_options_parse_and_read_their_variables() {
+        use clap::CommandFactory;
+        let ok = Options::try_parse_from(["recluster", "--", "srv"]).unwrap();
+        assert_eq!((ok.reload_batch, ok.reload_abort_after), (0, 0));
+        let ok = Options::try_parse_from([
+            "recluster",
+            "--reload-batch",
+            "2",
+            "--reload-abort-after",
+            "3",
+            "--",
+            "srv",
+        ])
+        .unwrap();
+        assert_eq!((ok.reload_batch, ok.reload_abort_after), (2, 3));
+        let command = Options::command();
+        let env = |long: &str| {
+            command
+                .get_arguments()
+                .find(|a| a.get_long() == Some(long))
+                .and_then(|a| a.get_env())
+                .map(|e| e.to_string_lossy().into_owned())
+        };
+        assert_eq!(env("reload-batch").as_deref(), Some("RECLUSTER_RELOAD_BATCH"));
+        assert_eq!(
+            env("reload-abort-after").as_deref(),
+            Some("RECLUSTER_RELOAD_ABORT_AFTER")
+        );
+        let help = command.clone().render_long_help().to_string();
+        assert!(help.contains("SIGTTIN") && help.contains("SIGTTOU"), "{help}");
+        assert!(control_signals().contains(Signal::SIGTTIN));
+        assert!(control_signals().contains(Signal::SIGTTOU));
     }
 
     #[test]

@@ -208,6 +208,13 @@ impl Launcher {
         self.env.push(assignment("NODE_CHANNEL_SERIALIZATION_MODE", "json"));
     }
 
+    /// Workers started from now on get `RECLUSTER_WORKERS=n` (the cluster was scaled).
+    pub fn set_workers(&mut self, n: usize) {
+        self.env
+            .retain(|e| !e.as_bytes().starts_with(b"RECLUSTER_WORKERS="));
+        self.env.push(assignment("RECLUSTER_WORKERS", n.to_string()));
+    }
+
     /// How many listening sockets a `shared` worker inherits.
     pub fn listen_fds(&self) -> usize {
         self.listen_fds.len()

@@ -191,6 +191,16 @@ async fn command(line: &str, handle: &ClusterHandle) -> String {
             };
             reload_and_wait(handle, limit).await
         }
+        ("scale", Some(n), None) => match n.parse::<usize>() {
+            Ok(n) if (1..=crate::supervisor::MAX_SLOTS).contains(&n) => {
+                if handle.status().via == Some(crate::Via::Socket) {
+                    return "error cannot scale under --via socket: each slot's sockets are bound at start\n".into();
+                }
+                handle.scale(n);
+                format!("ok workers={n}\n")
+            }
+            _ => format!("error expected `scale N` with N from 1 to {}\n", crate::supervisor::MAX_SLOTS),
+        },
         ("terminate" | "stop", None, _) => {
             handle.terminate();
             "ok\n".to_string()
@@ -200,7 +210,7 @@ async fn command(line: &str, handle: &ClusterHandle) -> String {
 }
 
 /// The commands, as the error for an unknown one lists them.
-const COMMANDS: &str = "status, status json, reload, reload wait [SECONDS], stop (or terminate)";
+const COMMANDS: &str = "status, status json, reload, reload wait [SECONDS], scale N, stop (or terminate)";
 
 /// Longest a `reload wait` waits, whatever the client asks.
 pub const MAX_RELOAD_WAIT: std::time::Duration = std::time::Duration::from_secs(24 * 3600);

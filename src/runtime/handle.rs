@@ -22,6 +22,16 @@ pub(crate) enum Command {
     Reload,
     Terminate,
     Kill,
+    Scale(Scale),
+}
+
+/// The number of slots a handle asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Scale {
+    /// Exactly this many.
+    To(usize),
+    /// This many more (or fewer) than the cluster has when the request is handled.
+    By(i64),
 }
 
 /// What handles can read about the cluster without asking it.
@@ -143,6 +153,22 @@ impl ClusterHandle {
     /// Stops every worker gracefully (stop signal, SIGKILL after the timeout); `run` then returns.
     pub fn terminate(&self) {
         let _ = self.commands.send(Command::Terminate);
+    }
+
+    /// Runs `n` worker slots from now on: new slots start a worker of the current
+    /// generation; the highest slots retire gracefully (routed away first, then
+    /// stopped). Refused, with a `scale_refused` warning and no change, below 1, above
+    /// [`MAX_SLOTS`](crate::supervisor::MAX_SLOTS), and under `--via socket`, whose
+    /// per-slot sockets are bound at start.
+    pub fn scale(&self, n: usize) {
+        let _ = self.commands.send(Command::Scale(Scale::To(n)));
+    }
+
+    /// Adds `delta` worker slots (removes them when negative), counted from the number
+    /// the cluster has when the request is handled (so two quick calls add two); see
+    /// [`ClusterHandle::scale`]. SIGTTIN is `scale_by(1)`, SIGTTOU `scale_by(-1)`.
+    pub fn scale_by(&self, delta: i64) {
+        let _ = self.commands.send(Command::Scale(Scale::By(delta)));
     }
 
     /// Kills every worker at once; `run` returns once they are reaped.

@@ -183,6 +183,16 @@ impl Journal {
             Event::ReloadFinished { generation } => {
                 info!(event = "reload_finished", generation, "reload finished")
             }
+            Event::ReloadAborted {
+                generation,
+                failures,
+            } => warn!(
+                event = "reload_aborted",
+                generation,
+                failures,
+                "reload aborted after failed starts in a row of its new workers: the old workers keep serving (slots already replaced keep their new ones)"
+            ),
+            Event::Scaled { from, to } => info!(event = "scaled", from, to, "workers scaled"),
             Event::ClusterReady { generation } => info!(
                 event = "cluster_ready",
                 generation, workers, "cluster ready"

@@ -60,6 +60,8 @@ pub(crate) struct Setup {
     pub balance: Balance,
     pub ready_when: ReadyWhen,
     pub timing: Timing,
+    /// How reloads roll through the slots.
+    pub rolling: crate::config::RollingReload,
     pub stop_signal: Signal,
     /// Who workers run as; `None`: as the master.
     pub run_as: Option<crate::config::Credentials>,
@@ -317,7 +319,9 @@ impl Driver {
             facts,
             tally: Tally::default(),
             handed_gone: Vec::new(),
-            sup: Supervisor::new(setup.workers, setup.timing).with_ready_when(setup.ready_when),
+            sup: Supervisor::new(setup.workers, setup.timing)
+                .with_ready_when(setup.ready_when)
+                .with_rolling(setup.rolling),
             setup,
             notify,
             launcher,
@@ -600,7 +604,33 @@ impl Driver {
             Some(Command::Reload) => self.feed(Input::Reload),
             Some(Command::Terminate) => self.feed(Input::Terminate),
             Some(Command::Kill) => self.feed(Input::KillAll),
+            Some(Command::Scale(scale)) => self.scale(scale),
             None => {} // the cluster keeps a handle itself, so this does not happen
+        }
+    }
+
+    /// Scales to what a handle asked for, or says why not (see [`ClusterHandle::scale`]).
+    ///
+    /// [`ClusterHandle::scale`]: crate::ClusterHandle::scale
+    fn scale(&mut self, scale: handle::Scale) {
+        let from = self.sup.slots();
+        let to = match scale {
+            handle::Scale::To(n) => n as i128,
+            handle::Scale::By(delta) => from as i128 + i128::from(delta),
+        };
+        let refused = |to: i128, why: &str| {
+            warn!(event = "scale_refused", from, to = to as i64, "cannot scale the workers: {why}; nothing changes");
+        };
+        if self.sup.is_terminating() {
+            refused(to, "terminating");
+        } else if self.setup.via == Via::Socket && self.setup.balance != Balance::Shared {
+            refused(to, "under --via socket each slot's sockets are bound at start");
+        } else if to < 1 {
+            refused(to, "a cluster keeps at least 1 worker");
+        } else if to > crate::supervisor::MAX_SLOTS as i128 {
+            refused(to, "more than 1024 workers");
+        } else if to as usize != from {
+            self.feed(Input::Scale(to as usize));
         }
     }
 
@@ -644,6 +674,11 @@ impl Driver {
 
     /// Side effects of an event besides its log line.
     fn report(&mut self, event: &Event) {
+        if let Event::Scaled { to, .. } = event {
+            // RECLUSTER_WORKERS of new workers, and the counts in the log and STATUS.
+            self.setup.workers = *to;
+            self.launcher.set_workers(*to);
+        }
         self.journal.record(event, self.setup.workers);
         if matches!(event, Event::Exited { .. }) && self.rejoin_slot_sockets() {
             self.steer();
@@ -694,6 +729,17 @@ impl Driver {
                 self.tell_service_manager(&format!(
                     "READY=1\nSTATUS=ready: generation {generation}, {workers} workers"
                 ));
+            }
+            Event::ReloadAborted { generation, .. } => {
+                self.tally.reloads.aborted += 1;
+                self.tally.aborted_generation = self.tally.aborted_generation.max(*generation);
+                let workers = self.setup.workers;
+                self.tell_service_manager(&format!(
+                    "READY=1\nSTATUS=reload to generation {generation} aborted: the old workers keep serving, {workers} workers"
+                ));
+            }
+            Event::Scaled { to, .. } => {
+                self.tell_service_manager(&format!("STATUS=scaled to {to} workers"));
             }
             Event::ReloadStarted { generation } => {
                 self.tally.reloads.started += 1;

@@ -16,6 +16,26 @@
 //!   worker retires. An old worker is never retired before its replacement is ready.
 //!   A reload during a reload supersedes the older pending workers (they retire at once;
 //!   they never served).
+//! * **Rolling reload** (`--reload-batch K`, K > 0; 0 means every slot at once): a
+//!   reload starts pending workers in at most K slots, lowest first; each time a slot's
+//!   new worker becomes ready (its old worker retires) the next waiting slot starts, so
+//!   at most K slots are mid-replacement. (A slot whose worker died is respawned as
+//!   always, and counts as mid-replacement until its new worker is ready; a worker
+//!   that asks to be replaced while its slot waits for its turn is replaced in that turn.)
+//! * **Reload abort** (`--reload-abort-after M`, M > 0; 0 means never): M failed starts
+//!   in a row (see "Failing starts") of the reload's new workers abandon the reload:
+//!   its pending workers retire, the respawn timers of slots that still have an old
+//!   worker are cancelled, and those slots keep their old workers; slots already
+//!   replaced keep their new ones. The reload ends ([`Event::ReloadAborted`]; no
+//!   [`Event::ReloadFinished`]). A new worker that gets ready ends the streak. A later
+//!   reload starts afresh, with a new generation.
+//! * **Scale** ([`Input::Scale`]) to n slots, 1 ≤ n ≤ [`MAX_SLOTS`] (anything else
+//!   changes nothing): growing adds slots, each starting a worker of the current
+//!   generation at once (so during a reload, of the new one), which joins routing when
+//!   ready as any worker does. Shrinking removes the highest slots: each one's active
+//!   worker is routed away, then retires; its pending worker retires; its respawn is
+//!   cancelled. A reload in progress then waits only for the slots that remain.
+//!   Reported as [`Event::Scaled`].
 //! * **Respawn**: when a slot loses its active worker, or its pending worker dies or is
 //!   not ready within `ready_timeout`, a new worker of the current generation is
 //!   started after the slot's delay. The delay starts at `respawn` and doubles per quick
@@ -66,11 +86,14 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::config::{ReadyWhen, Timing};
+use crate::config::{ReadyWhen, RollingReload, Timing};
 
 /// Under `--ready-when started`, a worker that exits within this time of its start
 /// (not told to stop) failed to start.
 pub const QUICK_EXIT: Duration = Duration::from_secs(5);
+
+/// The most slots a cluster may be scaled to ([`Input::Scale`]).
+pub const MAX_SLOTS: usize = 1024;
 
 /// Failed starts in a row that make the cluster report [`Event::StartsFailing`].
 pub const FAILED_STARTS_TO_REPORT: u32 = 3;
@@ -195,6 +218,8 @@ pub enum Input {
     Tick,
     /// Replace every worker with one of a new generation.
     Reload,
+    /// Run this many slots from now on (1 ≤ n ≤ [`MAX_SLOTS`]; else nothing changes).
+    Scale(usize),
     /// Stop every worker gracefully and finish.
     Terminate,
     /// Kill every worker at once and finish (a second SIGINT).
@@ -377,6 +402,21 @@ pub enum Event {
         /// The generation number (1 at start, +1 per reload).
         generation: u64,
     },
+    /// The reload to this generation was abandoned after failed starts in a row: slots
+    /// not yet replaced keep their old workers (slots already replaced keep their new ones).
+    ReloadAborted {
+        /// The generation the reload was for.
+        generation: u64,
+        /// Failed starts in a row of its new workers.
+        failures: u32,
+    },
+    /// The number of slots changed.
+    Scaled {
+        /// Slots before.
+        from: usize,
+        /// Slots now.
+        to: usize,
+    },
     /// Every slot has had a ready worker for the first time.
     ClusterReady {
         /// The generation number (1 at start, +1 per reload).
@@ -429,6 +469,21 @@ struct Slot {
     /// Workers started in this slot to replace one that died, failed to start, was
     /// stuck or asked to be replaced (not reloads).
     restarts: u64,
+    /// Waiting for its turn in a rolling reload (no pending worker started for it yet).
+    queued: bool,
+}
+
+impl Slot {
+    fn new(delay: Duration) -> Slot {
+        Slot {
+            active: None,
+            pending: None,
+            respawn_at: None,
+            delay,
+            restarts: 0,
+            queued: false,
+        }
+    }
 }
 
 /// The cluster's lifecycle state machine; see the module docs for its rules.
@@ -436,6 +491,7 @@ struct Slot {
 pub struct Supervisor {
     timing: Timing,
     ready_when: ReadyWhen,
+    rolling: RollingReload,
     slots: Vec<Slot>,
     workers: BTreeMap<WorkerId, Worker>,
     generation: u64,
@@ -450,6 +506,8 @@ pub struct Supervisor {
     starts_failing_reported: bool,
     /// Whether any worker has ever been ready.
     served: bool,
+    /// Failed starts in a row of the current reload's new workers.
+    reload_failures: u32,
 }
 
 impl Supervisor {
@@ -458,15 +516,8 @@ impl Supervisor {
         Supervisor {
             timing,
             ready_when: ReadyWhen::default(),
-            slots: (0..slots)
-                .map(|_| Slot {
-                    active: None,
-                    pending: None,
-                    respawn_at: None,
-                    delay: timing.respawn,
-                    restarts: 0,
-                })
-                .collect(),
+            rolling: RollingReload::default(),
+            slots: (0..slots).map(|_| Slot::new(timing.respawn)).collect(),
             workers: BTreeMap::new(),
             generation: 1,
             next_id: 0,
@@ -477,7 +528,14 @@ impl Supervisor {
             failed_starts: 0,
             starts_failing_reported: false,
             served: false,
+            reload_failures: 0,
         }
+    }
+
+    /// How reloads roll through the slots (`--reload-batch`, `--reload-abort-after`).
+    pub fn with_rolling(mut self, rolling: RollingReload) -> Supervisor {
+        self.rolling = rolling;
+        self
     }
 
     /// The readiness rule (`--ready-when`; the default is `listening`).
@@ -504,6 +562,7 @@ impl Supervisor {
         match input {
             Input::Tick => {}
             Input::Reload => self.reload(now, &mut out),
+            Input::Scale(n) => self.scale(n, now, &mut out),
             Input::Terminate => self.terminate(now, &mut out),
             Input::KillAll => self.kill_all(now, &mut out),
             Input::Spawned { id, pid } => {
@@ -590,6 +649,11 @@ impl Supervisor {
         self.terminating
     }
 
+    /// The number of slots.
+    pub fn slots(&self) -> usize {
+        self.slots.len()
+    }
+
     /// Whether every slot has had a ready worker at least once.
     pub fn is_cluster_ready(&self) -> bool {
         self.cluster_ready
@@ -650,6 +714,7 @@ impl Supervisor {
         let s = &mut self.slots[slot];
         s.pending = Some(id);
         s.respawn_at = None;
+        s.queued = false;
         out.push(Action::Spawn {
             id,
             slot,
@@ -680,6 +745,7 @@ impl Supervisor {
         }
         self.generation += 1;
         self.reloading = Some(self.generation);
+        self.reload_failures = 0;
         out.push(Action::Report(Event::ReloadStarted {
             generation: self.generation,
         }));
@@ -687,8 +753,110 @@ impl Supervisor {
             if let Some(old) = self.slots[slot].pending.take() {
                 self.retire(old, now, out);
             }
-            self.spawn(slot, now, out);
+            self.slots[slot].queued = true;
         }
+        self.roll(now, out);
+        self.check_reload_finished(out);
+    }
+
+    /// Starts the waiting slots of a reload, lowest first, while fewer than the batch
+    /// are mid-replacement (see "Rolling reload" in the module docs).
+    fn roll(&mut self, now: Instant, out: &mut Vec<Action>) {
+        let Some(generation) = self.reloading else {
+            return;
+        };
+        if self.terminating {
+            return;
+        }
+        let batch = match self.rolling.batch {
+            0 => usize::MAX,
+            k => k,
+        };
+        let replaced = |s: &Slot, workers: &BTreeMap<WorkerId, Worker>| {
+            s.active
+                .and_then(|id| workers.get(&id))
+                .is_some_and(|w| w.info.generation >= generation)
+        };
+        let mut busy = self
+            .slots
+            .iter()
+            .filter(|s| !s.queued && !replaced(s, &self.workers))
+            .count();
+        for slot in 0..self.slots.len() {
+            if busy >= batch {
+                break;
+            }
+            if self.slots[slot].queued {
+                self.spawn(slot, now, out);
+                busy += 1;
+            }
+        }
+    }
+
+    /// Counts a failed start of a reload's new worker; abandons the reload at the
+    /// `--reload-abort-after`th in a row (see "Reload abort" in the module docs).
+    fn reload_failed_start(&mut self, worker: WorkerInfo, now: Instant, out: &mut Vec<Action>) {
+        let Some(generation) = self.reloading else {
+            return;
+        };
+        if worker.generation != generation || self.terminating {
+            return;
+        }
+        self.reload_failures += 1;
+        let limit = self.rolling.abort_after;
+        if limit == 0 || self.reload_failures < limit {
+            return;
+        }
+        let failures = self.reload_failures;
+        self.reloading = None;
+        self.reload_failures = 0;
+        for slot in 0..self.slots.len() {
+            let s = &mut self.slots[slot];
+            s.queued = false;
+            if s.active.is_none() {
+                continue; // no old worker to keep serving: its new one is its best chance
+            }
+            s.respawn_at = None;
+            if let Some(id) = s.pending.take() {
+                self.retire(id, now, out);
+            }
+        }
+        out.push(Action::Report(Event::ReloadAborted {
+            generation,
+            failures,
+        }));
+    }
+
+    /// Grows or shrinks the cluster to `n` slots (see "Scale" in the module docs).
+    fn scale(&mut self, n: usize, now: Instant, out: &mut Vec<Action>) {
+        let from = self.slots.len();
+        if self.terminating || n == 0 || n > MAX_SLOTS || n == from {
+            return;
+        }
+        // Reported first, so that the workers started below are told the new size.
+        out.push(Action::Report(Event::Scaled { from, to: n }));
+        if n > from {
+            for slot in from..n {
+                self.slots.push(Slot::new(self.timing.respawn));
+                self.spawn(slot, now, out);
+            }
+        } else {
+            for slot in (n..from).rev() {
+                let s = &mut self.slots[slot];
+                s.respawn_at = None;
+                let (active, pending) = (s.active.take(), s.pending.take());
+                if let Some(id) = active {
+                    out.push(Action::Route { slot, worker: None });
+                    self.retire(id, now, out);
+                }
+                if let Some(id) = pending {
+                    self.retire(id, now, out);
+                }
+            }
+            self.slots.truncate(n);
+        }
+        self.check_cluster_ready(out);
+        self.roll(now, out);
         self.check_reload_finished(out);
     }
 
@@ -717,7 +885,9 @@ impl Supervisor {
             return;
         };
         let slot = w.info.slot;
-        if w.info.state != WorkerState::Starting || self.slots[slot].pending != Some(id) {
+        if w.info.state != WorkerState::Starting
+            || self.slots.get(slot).and_then(|s| s.pending) != Some(id)
+        {
             return; // superseded, retired or already ready: readiness counts per slot and generation
         }
         w.info.state = WorkerState::Ready;
@@ -725,6 +895,9 @@ impl Supervisor {
         self.served = true;
         if self.ready_when != ReadyWhen::Started {
             self.failed_starts = 0;
+        }
+        if Some(w.info.generation) == self.reloading {
+            self.reload_failures = 0;
         }
         let info = w.info;
         let s = &mut self.slots[slot];
@@ -738,13 +911,18 @@ impl Supervisor {
         if let Some(old) = old {
             self.retire(old, now, out);
         }
+        self.check_cluster_ready(out);
+        self.roll(now, out);
+        self.check_reload_finished(out);
+    }
+
+    fn check_cluster_ready(&mut self, out: &mut Vec<Action>) {
         if !self.cluster_ready && self.slots.iter().all(|s| s.active.is_some()) {
             self.cluster_ready = true;
             out.push(Action::Report(Event::ClusterReady {
                 generation: self.generation,
             }));
         }
-        self.check_reload_finished(out);
     }
 
     fn check_reload_finished(&mut self, out: &mut Vec<Action>) {
@@ -769,10 +947,11 @@ impl Supervisor {
         let slot = w.info.slot;
         let info = w.info;
         if self.terminating
-            || self.slots[slot].active != Some(id)
+            || self.slots.get(slot).and_then(|s| s.active) != Some(id)
             || self.slots[slot].pending.is_some()
+            || self.slots[slot].queued
         {
-            return; // not active, or a replacement is already on its way
+            return; // not active, a replacement is already on its way, or due in its turn
         }
         out.push(Action::Report(Event::ReplaceStarted(info)));
         self.slots[slot].restarts += 1;
@@ -786,7 +965,7 @@ impl Supervisor {
         };
         let (info, slot) = (w.info, w.info.slot);
         let uptime = now.saturating_duration_since(w.started_at);
-        if self.terminating || self.slots[slot].active != Some(id) {
+        if self.terminating || self.slots.get(slot).and_then(|s| s.active) != Some(id) {
             return; // no longer active: nothing is routed to it any more
         }
         out.push(Action::Report(Event::Stuck {
@@ -840,7 +1019,9 @@ impl Supervisor {
         if self.terminating {
             return;
         }
-        let s = &mut self.slots[slot];
+        let Some(s) = self.slots.get_mut(slot) else {
+            return; // its slot was removed (scaled down)
+        };
         if s.active == Some(id) {
             s.active = None;
             out.push(Action::Route { slot, worker: None });
@@ -851,6 +1032,7 @@ impl Supervisor {
             // Died before ready: the old worker (if any) keeps serving.
             s.pending = None;
             self.schedule_respawn(slot, Duration::ZERO, now, out);
+            self.reload_failed_start(w.info, now, out);
         }
     }
 
@@ -908,13 +1090,14 @@ impl Supervisor {
                         let heard = w.heard;
                         self.failed_start(info, heard, StartFailure::NotReady, out);
                         let slot = info.slot;
-                        let was_pending = self.slots[slot].pending == Some(id);
+                        let was_pending = self.slots.get(slot).and_then(|s| s.pending) == Some(id);
                         if was_pending {
                             self.slots[slot].pending = None;
                         }
                         self.retire(id, now, out);
                         if was_pending && !self.terminating {
                             self.schedule_respawn(slot, Duration::ZERO, now, out);
+                            self.reload_failed_start(info, now, out);
                         }
                     }
                     WorkerState::Retiring => {

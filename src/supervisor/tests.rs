@@ -852,3 +852,263 @@ async fn a_workers_own_message_goes_to_the_event_stream_with_its_slot() {
         })
         .is_empty());
 }
+
+impl Sim {
+    fn with(sup: Supervisor) -> (Sim, Vec<Action>) {
+        let mut sim = Sim {
+            sup,
+            next_pid: 1000,
+        };
+        let first = sim.sup.start(Instant::now());
+        let out = sim.answer_spawns(first);
+        (sim, out)
+    }
+}
+
+fn rolling(batch: usize, abort_after: u32) -> RollingReload {
+    RollingReload { batch, abort_after }
+}
+
+#[tokio::test(start_paused = true)]
+async fn scaling_up_adds_slots_whose_workers_join_routing_when_ready() {
+    let (mut sim, out) = Sim::start(2, timing());
+    sim.ready_all(&ids(&out));
+    let out = sim.feed(Input::Scale(4));
+    assert!(has(&out, &Event::Scaled { from: 2, to: 4 }));
+    let new = spawned(&out);
+    assert_eq!(
+        new.iter().map(|s| (s.1, s.2)).collect::<Vec<_>>(),
+        vec![(2, 1), (3, 1)],
+        "a worker of the current generation in each new slot"
+    );
+    assert!(stopped(&out).is_empty());
+    assert!(
+        !out.iter().any(|a| matches!(a, Action::Route { .. })),
+        "nothing routed to a slot before its worker is ready"
+    );
+    assert_eq!(sim.sup.slots(), 4);
+    assert_eq!(sim.active(2), None);
+    let out = sim.feed(Input::Ready { id: new[0].0 });
+    assert!(out.contains(&Action::Route {
+        slot: 2,
+        worker: Some(new[0].0)
+    }));
+    // A new slot is respawned like any other.
+    sim.feed(Input::Ready { id: new[1].0 });
+    let out = sim.exit(new[1].0);
+    assert_eq!(respawn_delays(&out), vec![100 * MS]);
+    assert_eq!(spawned(&sim.wait(100 * MS).await)[0].1, 3);
+    // Scaling to the same number changes nothing.
+    assert!(sim.feed(Input::Scale(4)).is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn scaling_down_routes_the_highest_slots_away_then_retires_them_and_cancels_their_respawns() {
+    let (mut sim, out) = Sim::start(4, timing());
+    let g1 = ids(&out);
+    sim.ready_all(&g1);
+    // Slot 2 asks to be replaced (a pending worker), slot 3 crashed (a respawn due).
+    let pending = ids(&sim.feed(Input::ReplaceRequested { id: g1[2] }))[0];
+    assert_eq!(respawn_delays(&sim.exit(g1[3])), vec![100 * MS]);
+
+    let out = sim.feed(Input::Scale(2));
+    assert!(has(&out, &Event::Scaled { from: 4, to: 2 }));
+    let route = out
+        .iter()
+        .position(|a| {
+            a == &Action::Route {
+                slot: 2,
+                worker: None,
+            }
+        })
+        .expect("slot 2 routed away");
+    let stop = out
+        .iter()
+        .position(|a| a == &Action::Stop { id: g1[2] })
+        .expect("slot 2's worker stopped");
+    assert!(route < stop, "routed away before it is stopped");
+    let mut s = stopped(&out);
+    s.sort();
+    assert_eq!(s, vec![g1[2], pending], "the active and the pending one retire");
+    assert!(spawned(&out).is_empty());
+    assert_eq!(sim.sup.slots(), 2);
+    assert_eq!(sim.sup.active_workers().len(), 2);
+    // Slot 3's respawn never comes; the retired ones are killed after the timeout.
+    let out = sim.wait(5000 * MS).await;
+    assert!(spawned(&out).is_empty());
+    let mut k = killed(&out);
+    k.sort();
+    assert_eq!(k, vec![g1[2], pending]);
+    // Their exits respawn nothing.
+    assert!(respawn_delays(&sim.exit(g1[2])).is_empty());
+    assert!(respawn_delays(&sim.exit(pending)).is_empty());
+    assert_eq!(sim.sup.workers().len(), 2);
+    assert!(sim.sup.next_deadline().is_none());
+    // Slots 0 and 1 are untouched; scaling up again starts afresh.
+    assert_eq!((sim.active(0), sim.active(1)), (Some(g1[0]), Some(g1[1])));
+    let out = sim.feed(Input::Scale(3));
+    assert_eq!(spawned(&out)[0].1, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn scaling_below_one_or_above_the_cap_or_while_terminating_changes_nothing() {
+    let (mut sim, out) = Sim::start(1, timing());
+    let first = ids(&out);
+    sim.ready_all(&first);
+    assert!(sim.feed(Input::Scale(0)).is_empty());
+    assert!(sim.feed(Input::Scale(MAX_SLOTS + 1)).is_empty());
+    assert_eq!(sim.sup.slots(), 1);
+    assert_eq!(sim.active(0), Some(first[0]));
+    sim.feed(Input::Terminate);
+    assert!(sim.feed(Input::Scale(3)).is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn scaling_during_a_reload_starts_new_slots_in_the_new_generation_and_finishes_on_live_slots() {
+    let (mut sim, out) = Sim::start(3, timing());
+    let g1 = ids(&out);
+    sim.ready_all(&g1);
+    let g2 = ids(&sim.feed(Input::Reload));
+    let out = sim.feed(Input::Scale(4));
+    let added = spawned(&out);
+    assert_eq!((added[0].1, added[0].2), (3, 2), "slot 3 starts in generation 2");
+    sim.ready_all(&[g2[0], added[0].0]);
+    // Slots 1 and 2 are still being replaced: removing them finishes the reload.
+    let out = sim.feed(Input::Scale(1));
+    assert!(has(&out, &Event::ReloadFinished { generation: 2 }));
+    let mut s = stopped(&out);
+    s.sort();
+    let mut expect = vec![g1[1], g1[2], g2[1], g2[2], added[0].0];
+    expect.sort();
+    assert_eq!(s, expect);
+    assert_eq!(sim.sup.reloading(), None);
+    assert_eq!(sim.active(0), Some(g2[0]));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rolling_reload_replaces_at_most_batch_slots_at_once_lowest_first() {
+    let sup = Supervisor::new(3, timing()).with_rolling(rolling(1, 0));
+    let (mut sim, out) = Sim::with(sup);
+    let g1 = ids(&out);
+    sim.ready_all(&g1);
+    let out = sim.feed(Input::Reload);
+    let first = spawned(&out);
+    assert_eq!(first.len(), 1);
+    assert_eq!((first[0].1, first[0].2), (0, 2), "slot 0 first");
+    // Nothing more starts while it is not ready, however long it takes.
+    assert!(spawned(&sim.wait(4000 * MS).await).is_empty());
+    let out = sim.feed(Input::Ready { id: first[0].0 });
+    assert_eq!(stopped(&out), vec![g1[0]]);
+    let second = spawned(&out);
+    assert_eq!((second.len(), second[0].1, second[0].2), (1, 1, 2));
+    let stop = out.iter().position(|a| matches!(a, Action::Stop { .. })).unwrap();
+    let spawn = out.iter().position(|a| matches!(a, Action::Spawn { .. })).unwrap();
+    assert!(stop < spawn, "the old worker retires before the next slot starts");
+    // A failed start is retried in its slot; the next slot still waits.
+    let out = sim.exit(second[0].0);
+    assert_eq!(respawn_delays(&out), vec![100 * MS]);
+    let retry = spawned(&sim.wait(100 * MS).await);
+    assert_eq!((retry.len(), retry[0].1), (1, 1));
+    let out = sim.feed(Input::Ready { id: retry[0].0 });
+    let third = spawned(&out);
+    assert_eq!((third.len(), third[0].1), (1, 2));
+    assert!(!has(&out, &Event::ReloadFinished { generation: 2 }));
+    let out = sim.feed(Input::Ready { id: third[0].0 });
+    assert!(has(&out, &Event::ReloadFinished { generation: 2 }));
+    assert!(spawned(&out).is_empty());
+
+    // A batch of 2 of 3 slots.
+    let sup = Supervisor::new(3, timing()).with_rolling(rolling(2, 0));
+    let (mut sim, out) = Sim::with(sup);
+    sim.ready_all(&ids(&out));
+    let out = sim.feed(Input::Reload);
+    assert_eq!(
+        spawned(&out).iter().map(|s| s.1).collect::<Vec<_>>(),
+        vec![0, 1]
+    );
+    let out = sim.feed(Input::Ready { id: ids(&out)[1] });
+    assert_eq!(spawned(&out).iter().map(|s| s.1).collect::<Vec<_>>(), vec![2]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reload_whose_new_workers_keep_failing_is_aborted_and_the_old_workers_keep_serving() {
+    let sup = Supervisor::new(3, timing()).with_rolling(rolling(1, 2));
+    let (mut sim, out) = Sim::with(sup);
+    let g1 = ids(&out);
+    sim.ready_all(&g1);
+    let s0 = ids(&sim.feed(Input::Reload))[0];
+    let out = sim.feed(Input::Ready { id: s0 });
+    let s1 = ids(&out)[0];
+    // One failure, then a retry that is not ready in time: two in a row.
+    let out = sim.exit(s1);
+    assert!(!out
+        .iter()
+        .any(|a| matches!(a, Action::Report(Event::ReloadAborted { .. }))));
+    let retry = ids(&sim.wait(100 * MS).await)[0];
+    let out = sim.wait(5000 * MS).await;
+    assert!(has(
+        &out,
+        &Event::ReloadAborted {
+            generation: 2,
+            failures: 2
+        }
+    ));
+    assert!(stopped(&out).contains(&retry));
+    assert_eq!(sim.sup.reloading(), None);
+    // No respawn, no further slot: slot 0 keeps its new worker, 1 and 2 their old ones.
+    assert!(spawned(&sim.wait(10_000 * MS).await).is_empty());
+    assert_eq!(sim.active(0), Some(s0));
+    assert_eq!(sim.active(1), Some(g1[1]));
+    assert_eq!(sim.active(2), Some(g1[2]));
+    assert!(!sim.sup.workers().iter().any(|w| w.state == WorkerState::Starting));
+
+    // A later reload starts afresh.
+    let out = sim.feed(Input::Reload);
+    assert!(has(&out, &Event::ReloadStarted { generation: 3 }));
+    let s = spawned(&out);
+    assert_eq!((s.len(), s[0].1, s[0].2), (1, 0, 3));
+    let out = sim.feed(Input::Ready { id: s[0].0 });
+    let s = spawned(&out);
+    sim.exit(s[0].0);
+    let retry = ids(&sim.wait(1000 * MS).await)[0];
+    // A new worker that gets ready ends the streak.
+    let out = sim.feed(Input::Ready { id: retry });
+    let s = spawned(&out);
+    let out = sim.exit(s[0].0);
+    assert!(!out
+        .iter()
+        .any(|a| matches!(a, Action::Report(Event::ReloadAborted { .. }))));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_all_at_once_reload_aborts_too_and_without_a_limit_never_does() {
+    let sup = Supervisor::new(2, timing()).with_rolling(rolling(0, 2));
+    let (mut sim, out) = Sim::with(sup);
+    let g1 = ids(&out);
+    sim.ready_all(&g1);
+    let g2 = ids(&sim.feed(Input::Reload));
+    assert_eq!(g2.len(), 2, "every slot at once");
+    sim.exit(g2[0]);
+    let out = sim.exit(g2[1]);
+    assert!(has(
+        &out,
+        &Event::ReloadAborted {
+            generation: 2,
+            failures: 2
+        }
+    ));
+    assert!(spawned(&sim.wait(10_000 * MS).await).is_empty());
+    assert_eq!((sim.active(0), sim.active(1)), (Some(g1[0]), Some(g1[1])));
+
+    // abort_after 0: retried for ever.
+    let (mut sim, out) = Sim::start(1, timing());
+    sim.ready_all(&ids(&out));
+    let mut pending = ids(&sim.feed(Input::Reload))[0];
+    for _ in 0..10 {
+        let out = sim.exit(pending);
+        assert!(!out
+            .iter()
+            .any(|a| matches!(a, Action::Report(Event::ReloadAborted { .. }))));
+        pending = ids(&sim.wait(1000 * MS).await)[0];
+    }
+}
