@@ -64,25 +64,33 @@ pub fn parse_name(s: &str) -> Result<String, String> {
 /// of the socket called `name` in it. The directory must belong to this user: a
 /// directory another user made could be theirs to swap sockets in.
 pub fn prepare_default(name: &str) -> std::io::Result<PathBuf> {
-    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    use std::os::unix::fs::DirBuilderExt;
     let dir = default_dir();
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(&dir)?;
-    let meta = std::fs::symlink_metadata(&dir)?;
+    check_private(&dir)?;
+    Ok(dir.join(format!("{name}.sock")))
+}
+
+/// Fails unless `dir` is a directory (not a symlink) of this user that no one else
+/// can write to: in any other, someone else could plant a socket of their own.
+fn check_private(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(dir)?;
     // SAFETY: geteuid has no preconditions.
     let uid = unsafe { libc::geteuid() };
     if !meta.is_dir() || meta.uid() != uid || meta.mode() & 0o022 != 0 {
         return Err(std::io::Error::new(
             std::io::ErrorKind::PermissionDenied,
             format!(
-                "{} is not a directory of this user that only it can write to",
+                "{} is not a directory of this user that only it can write to (use a directory of your own in RECLUSTER_CONTROL_DIR, or --control PATH)",
                 dir.display()
             ),
         ));
     }
-    Ok(dir.join(format!("{name}.sock")))
+    Ok(())
 }
 
 /// Which master a subcommand talks to.
@@ -165,7 +173,8 @@ pub fn run(sub: Subcommand) -> i32 {
             target,
         } => (
             target,
-            format!("reload wait {}", timeout.as_secs().max(1)),
+            // Whole seconds on the wire, rounded up (at least 1).
+            format!("reload wait {}", timeout.as_secs_f64().ceil().max(1.0) as u64),
             *timeout + Duration::from_secs(10),
         ),
         Subcommand::Reload { target, .. } => (target, "reload".to_string(), Duration::from_secs(10)),
@@ -237,8 +246,15 @@ fn resolve(target: &Target) -> Result<PathBuf, String> {
         return Ok(path.clone());
     }
     let dir = default_dir();
+    // The same directory the master would accept: in another, anyone could have put a
+    // socket that answers as a master.
+    check_private(&dir).map_err(|e| format!("no running master found: {e}"))?;
     if let Some(name) = &target.name {
-        return Ok(dir.join(format!("{name}.sock")));
+        let path = dir.join(format!("{name}.sock"));
+        if !path.exists() {
+            return Err(format!("no master named {name} runs here ({} does not exist)", path.display()));
+        }
+        return Ok(path);
     }
     let entries = std::fs::read_dir(&dir).map_err(|e| {
         format!(
@@ -275,6 +291,17 @@ fn resolve(target: &Target) -> Result<PathBuf, String> {
 /// Sends one command line and returns the answer's lines before `end`.
 fn request(path: &Path, line: &str, read_for: Duration) -> Result<Vec<String>, String> {
     let mut stream = UnixStream::connect(path).map_err(|e| format!("cannot connect: {e}"))?;
+    // Only a master of this user (or root) is believed, as the master answers only them.
+    let peer = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
+        .map_err(|e| format!("cannot tell who listens there: {e}"))?;
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    if peer.uid() != uid && peer.uid() != 0 {
+        return Err(format!(
+            "refused: the socket belongs to uid {}, not to this user or root; not a master of yours",
+            peer.uid()
+        ));
+    }
     let io = |e: std::io::Error| e.to_string();
     stream.set_read_timeout(Some(read_for)).map_err(io)?;
     stream.set_write_timeout(Some(Duration::from_secs(10))).map_err(io)?;
@@ -284,7 +311,16 @@ fn request(path: &Path, line: &str, read_for: Duration) -> Result<Vec<String>, S
     (&mut stream)
         .take(64 << 20)
         .read_to_string(&mut text)
-        .map_err(|e| format!("no answer: {e}"))?;
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => format!(
+                "no answer within {}s: the master does not respond (stopped, or overloaded?)",
+                read_for.as_secs()
+            ),
+            std::io::ErrorKind::ConnectionReset => {
+                "the master closed the connection (busy with 16 others?): try again".to_string()
+            }
+            _ => format!("no answer: {e}"),
+        })?;
     let mut lines: Vec<String> = text.lines().map(String::from).collect();
     if lines.last().map(String::as_str) != Some("end") {
         return Err(format!("the answer ended early: {text:?}"));

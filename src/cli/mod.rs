@@ -440,6 +440,14 @@ async fn run(cluster: Cluster, control: Control, metrics: Option<SocketAddr>) ->
         })?),
         Control::Default(name) => match client::prepare_default(&name).and_then(|p| ControlSocket::bind(&p)) {
             Ok(s) => Some(s),
+            // Another master answers under this name: `recluster status --name` could
+            // never tell the two apart, so this one does not start.
+            Err(source) if source.kind() == std::io::ErrorKind::AddrInUse => {
+                return Err(crate::Error::Io {
+                    context: "another master runs under this name (--name, or the first listen address): give this one another --name",
+                    source,
+                });
+            }
             Err(e) => {
                 tracing::warn!(event = "control_unavailable", name, dir = %client::default_dir().display(), error = %e,
                     "no control socket: `recluster status` cannot reach this master; pass --control PATH or --name NAME");

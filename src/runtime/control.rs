@@ -38,10 +38,17 @@ pub const MAX_CONNECTIONS: usize = 16;
 /// Time a control client has to send its command line.
 pub const READ_DEADLINE: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// A bound control socket; the file is removed on drop.
+/// `reload wait` connections served at once: fewer than [`MAX_CONNECTIONS`], so that
+/// waiting clients never take every place from `status` and `stop`.
+pub const MAX_WAITS: usize = 8;
+
+/// A bound control socket; the file is removed on drop (if it is still this socket's).
 pub struct ControlSocket {
     listener: UnixListener,
     path: PathBuf,
+    /// Device and inode of the socket file bound, so that drop never removes the
+    /// socket of another master that took the path since.
+    file: Option<(u64, u64)>,
 }
 
 impl ControlSocket {
@@ -70,9 +77,11 @@ impl ControlSocket {
         unsafe { libc::umask(old) };
         let listener = bound?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        let file = file_id(path);
         Ok(ControlSocket {
             listener,
             path: path.to_path_buf(),
+            file,
         })
     }
 
@@ -84,6 +93,7 @@ impl ControlSocket {
     /// Answers commands for `handle`'s cluster until the task is dropped.
     pub async fn serve(self, handle: ClusterHandle) {
         let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let waits = Arc::new(Semaphore::new(MAX_WAITS));
         loop {
             match self.listener.accept().await {
                 Ok((stream, _)) => {
@@ -92,9 +102,9 @@ impl ControlSocket {
                         let _ = stream.try_write(b"error busy: try again\nend\n");
                         continue;
                     };
-                    let handle = handle.clone();
+                    let (handle, waits) = (handle.clone(), waits.clone());
                     tokio::spawn(async move {
-                        if let Err(e) = answer(stream, &handle).await {
+                        if let Err(e) = answer(stream, &handle, &waits).await {
                             debug!(event = "control_connection_failed", error = %e, "control connection failed");
                         }
                         drop(permit);
@@ -112,12 +122,20 @@ impl ControlSocket {
 
 impl Drop for ControlSocket {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        if self.file.is_some() && file_id(&self.path) == self.file {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
+/// Device and inode of the file at `path` (not following a symlink).
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
 /// Reads one command line and writes its answer.
-async fn answer(stream: UnixStream, handle: &ClusterHandle) -> io::Result<()> {
+async fn answer(stream: UnixStream, handle: &ClusterHandle, waits: &Semaphore) -> io::Result<()> {
     // SAFETY: geteuid has no preconditions.
     let uid = unsafe { libc::geteuid() };
     let allowed = stream
@@ -142,7 +160,7 @@ async fn answer(stream: UnixStream, handle: &ClusterHandle) -> io::Result<()> {
                     };
                     tokio::select! {
                         biased;
-                        reply = command(line.trim(), handle) => reply,
+                        reply = command(line.trim(), handle, waits) => reply,
                         () = hangup => return Ok(()),
                     }
                 }
@@ -174,7 +192,7 @@ async fn answer(stream: UnixStream, handle: &ClusterHandle) -> io::Result<()> {
 const DRAIN_LIMIT: u64 = 4096;
 
 /// The answer to one command line.
-async fn command(line: &str, handle: &ClusterHandle) -> String {
+async fn command(line: &str, handle: &ClusterHandle, waits: &Semaphore) -> String {
     let mut words = line.split_ascii_whitespace();
     match (words.next().unwrap_or(""), words.next(), words.next()) {
         ("status", None, _) => status(handle),
@@ -188,6 +206,9 @@ async fn command(line: &str, handle: &ClusterHandle) -> String {
                 None => MAX_RELOAD_WAIT,
                 Some(Ok(s)) => std::time::Duration::from_secs(s).min(MAX_RELOAD_WAIT),
                 Some(Err(_)) => return "error expected `reload wait [SECONDS]`\n".into(),
+            };
+            let Ok(_place) = waits.try_acquire() else {
+                return format!("error busy: {MAX_WAITS} reload waits already; try again or reload without waiting\n");
             };
             reload_and_wait(handle, limit).await
         }

@@ -5,8 +5,8 @@
 //! /metrics` (and `/`, for a quick look) with [`render`] of a [`Status`] and closes
 //! the connection; nothing else is served. A scraper is untrusted input like any
 //! client: at most [`MAX_CONNECTIONS`] at once (more are closed at once), each has
-//! [`READ_DEADLINE`] to send a request head of at most [`MAX_HEAD`] bytes, and the
-//! answer is written under the same deadline.
+//! [`HEAD_DEADLINE`] to send a request head of at most [`MAX_HEAD`] bytes and
+//! [`READ_DEADLINE`] in all.
 //!
 //! The names follow Prometheus conventions: a `recluster_` prefix, `_total` on
 //! counters, base units. Counters only ever grow while the master runs; per-slot
@@ -27,9 +27,13 @@ use crate::runtime::status::{SlotState, Status};
 use crate::ClusterHandle;
 
 /// Scrapes served at once.
-pub const MAX_CONNECTIONS: usize = 16;
+pub const MAX_CONNECTIONS: usize = 64;
 
-/// Time a scraper has to send its request, and to take the answer.
+/// Time a scraper has to send its request head: short, so that clients that trickle
+/// bytes cannot hold every place for long.
+pub const HEAD_DEADLINE: Duration = Duration::from_secs(1);
+
+/// Time a scrape has in all, request and answer.
 pub const READ_DEADLINE: Duration = Duration::from_secs(5);
 
 /// Largest request head read.
@@ -84,8 +88,11 @@ impl MetricsEndpoint {
 async fn answer(mut stream: TcpStream, handle: &ClusterHandle) -> io::Result<()> {
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
+    let head_by = tokio::time::Instant::now() + HEAD_DEADLINE;
     while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
-        let n = stream.read(&mut buf).await?;
+        let n = tokio::time::timeout_at(head_by, stream.read(&mut buf))
+            .await
+            .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
         if n == 0 {
             return Ok(());
         }

@@ -546,6 +546,12 @@ impl Cluster {
                 cmd.env_remove(&k);
             }
         }
+        // Control sockets of the suite's masters in a directory of this test process,
+        // not in the machine's default one (a test may set its own).
+        cmd.env(
+            "RECLUSTER_CONTROL_DIR",
+            std::env::temp_dir().join(format!("recluster-tests-{}", std::process::id())),
+        );
         for (k, v) in &self.envs {
             cmd.env(k, v);
         }
