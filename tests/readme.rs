@@ -57,10 +57,7 @@ fn every_option_subcommand_and_signal_is_in_the_readme() {
             "{sub} --help starts with what it does: {text}"
         );
         for o in long_options(&text) {
-            assert!(
-                readme.contains(&format!("{o}")),
-                "README.md lacks {sub}'s {o}"
-            );
+            assert!(readme.contains(o.as_str()), "README.md lacks {sub}'s {o}");
         }
     }
     let signals = readme.split("## Signals").nth(1).unwrap();
