@@ -100,6 +100,12 @@ impl Checker {
                     }
                 };
                 let more = self.sup.handle(reply, self.now);
+                // One input never makes the core act without end (a livelock).
+                assert!(
+                    actions.len() < 100_000,
+                    "runaway actions: {:?}",
+                    &actions[..40]
+                );
                 actions.extend(more);
             }
             i += 1;
@@ -176,7 +182,8 @@ impl Checker {
                     let Timing {
                         respawn, backoff, ..
                     } = self.timing;
-                    let max = respawn.max(backoff);
+                    // A failed spawn waits at least SPAWN_RETRY.
+                    let max = respawn.max(backoff).max(recluster::supervisor::SPAWN_RETRY);
                     assert!(
                         *delay >= respawn && *delay <= max,
                         "delay {delay:?} outside [{respawn:?}, {max:?}]"

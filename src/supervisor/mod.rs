@@ -41,6 +41,9 @@
 //!   started after the slot's delay. The delay starts at `respawn` and doubles per quick
 //!   successive failure up to `backoff`; a worker that stayed up for `backoff` resets
 //!   it. `backoff` zero disables doubling. Backoff is per slot.
+//!   A spawn that fails (fork, exec, the worker channel) is retried no sooner than
+//!   [`SPAWN_RETRY`], even with a zero `respawn`: it fails within the same turn, and
+//!   retrying at once would never yield.
 //! * **Retire**: a retiring worker gets the stop action at once and is killed after
 //!   `timeout`.
 //! * **Terminate**: every worker retires, no respawn happens any more, and
@@ -91,6 +94,10 @@ use crate::config::{ReadyWhen, RollingReload, Timing};
 /// Under `--ready-when started`, a worker that exits within this time of its start
 /// (not told to stop) failed to start.
 pub const QUICK_EXIT: Duration = Duration::from_secs(5);
+
+/// Least time before a worker whose spawn failed (fork, exec, its channel) is
+/// started again, whatever `--respawn` says.
+pub const SPAWN_RETRY: Duration = Duration::from_millis(100);
 
 /// The most slots a cluster may be scaled to ([`Input::Scale`]).
 pub const MAX_SLOTS: usize = 1024;
@@ -750,10 +757,17 @@ impl Supervisor {
             generation: self.generation,
         }));
         for slot in 0..self.slots.len() {
-            if let Some(old) = self.slots[slot].pending.take() {
+            let s = &mut self.slots[slot];
+            let superseded = s.pending.take();
+            if s.active.is_some() {
+                // A respawn of a replacement that failed is superseded too: the slot
+                // waits for its turn (a slot with no worker at all respawns as due).
+                s.respawn_at = None;
+            }
+            s.queued = true;
+            if let Some(old) = superseded {
                 self.retire(old, now, out);
             }
-            self.slots[slot].queued = true;
         }
         self.roll(now, out);
         self.check_reload_finished(out);
@@ -1029,9 +1043,13 @@ impl Supervisor {
                 self.schedule_respawn(slot, uptime, now, out);
             }
         } else if s.pending == Some(id) {
-            // Died before ready: the old worker (if any) keeps serving.
+            // Died before ready: the old worker (if any) keeps serving. A spawn that
+            // failed (`status` none: fork, exec or the channel) is retried no sooner
+            // than SPAWN_RETRY, whatever `--respawn` says: it fails at once, in the
+            // same turn, and a zero delay would retry it for ever without yielding.
             s.pending = None;
-            self.schedule_respawn(slot, Duration::ZERO, now, out);
+            let floor = if status.is_none() { SPAWN_RETRY } else { Duration::ZERO };
+            self.schedule_respawn_after(slot, Duration::ZERO, floor, now, out);
             self.reload_failed_start(w.info, now, out);
         }
     }
@@ -1040,6 +1058,18 @@ impl Supervisor {
         &mut self,
         slot: usize,
         uptime: Duration,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
+        self.schedule_respawn_after(slot, uptime, Duration::ZERO, now, out);
+    }
+
+    /// [`Supervisor::schedule_respawn`], waiting at least `floor`.
+    fn schedule_respawn_after(
+        &mut self,
+        slot: usize,
+        uptime: Duration,
+        floor: Duration,
         now: Instant,
         out: &mut Vec<Action>,
     ) {
@@ -1054,6 +1084,7 @@ impl Supervisor {
         if !backoff.is_zero() {
             s.delay = (delay * 2).min(backoff).max(respawn);
         }
+        let delay = delay.max(floor);
         s.respawn_at = Some(now + delay);
         out.push(Action::Report(Event::RespawnScheduled { slot, delay }));
     }
@@ -1067,7 +1098,10 @@ impl Supervisor {
                 if s.respawn_at.is_some_and(|t| t <= now) {
                     fired = true;
                     self.slots[slot].respawn_at = None;
-                    if !self.terminating && self.slots[slot].pending.is_none() {
+                    // A slot that serves and waits for its turn in a rolling reload
+                    // is started by `roll`, never past the batch.
+                    let waits = self.slots[slot].queued && self.slots[slot].active.is_some();
+                    if !self.terminating && self.slots[slot].pending.is_none() && !waits {
                         self.slots[slot].restarts += 1;
                         self.spawn(slot, now, out);
                     }
