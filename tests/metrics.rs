@@ -187,17 +187,9 @@ fn metrics_parse_grow_during_load_and_reloads_and_match_status() {
     m.wait_event("reload_finished generation=2", DEADLINE);
 
     // Quiet: the metrics and `status --json` say the same.
-    let out = Command::new(recluster_bin())
-        .args(["status", "--json", "--control"])
-        .arg(&control)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let control_arg = control.to_str().unwrap();
+    let out = operator_ok(None, &["status", "--json", "--control", control_arg]);
+    let status: Value = serde_json::from_str(&out).unwrap();
     let metrics = parse(&python, &scrape(at, "/metrics").1);
     let metric = |k: &str| {
         metrics

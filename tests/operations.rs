@@ -18,16 +18,7 @@ fn control_dir(test: &str) -> PathBuf {
 
 /// Runs `recluster ARGS` as an operator would, with `dir` as the default directory.
 fn recluster(dir: &Path, args: &[&str]) -> Output {
-    let mut cmd = Command::new(recluster_bin());
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("RECLUSTER_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.env("RECLUSTER_CONTROL_DIR", dir)
-        .args(args)
-        .output()
-        .expect("run recluster")
+    operator(Some(dir), args)
 }
 
 fn text(out: &[u8]) -> String {

@@ -238,15 +238,9 @@ fn exec_reload_with_reload_wait_returns_after_the_new_generation_is_ready() {
     m.wait_cluster_ready(2);
 
     // What systemd runs for `systemctl reload` with this ExecReload=.
-    let out = std::process::Command::new(recluster_bin())
-        .args(["reload", "--wait", "--control"])
-        .arg(&control)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    operator_ok(
+        None,
+        &["reload", "--wait", "--control", control.to_str().unwrap()],
     );
     // Both notifications are in already: nothing to wait for.
     systemd.set_nonblocking(true).unwrap();

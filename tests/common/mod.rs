@@ -1576,3 +1576,36 @@ impl Drop for Load {
         self.stop.store(true, Ordering::Relaxed);
     }
 }
+
+/// Runs `recluster ARGS` (a subcommand) as an operator would: none of the test's own
+/// `RECLUSTER_*` variables, `control_dir` as the default control directory if given.
+/// Fails the test if the command cannot run at all.
+pub fn operator<S: AsRef<std::ffi::OsStr>>(
+    control_dir: Option<&Path>,
+    args: &[S],
+) -> std::process::Output {
+    let mut cmd = Command::new(recluster_bin());
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("RECLUSTER_") {
+            cmd.env_remove(k);
+        }
+    }
+    if let Some(dir) = control_dir {
+        cmd.env("RECLUSTER_CONTROL_DIR", dir);
+    }
+    cmd.args(args).output().expect("run recluster")
+}
+
+/// [`operator`] that must succeed: its stdout.
+pub fn operator_ok<S: AsRef<std::ffi::OsStr>>(control_dir: Option<&Path>, args: &[S]) -> String {
+    let out = operator(control_dir, args);
+    assert!(
+        out.status.success(),
+        "recluster {:?}: {}",
+        args.iter()
+            .map(|a| a.as_ref().to_string_lossy().into_owned())
+            .collect::<Vec<_>>(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
