@@ -19,14 +19,19 @@
 //! * **Rolling reload** (`--reload-batch K`, K > 0; 0 means every slot at once): a
 //!   reload starts pending workers in at most K slots, lowest first; each time a slot's
 //!   new worker becomes ready (its old worker retires) the next waiting slot starts, so
-//!   at most K slots are mid-replacement. (A slot whose worker died is respawned as
-//!   always, and counts as mid-replacement until its new worker is ready; a worker
-//!   that asks to be replaced while its slot waits for its turn is replaced in that turn.)
+//!   at most K slots are mid-replacement: a slot is while a worker starts for it or
+//!   its respawn is due, whatever the cause (its turn, a worker that died or asked to
+//!   be replaced), so at most N + K workers serve or start. A slot with no worker
+//!   serving never waits for a turn: it starts the new generation at once (or when
+//!   its respawn is due). A worker that asks to be replaced while its slot waits for
+//!   its turn is replaced in that turn.)
 //! * **Reload abort** (`--reload-abort-after M`, M > 0; 0 means never): M failed starts
 //!   in a row (see "Failing starts") of the reload's new workers abandon the reload:
 //!   its pending workers retire, the respawn timers of slots that still have an old
 //!   worker are cancelled, and those slots keep their old workers; slots already
-//!   replaced keep their new ones. The reload ends ([`Event::ReloadAborted`]; no
+//!   replaced keep their new ones (and a replacement their worker asked for); a slot
+//!   with no worker keeps, or gets, its respawn. Workers started later (a respawn, a
+//!   scale) run the command as it is then, under the aborted generation's number. The reload ends ([`Event::ReloadAborted`]; no
 //!   [`Event::ReloadFinished`]). A new worker that gets ready ends the streak. A later
 //!   reload starts afresh, with a new generation.
 //! * **Scale** ([`Input::Scale`]) to n slots, 1 ≤ n ≤ [`MAX_SLOTS`] (anything else
@@ -473,9 +478,6 @@ struct Slot {
     respawn_at: Option<Instant>,
     /// The delay the next respawn of this slot will wait.
     delay: Duration,
-    /// Workers started in this slot to replace one that died, failed to start, was
-    /// stuck or asked to be replaced (not reloads).
-    restarts: u64,
     /// Waiting for its turn in a rolling reload (no pending worker started for it yet).
     queued: bool,
 }
@@ -487,7 +489,6 @@ impl Slot {
             pending: None,
             respawn_at: None,
             delay,
-            restarts: 0,
             queued: false,
         }
     }
@@ -513,6 +514,9 @@ pub struct Supervisor {
     starts_failing_reported: bool,
     /// Whether any worker has ever been ready.
     served: bool,
+    /// Per slot index: workers started to replace one that died, failed to start, was
+    /// stuck or asked to be replaced (never shrinks, see `count_restart`).
+    restarts: Vec<u64>,
     /// Failed starts in a row of the current reload's new workers.
     reload_failures: u32,
 }
@@ -535,6 +539,7 @@ impl Supervisor {
             failed_starts: 0,
             starts_failing_reported: false,
             served: false,
+            restarts: Vec::new(),
             reload_failures: 0,
         }
     }
@@ -687,12 +692,21 @@ impl Supervisor {
     /// Workers started in `slot` to replace one that died, failed to start, was stuck
     /// or asked to be replaced; reloads do not count.
     pub fn restarts(&self, slot: usize) -> u64 {
-        self.slots.get(slot).map_or(0, |s| s.restarts)
+        self.restarts.get(slot).copied().unwrap_or(0)
     }
 
     /// When a live worker was started (asked to spawn).
     pub fn started_at(&self, id: WorkerId) -> Option<Instant> {
         self.workers.get(&id).map(|w| w.started_at)
+    }
+
+    /// Counts a restart of `slot`; the counts outlive a slot scaled away, so that a
+    /// slot added again at the same index counts on from them (they only grow).
+    fn count_restart(&mut self, slot: usize) {
+        if self.restarts.len() <= slot {
+            self.restarts.resize(slot + 1, 0);
+        }
+        self.restarts[slot] += 1;
     }
 
     fn spawn(&mut self, slot: usize, now: Instant, out: &mut Vec<Action>) {
@@ -759,14 +773,21 @@ impl Supervisor {
         for slot in 0..self.slots.len() {
             let s = &mut self.slots[slot];
             let superseded = s.pending.take();
-            if s.active.is_some() {
+            let serving = s.active.is_some();
+            if serving {
                 // A respawn of a replacement that failed is superseded too: the slot
-                // waits for its turn (a slot with no worker at all respawns as due).
+                // waits for its turn.
                 s.respawn_at = None;
+                s.queued = true;
             }
-            s.queued = true;
+            let due = !serving && s.respawn_at.is_none();
             if let Some(old) = superseded {
                 self.retire(old, now, out);
+            }
+            if due {
+                // No worker serves it: it starts the new generation now (or when its
+                // respawn is due), never waiting for a turn it does not need.
+                self.spawn(slot, now, out);
             }
         }
         self.roll(now, out);
@@ -776,9 +797,9 @@ impl Supervisor {
     /// Starts the waiting slots of a reload, lowest first, while fewer than the batch
     /// are mid-replacement (see "Rolling reload" in the module docs).
     fn roll(&mut self, now: Instant, out: &mut Vec<Action>) {
-        let Some(generation) = self.reloading else {
+        if self.reloading.is_none() {
             return;
-        };
+        }
         if self.terminating {
             return;
         }
@@ -786,15 +807,13 @@ impl Supervisor {
             0 => usize::MAX,
             k => k,
         };
-        let replaced = |s: &Slot, workers: &BTreeMap<WorkerId, Worker>| {
-            s.active
-                .and_then(|id| workers.get(&id))
-                .is_some_and(|w| w.info.generation >= generation)
-        };
+        // A slot is mid-replacement while a worker starts for it or its respawn is
+        // due (a replacement that failed, a replace request, a slot that lost its
+        // worker): at most `batch` of them, so at most N + K workers run.
         let mut busy = self
             .slots
             .iter()
-            .filter(|s| !s.queued && !replaced(s, &self.workers))
+            .filter(|s| !s.queued && (s.pending.is_some() || s.respawn_at.is_some()))
             .count();
         for slot in 0..self.slots.len() {
             if busy >= batch {
@@ -827,12 +846,24 @@ impl Supervisor {
         for slot in 0..self.slots.len() {
             let s = &mut self.slots[slot];
             s.queued = false;
-            if s.active.is_none() {
-                continue; // no old worker to keep serving: its new one is its best chance
-            }
-            s.respawn_at = None;
-            if let Some(id) = s.pending.take() {
-                self.retire(id, now, out);
+            let active_generation = s.active.and_then(|id| self.workers.get(&id)).map(|w| w.info.generation);
+            match active_generation {
+                None => {
+                    // No old worker to keep serving: its new one is its best chance,
+                    // and a slot with none at all must get one.
+                    if s.pending.is_none() && s.respawn_at.is_none() {
+                        self.schedule_respawn(slot, Duration::ZERO, now, out);
+                    }
+                }
+                // Already on the new generation: a replacement starting there was asked
+                // for by its worker, not by this reload.
+                Some(g) if g >= generation => {}
+                Some(_) => {
+                    s.respawn_at = None;
+                    if let Some(id) = s.pending.take() {
+                        self.retire(id, now, out);
+                    }
+                }
             }
         }
         out.push(Action::Report(Event::ReloadAborted {
@@ -933,9 +964,16 @@ impl Supervisor {
     fn check_cluster_ready(&mut self, out: &mut Vec<Action>) {
         if !self.cluster_ready && self.slots.iter().all(|s| s.active.is_some()) {
             self.cluster_ready = true;
-            out.push(Action::Report(Event::ClusterReady {
-                generation: self.generation,
-            }));
+            // The oldest generation serving: a reload started before the cluster was
+            // first ready is not finished because every slot serves.
+            let generation = self
+                .slots
+                .iter()
+                .filter_map(|s| self.workers.get(&s.active?))
+                .map(|w| w.info.generation)
+                .min()
+                .unwrap_or(self.generation);
+            out.push(Action::Report(Event::ClusterReady { generation }));
         }
     }
 
@@ -968,7 +1006,7 @@ impl Supervisor {
             return; // not active, a replacement is already on its way, or due in its turn
         }
         out.push(Action::Report(Event::ReplaceStarted(info)));
-        self.slots[slot].restarts += 1;
+        self.count_restart(slot);
         self.spawn(slot, now, out);
     }
 
@@ -1102,7 +1140,7 @@ impl Supervisor {
                     // is started by `roll`, never past the batch.
                     let waits = self.slots[slot].queued && self.slots[slot].active.is_some();
                     if !self.terminating && self.slots[slot].pending.is_none() && !waits {
-                        self.slots[slot].restarts += 1;
+                        self.count_restart(slot);
                         self.spawn(slot, now, out);
                     }
                 }

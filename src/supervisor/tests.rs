@@ -1112,3 +1112,70 @@ async fn an_all_at_once_reload_aborts_too_and_without_a_limit_never_does() {
         pending = ids(&sim.wait(1000 * MS).await)[0];
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_aborted_rolling_reload_never_leaves_a_slot_without_a_worker() {
+    let sup = Supervisor::new(2, timing()).with_rolling(rolling(1, 1));
+    let (mut sim, out) = Sim::with(sup);
+    let g1 = ids(&out);
+    sim.feed(Input::Ready { id: g1[0] }); // slot 1 is still starting
+    let out = sim.feed(Input::Reload);
+    // Slot 1 has no worker serving: it starts the new generation at once, and slot 0
+    // (serving) takes the batch's place only after it.
+    let started: Vec<(usize, u64)> = spawned(&out).iter().map(|s| (s.1, s.2)).collect();
+    assert!(started.contains(&(1, 2)), "{started:?}");
+    let s1 = spawned(&out).iter().find(|s| s.1 == 1).unwrap().0;
+    let out = sim.exit(s1); // one failed start: the reload is given up
+    assert!(has(&out, &Event::ReloadAborted { generation: 2, failures: 1 }), "{out:?}");
+    // Slot 1 still gets a worker.
+    let out = sim.wait(10_000 * MS).await;
+    assert_eq!(spawned(&out).iter().filter(|s| s.1 == 1).count(), 1, "{out:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reload_before_the_cluster_was_ready_is_not_finished_by_readiness_alone() {
+    let (mut sim, out) = Sim::start(2, timing());
+    let g1 = ids(&out);
+    sim.feed(Input::Ready { id: g1[0] });
+    let g2 = ids(&sim.feed(Input::Reload));
+    let slot1 = spawned(&sim.feed(Input::Tick)).len(); // nothing more
+    assert_eq!(slot1, 0);
+    // Slot 1's new worker gets ready: every slot serves, slot 0 still generation 1.
+    let s1 = g2.iter().copied().find(|&id| sim.sup.info(id).is_some_and(|w| w.slot == 1)).unwrap();
+    let out = sim.feed(Input::Ready { id: s1 });
+    assert!(has(&out, &Event::ClusterReady { generation: 1 }), "{out:?}");
+    assert!(!out.iter().any(|a| matches!(a, Action::Report(Event::ReloadFinished { .. }))));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_replace_request_during_a_rolling_reload_takes_a_place_of_the_batch() {
+    let sup = Supervisor::new(3, timing()).with_rolling(rolling(1, 0));
+    let (mut sim, out) = Sim::with(sup);
+    sim.ready_all(&ids(&out));
+    let first = spawned(&sim.feed(Input::Reload));
+    assert_eq!(first.len(), 1);
+    let second = spawned(&sim.feed(Input::Ready { id: first[0].0 }));
+    assert_eq!(second.len(), 1, "slot 1's turn");
+    // Slot 0's new worker asks to be replaced while slot 1 is mid-replacement.
+    let replacement = spawned(&sim.feed(Input::ReplaceRequested { id: first[0].0 }));
+    assert_eq!(replacement.len(), 1);
+    // Slot 1 is done, but slot 0's replacement still starts: slot 2 waits for it.
+    let out = sim.feed(Input::Ready { id: second[0].0 });
+    assert!(spawned(&out).is_empty(), "slot 2 waits: {out:?}");
+    let out = sim.feed(Input::Ready { id: replacement[0].0 });
+    assert_eq!(spawned(&out).iter().map(|s| s.1).collect::<Vec<_>>(), [2]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn restarts_of_a_slot_outlive_its_removal_and_count_on_when_it_comes_back() {
+    let (mut sim, out) = Sim::start(3, timing());
+    let g1 = ids(&out);
+    sim.ready_all(&g1);
+    sim.exit(g1[2]);
+    let out = sim.wait(10_000 * MS).await;
+    assert_eq!(spawned(&out).len(), 1);
+    assert_eq!(sim.sup.restarts(2), 1);
+    sim.feed(Input::Scale(2));
+    sim.feed(Input::Scale(3));
+    assert_eq!(sim.sup.restarts(2), 1, "a counter never goes down");
+}
