@@ -808,9 +808,12 @@ fn rr_sends_nothing_to_a_worker_busy_with_a_slow_request_it_has_already_read() {
     for _ in 0..4 {
         http_worker_id(addr, "/").expect("warm-up request");
     }
-    // Round 1 follows the warm-up closely; round 2 comes after a second of quiet (the
-    // master's last look at the workers is then old: it must not rank them by it).
-    for round in 1..=2 {
+    // Round 1 follows the warm-up closely; later ones come after a second of quiet
+    // (the master's last look at the workers is then old: it must not rank them by
+    // it). Two of three rounds must pass: on a 2-CPU machine loaded by other test
+    // binaries, a round can be starved of CPU outright; plain rotation fails every one.
+    let mut failed = Vec::new();
+    for round in 1..=3 {
         // One request that keeps its worker's only thread on the CPU for a second,
         // after that worker has read everything it was sent: nothing unread shows it
         // is busy.
@@ -844,9 +847,9 @@ fn rr_sends_nothing_to_a_worker_busy_with_a_slow_request_it_has_already_read() {
         // them all elsewhere (one slip allowed: on a loaded machine every worker is
         // on a CPU at times).
         let elsewhere = served_by.iter().filter(|&&id| id != busy_slot).count();
-        assert!(
-            elsewhere >= 2 && served_by.len() - elsewhere <= 1,
-            "round {round}: fast requests went to the spinning worker: {served_by:?}"
-        );
+        if !(elsewhere >= 2 && served_by.len() - elsewhere <= 1) {
+            failed.push(format!("round {round}: fast requests went to the spinning worker {busy_slot}: {served_by:?}"));
+        }
     }
+    assert!(failed.len() <= 1, "{failed:?}");
 }
