@@ -542,9 +542,13 @@ impl Balancer {
                         local,
                         since: now,
                     };
-                    match &mut self.proxy {
+                    // With `--proxy-protocol`, only once its header is read.
+                    let conn = match &mut self.proxy {
                         Some(reader) => reader.start(conn),
-                        None => self.dispatch(conn, now),
+                        None => Some(conn),
+                    };
+                    if let Some(conn) = conn {
+                        self.dispatch(conn, now);
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {

@@ -1,13 +1,17 @@
 //! Reading PROXY protocol headers (`--proxy-protocol`) without ever blocking accepting.
 //!
-//! A header arrives at the client's pace, so it cannot be read in the accept loop: one
-//! sender that connects and sends nothing would stall every other client. Each
-//! accepted connection from a trusted peer becomes a small task on the accept thread's
-//! own runtime instead, woken by readiness: it peeks (`MSG_PEEK`) at what has arrived,
-//! parses it ([`crate::proxy::parse`]), and once a whole header is there reads exactly
-//! its bytes, so the worker gets the connection positioned just after it. The
-//! connection then comes back to the accept loop (an unbounded queue, bounded in
-//! practice by the cap below) to be dispatched with the client the header names.
+//! A header arrives at the client's pace, so it cannot be waited for in the accept
+//! loop: one sender that connects and sends nothing would stall every other client.
+//! The accept loop only looks once, without waiting (`MSG_PEEK | MSG_DONTWAIT`): a
+//! proxy sends the header with its first segment, so it is usually all there already,
+//! and then exactly its bytes are read and the connection goes on at once. Otherwise
+//! the connection becomes a small task on the accept thread's own runtime, woken by
+//! readiness, that peeks again at each arrival, parses what is there
+//! ([`crate::proxy::parse`]), and once a whole header is in reads exactly its bytes, so
+//! the worker gets the connection positioned just after it; the connection then comes
+//! back to the accept loop (a queue bounded by the cap below) to be dispatched with the
+//! client the header names. Every read says `MSG_DONTWAIT`, so the socket's own flags
+//! never change on the way to the worker.
 //!
 //! Bounds: a header must be complete within the deadline (`--proxy-timeout`, 3 s by
 //! default) and within [`crate::proxy::V1_MAX`] / [`crate::proxy::V2_MAX`] bytes; at
@@ -19,7 +23,8 @@
 //! connection and counts one `proxy_header_errors`; a peer outside `--trusted-proxy`
 //! is closed and counted in `proxy_untrusted` without a byte being read.
 
-use std::io::{self, Read};
+use std::io;
+use std::os::fd::AsRawFd;
 use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::Duration;
@@ -55,6 +60,8 @@ pub(crate) struct Reader {
     settings: ProxySettings,
     stats: Arc<BalanceStats>,
     pending: usize,
+    /// Where headers are peeked at on the accept path (allocated once).
+    buf: Box<[u8]>,
     done_tx: mpsc::UnboundedSender<Option<Conn>>,
     done_rx: mpsc::UnboundedReceiver<Option<Conn>>,
 }
@@ -67,28 +74,34 @@ impl Reader {
             settings,
             stats,
             pending: 0,
+            buf: vec![0; proxy::V2_MAX].into_boxed_slice(),
             done_tx,
             done_rx,
         }
     }
 
-    /// Starts reading `conn`'s header on the current runtime, or closes and counts it.
-    pub fn start(&mut self, conn: Conn) {
+    /// Takes `conn`'s header: returns the connection at once when the whole header has
+    /// already arrived (the common case: a proxy sends it with its first segment),
+    /// else starts a task that waits for it, or closes and counts the connection.
+    pub fn start(&mut self, mut conn: Conn) -> Option<Conn> {
         let trusted = &self.settings.trusted;
         if !trusted.is_empty() && !trusted.iter().any(|c| c.contains(conn.peer.ip())) {
             BalanceStats::add(&self.stats.proxy_untrusted, 1);
             debug!(event = "proxy_untrusted", peer = %conn.peer, "closing a connection from outside --trusted-proxy");
-            return;
+            return None;
+        }
+        let accept = self.settings.accept;
+        match step(&mut conn, accept, &mut self.buf[..accept.max_len()]) {
+            Ok(true) => return Some(conn),
+            Ok(false) => {}
+            Err(reason) => return self.failed(conn.peer, reason),
         }
         if self.pending >= PENDING_MAX {
-            BalanceStats::add(&self.stats.proxy_header_errors, 1);
-            debug!(event = "proxy_header_error", peer = %conn.peer, reason = "too many headers pending",
-                "closing a connection: {PENDING_MAX} PROXY headers already awaited");
-            return;
+            return self.failed(conn.peer, "too many headers pending");
         }
         self.pending += 1;
         let (tx, stats) = (self.done_tx.clone(), self.stats.clone());
-        let (accept, deadline) = (self.settings.accept, conn.since + self.settings.timeout);
+        let deadline = conn.since + self.settings.timeout;
         tokio::spawn(async move {
             let peer = conn.peer;
             let outcome = match tokio::time::timeout_at(deadline, read_header(conn, accept)).await {
@@ -107,6 +120,14 @@ impl Reader {
             }
             let _ = tx.send(outcome);
         });
+        None
+    }
+
+    /// Counts a connection closed for `reason` (dropping it closes it).
+    fn failed(&self, peer: std::net::SocketAddr, reason: &'static str) -> Option<Conn> {
+        BalanceStats::add(&self.stats.proxy_header_errors, 1);
+        debug!(event = "proxy_header_error", %peer, reason, "closing a connection without a valid PROXY header");
+        None
     }
 
     /// The next connection whose header was read (`None` inside: one that failed).
@@ -124,55 +145,92 @@ impl Reader {
     }
 }
 
-/// Reads `conn`'s header; on success returns it positioned after the header, with the
-/// peer the header names.
+/// Reads `conn`'s header, waiting for it; on success returns the connection positioned
+/// after the header, with the peer the header names.
 async fn read_header(mut conn: Conn, accept: ProxyProtocol) -> Result<Conn, &'static str> {
-    let fail = |_| "cannot watch the socket";
-    conn.stream.set_nonblocking(true).map_err(fail)?;
-    let fd: AsyncFd<TcpStream> = crate::fdpass::register(conn.stream).map_err(fail)?;
-    let mut buf = [0u8; proxy::V2_MAX];
-    let buf = &mut buf[..accept.max_len()];
+    // Registered as it is (blocking): every read says MSG_DONTWAIT, so the descriptor's
+    // flags never change and need no restoring before the hand-over.
+    let fd: AsyncFd<TcpStream> =
+        crate::fdpass::register(conn.stream).map_err(|_| "cannot watch the socket")?;
+    let mut buf = vec![0u8; accept.max_len()];
     let header = loop {
         let mut guard = fd.readable().await.map_err(|_| "cannot watch the socket")?;
-        match fd.get_ref().peek(buf) {
-            Ok(0) => return Err("closed before the header"),
-            Ok(n) => match proxy::parse(&buf[..n], accept) {
-                Parsed::Header(h) => break h,
-                Parsed::Invalid(reason) => return Err(reason),
-                // The peer has finished sending: no more will come.
-                Parsed::NeedMore if guard.ready().is_read_closed() => {
-                    return Err("closed before the header")
-                }
-                // Wait for more bytes: what has arrived stays where it is.
-                Parsed::NeedMore => guard.clear_ready(),
-            },
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => guard.clear_ready(),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return Err("read error"),
+        match peek_header(fd.get_ref(), accept, &mut buf)? {
+            Some(h) => break h,
+            // The peer has finished sending: no more will come.
+            None if guard.ready().is_read_closed() => return Err("closed before the header"),
+            // Wait for more bytes: what has arrived stays where it is.
+            None => guard.clear_ready(),
         }
     };
-    // Exactly the header's bytes, all of them already received.
-    let mut stream = fd.into_inner();
+    conn.stream = fd.into_inner();
+    consume(&mut conn, header, &mut buf)?;
+    Ok(conn)
+}
+
+/// Takes `conn`'s header if all of it has arrived (`Ok(true)`); `Ok(false)`: not yet.
+fn step(conn: &mut Conn, accept: ProxyProtocol, buf: &mut [u8]) -> Result<bool, &'static str> {
+    match peek_header(&conn.stream, accept, buf)? {
+        Some(header) => consume(conn, header, buf).map(|()| true),
+        None => Ok(false),
+    }
+}
+
+/// Looks at what has arrived, without taking it: the header if it is all there.
+fn peek_header(
+    stream: &TcpStream,
+    accept: ProxyProtocol,
+    buf: &mut [u8],
+) -> Result<Option<proxy::Header>, &'static str> {
+    loop {
+        return match recv(stream, buf, libc::MSG_PEEK) {
+            Ok(0) => Err("closed before the header"),
+            Ok(n) => match proxy::parse(&buf[..n], accept) {
+                Parsed::Header(h) => Ok(Some(h)),
+                Parsed::Invalid(reason) => Err(reason),
+                Parsed::NeedMore => Ok(None),
+            },
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => Err("read error"),
+        };
+    }
+}
+
+/// Reads exactly the header's bytes (all already received), and takes its client.
+fn consume(conn: &mut Conn, header: proxy::Header, buf: &mut [u8]) -> Result<(), &'static str> {
     let mut read = 0;
     while read < header.len {
-        match stream.read(&mut buf[read..header.len]) {
+        match recv(&conn.stream, &mut buf[read..header.len], 0) {
             Ok(0) => return Err("closed before the header"),
             Ok(n) => read += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(_) => return Err("read error"),
         }
     }
-    set_blocking(&stream).map_err(|_| "cannot restore the socket")?;
-    conn.stream = stream;
     if let Some((client, _)) = header.addrs {
         conn.peer = client;
     }
     // Its wait for a worker starts now (the handoff latency is the master's own).
     conn.since = Instant::now();
-    Ok(conn)
+    Ok(())
 }
 
-/// Back to blocking, as every accepted socket is handed over.
-fn set_blocking(stream: &TcpStream) -> io::Result<()> {
-    stream.set_nonblocking(false)
+/// `recv` with `flags | MSG_DONTWAIT`.
+fn recv(stream: &TcpStream, buf: &mut [u8], flags: libc::c_int) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for writes of `buf.len()` bytes, and the descriptor is
+    // open for as long as `stream` is borrowed.
+    let n = unsafe {
+        libc::recv(
+            stream.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            flags | libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
 }
