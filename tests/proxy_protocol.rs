@@ -250,3 +250,48 @@ fn silent_senders_delay_no_one_and_are_closed_at_the_deadline() {
     assert!(text.contains("peer=10.9.9.9"), "{text:?}");
     drop(m);
 }
+
+/// `--via node`: `sticky` follows the header's client too, and the worker reads what
+/// follows the header; Node's `remoteAddress` is the socket's own peer (from
+/// `getpeername`, which the master cannot change), as README.md says.
+#[test]
+fn node_workers_get_the_claimed_clients_slot_and_their_own_remote_address() {
+    let Some(node) = require("node") else {
+        return;
+    };
+    let port = free_port();
+    let m = Cluster::new()
+        .workers(3)
+        .args([
+            "--balance",
+            "sticky",
+            "--via",
+            "node",
+            "--proxy-protocol",
+            "v1",
+        ])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .command([
+            node.display().to_string(),
+            manifest_dir()
+                .join("tests/node/net_echo.js")
+                .display()
+                .to_string(),
+        ])
+        .env("PORT", port.to_string())
+        .spawn();
+    m.wait_cluster_ready(3);
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    for claimed in ["10.1.2.3:1000", "10.0.0.1:2000", "203.0.113.7:3000"] {
+        let client: SocketAddr = claimed.parse().unwrap();
+        let text = exchange(addr, Some(Ipv4Addr::new(127, 0, 0, 4)), &v1(client, addr));
+        let (line, rest) = text
+            .split_once('\n')
+            .unwrap_or_else(|| panic!("no reply: {text:?}"));
+        let reply = Reply::parse(line).expect("a greeting");
+        assert_eq!(reply.id, slot_for(client.ip(), 0..3).unwrap(), "{claimed}");
+        assert!(reply.fields["remote"].ends_with("127.0.0.4"), "{line}");
+        assert_eq!(rest, "hello");
+    }
+    drop(m);
+}
