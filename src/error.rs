@@ -64,6 +64,8 @@ pub enum ConfigError {
     ActivatedViaSocket,
     /// `--proxy-protocol` where workers accept themselves (`shared`, `--via socket`).
     ProxyWorkersAccept,
+    /// `--proxy-protocol ADDR=VERSION` for an address that is no `--listen` address.
+    ProxyNotListening(SocketAddr),
     /// `--user` or `--group` while the master does not run as root.
     RunAsNeedsRoot,
     /// A `--listen` address that is none of the socket-activated ones.
@@ -99,6 +101,10 @@ impl fmt::Display for ConfigError {
             ConfigError::ProxyWorkersAccept => f.write_str(
                 "--proxy-protocol needs the master to accept (rr or sticky, with --via channel \
                  or node): with --balance shared or --via socket the workers read the header",
+            ),
+            ConfigError::ProxyNotListening(addr) => write!(
+                f,
+                "--proxy-protocol {addr}=…: {addr} is not one of the --listen addresses (give it exactly as in --listen)"
             ),
             ConfigError::ActivatedViaSocket => f.write_str(
                 "--via socket binds a socket per slot itself and cannot serve sockets passed \

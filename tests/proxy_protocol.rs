@@ -295,3 +295,28 @@ fn node_workers_get_the_claimed_clients_slot_and_their_own_remote_address() {
     }
     drop(m);
 }
+
+/// `--proxy-protocol ADDR=VERSION`: only that listener reads headers; the others serve
+/// clients as they come.
+#[test]
+fn a_header_is_read_only_on_the_listener_named() {
+    let (a, b) = (free_port(), free_port());
+    let (pa, pb) = (format!("127.0.0.1:{a}"), format!("127.0.0.1:{b}"));
+    let m = Cluster::new()
+        .workers(2)
+        .args(["--balance", "sticky", "--listen", &pa, "--listen", &pb])
+        .args(["--proxy-protocol", &format!("{pa}=v2")])
+        .command([echo()])
+        .spawn();
+    m.wait_cluster_ready(2);
+    let (pa, pb): (SocketAddr, SocketAddr) = (pa.parse().unwrap(), pb.parse().unwrap());
+    let client: SocketAddr = "10.1.2.3:9".parse().unwrap();
+    let text = exchange(pa, Some(Ipv4Addr::new(127, 0, 0, 7)), &v2(client, pa));
+    assert!(
+        text.starts_with("id=") && text.contains("peer=10.1.2.3\n"),
+        "{text:?}"
+    );
+    let text = exchange(pb, Some(Ipv4Addr::new(127, 0, 0, 7)), b"");
+    assert!(text.contains("peer=127.0.0.7\nhello"), "{text:?}");
+    drop(m);
+}

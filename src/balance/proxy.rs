@@ -47,12 +47,22 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3);
 /// What `--proxy-protocol` and `--trusted-proxy` asked for.
 #[derive(Debug, Clone)]
 pub struct ProxySettings {
-    /// The versions accepted.
-    pub accept: ProxyProtocol,
+    /// The versions accepted on the listeners `by_listener` does not name; `None`: no
+    /// header is read there.
+    pub accept: Option<ProxyProtocol>,
+    /// The versions accepted on listener `i`, when `--proxy-protocol ADDR=VERSION` named it.
+    pub by_listener: Arc<[Option<ProxyProtocol>]>,
     /// The peers allowed to send a header; empty: every peer (and each must send one).
     pub trusted: Arc<[Cidr]>,
     /// How long a header may take to arrive.
     pub timeout: Duration,
+}
+
+impl ProxySettings {
+    /// The versions accepted on listener `index`; `None`: it takes no header.
+    pub fn accept_for(&self, index: usize) -> Option<ProxyProtocol> {
+        self.by_listener.get(index).copied().flatten().or(self.accept)
+    }
 }
 
 /// One accept thread's headers in flight.
@@ -84,13 +94,15 @@ impl Reader {
     /// already arrived (the common case: a proxy sends it with its first segment),
     /// else starts a task that waits for it, or closes and counts the connection.
     pub fn start(&mut self, mut conn: Conn) -> Option<Conn> {
+        let Some(accept) = self.settings.accept_for(conn.listener) else {
+            return Some(conn);
+        };
         let trusted = &self.settings.trusted;
         if !trusted.is_empty() && !trusted.iter().any(|c| c.contains(conn.peer.ip())) {
             BalanceStats::add(&self.stats.proxy_untrusted, 1);
             debug!(event = "proxy_untrusted", peer = %conn.peer, "closing a connection from outside --trusted-proxy");
             return None;
         }
-        let accept = self.settings.accept;
         match step(&mut conn, accept, &mut self.buf[..accept.max_len()]) {
             Ok(true) => return Some(conn),
             Ok(false) => {}

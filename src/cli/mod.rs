@@ -122,9 +122,10 @@ pub struct Options {
 
     /// Expect a PROXY protocol header (v1, v2 or any) first on every connection, and use
     /// the client it names for sticky and as the worker's peer (rr, sticky; not with
-    /// --via socket); a connection without a valid one in time is closed and counted
-    #[arg(long, env = "RECLUSTER_PROXY_PROTOCOL", value_name = "VERSION", value_parser = ProxyProtocol::from_str)]
-    pub proxy_protocol: Option<ProxyProtocol>,
+    /// --via socket); a connection without a valid one in time is closed and counted.
+    /// ADDR=VERSION: on that --listen address only (repeatable)
+    #[arg(long, env = "RECLUSTER_PROXY_PROTOCOL", value_name = "[ADDR=]VERSION", value_delimiter = ',', value_parser = parse_proxy_spec)]
+    pub proxy_protocol: Vec<(Option<SocketAddr>, ProxyProtocol)>,
 
     /// Only peers in this network (ADDR/BITS or ADDR; repeatable) may send a PROXY
     /// header; connections from others are closed and counted [default: every peer]
@@ -324,8 +325,11 @@ pub fn main() -> i32 {
         .cgroups(opts.cgroups)
         .prefix_output(opts.prefix)
         .proxy_timeout(opts.proxy_timeout);
-    if let Some(accept) = opts.proxy_protocol {
-        builder = builder.proxy_protocol(accept);
+    for &(addr, accept) in &opts.proxy_protocol {
+        builder = match addr {
+            Some(addr) => builder.proxy_protocol_on(addr, accept),
+            None => builder.proxy_protocol(accept),
+        };
     }
     for network in &opts.trusted_proxy {
         builder = builder.trusted_proxy(*network);
@@ -611,6 +615,19 @@ fn run_as(user: Option<&str>, group: Option<&str>) -> Result<Option<config::Cred
 }
 
 
+/// `--proxy-protocol`: `VERSION` (every listener) or `ADDR=VERSION` (that listener).
+fn parse_proxy_spec(s: &str) -> Result<(Option<SocketAddr>, ProxyProtocol), String> {
+    match s.rsplit_once('=') {
+        Some((addr, version)) => {
+            let addr = addr
+                .parse()
+                .map_err(|_| format!("{addr:?} is not an address (HOST:PORT or [V6]:PORT)"))?;
+            Ok((Some(addr), version.parse()?))
+        }
+        None => Ok((None, s.parse()?)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -702,3 +719,4 @@ mod tests {
         assert!(!help.contains('\\'), "{help}");
     }
 }
+
