@@ -320,3 +320,45 @@ fn a_header_is_read_only_on_the_listener_named() {
     assert!(text.contains("peer=127.0.0.7\nhello"), "{text:?}");
     drop(m);
 }
+
+/// Past 1024 headers awaited (per accept thread), a new connection is closed and
+/// counted at once, long before the deadline, and accepting goes on.
+#[test]
+fn past_the_cap_of_headers_awaited_new_connections_are_closed_at_once() {
+    let (m, addr, metrics) = master(
+        2,
+        &[
+            "--proxy-protocol",
+            "v2",
+            "--proxy-timeout",
+            "20s",
+            "--accept-threads",
+            "1",
+        ],
+    );
+    let cap = 1024;
+    let silent: Vec<TcpStream> = (0..cap)
+        .map(|i| connect_from(addr, Some(source_ip(i))))
+        .collect();
+    let errors = || counter(metrics, "recluster_proxy_header_errors_total");
+    // Accepted in order, the next one is the 1025th: refused at once.
+    let started = Instant::now();
+    let mut s = connect_from(addr, None);
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let r = s.read(&mut [0u8; 1]);
+    assert!(
+        matches!(r, Ok(0)) || matches!(&r, Err(e) if e.kind() == ErrorKind::ConnectionReset),
+        "a connection past the cap is closed: {r:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "long before the 20 s deadline"
+    );
+    assert!(
+        poll_until(DEADLINE, || errors() == 1),
+        "and counted once: {}",
+        errors()
+    );
+    assert_eq!(silent.len(), cap);
+    drop(m);
+}
