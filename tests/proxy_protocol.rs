@@ -362,3 +362,41 @@ fn past_the_cap_of_headers_awaited_new_connections_are_closed_at_once() {
     assert_eq!(silent.len(), cap);
     drop(m);
 }
+
+/// Settings that cannot work are refused at start (exit 2) with a message that says why.
+#[test]
+fn impossible_proxy_settings_are_refused_at_start() {
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &["--balance", "shared", "--proxy-protocol", "v2"],
+            "--proxy-protocol needs the master to accept",
+        ),
+        (
+            &["--via", "socket", "--proxy-protocol", "v2"],
+            "--proxy-protocol needs the master to accept",
+        ),
+        (
+            &["--proxy-protocol", "127.0.0.1:1=v2"],
+            "is not one of the --listen addresses",
+        ),
+        (&["--proxy-protocol", "v3"], "--proxy-protocol"),
+    ];
+    for (args, says) in cases {
+        let (exit, stderr) = Cluster::new()
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .args(["--", "true"])
+            .raw()
+            .run(DEADLINE)
+            .expect("exits");
+        assert_eq!(exit.code, Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    }
+    let (exit, stderr) = Cluster::new()
+        .args(["--listen", "127.0.0.1:0", "--trusted-proxy", "10.0.0.0/8"])
+        .args(["--", "true"])
+        .raw()
+        .run(DEADLINE)
+        .expect("exits");
+    assert_eq!(exit.code, Some(2), "--trusted-proxy alone: {stderr}");
+}
