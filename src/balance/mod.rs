@@ -34,6 +34,9 @@
 //!   it, then goes to its next choice (counted).
 //! * With no ready worker the balancer stops accepting: clients wait in the kernel
 //!   backlog until one is ready.
+//! * `--proxy-protocol`: a connection is dispatched once its PROXY header is read,
+//!   with the client the header names as its peer; headers still on their way are
+//!   awaited off the accept path (module [`proxy`]), so a slow sender delays no one.
 //! * A worker whose oldest unread connection has waited `--stuck-timeout` is reported
 //!   stuck to the supervisor core, which routes it away and replaces it (module `stuck`).
 //! * `EMFILE`/`ENFILE`: the connections in hand go out first (each one handed over
