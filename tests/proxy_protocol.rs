@@ -177,6 +177,9 @@ fn bad_headers_are_closed_and_counted_and_untrusted_peers_refused() {
         ) == 4),
         "4 header errors counted"
     );
+    // Logged too (a warning, at most once a second).
+    let line = m.wait_event("proxy_header_error", DEADLINE);
+    assert!(line.field("reason").is_some(), "{}", line.raw);
     // 127.0.0.5 is outside 127.0.0.0/30: closed even with a valid header.
     let text = exchange(addr, Some(Ipv4Addr::new(127, 0, 0, 5)), &v2(client, addr));
     assert_eq!(text, "", "an untrusted peer gets nothing");

@@ -24,6 +24,7 @@
 //! is closed and counted in `proxy_untrusted` without a byte being read.
 
 use std::io;
+use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::net::TcpStream;
 use std::sync::Arc;
@@ -32,7 +33,7 @@ use std::time::Duration;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::BalanceStats;
 use crate::proxy::{self, Cidr, Parsed, ProxyProtocol};
@@ -72,9 +73,15 @@ pub(crate) struct Reader {
     pending: usize,
     /// Where headers are peeked at on the accept path (allocated once).
     buf: Box<[u8]>,
-    done_tx: mpsc::UnboundedSender<Option<Conn>>,
-    done_rx: mpsc::UnboundedReceiver<Option<Conn>>,
+    done_tx: mpsc::UnboundedSender<Outcome>,
+    done_rx: mpsc::UnboundedReceiver<Outcome>,
+    /// When the last failure was logged, and how many were not logged since.
+    last_warn: Option<Instant>,
+    unlogged: u64,
 }
+
+/// What became of a header awaited in a task: the connection, or why it was closed.
+type Outcome = Result<Conn, (SocketAddr, &'static str)>;
 
 impl Reader {
     /// A reader counting its failures in `stats`.
@@ -87,6 +94,8 @@ impl Reader {
             buf: vec![0; proxy::V2_MAX].into_boxed_slice(),
             done_tx,
             done_rx,
+            last_warn: None,
+            unlogged: 0,
         }
     }
 
@@ -112,48 +121,59 @@ impl Reader {
             return self.failed(conn.peer, "too many headers pending");
         }
         self.pending += 1;
-        let (tx, stats) = (self.done_tx.clone(), self.stats.clone());
+        let tx = self.done_tx.clone();
         let deadline = conn.since + self.settings.timeout;
         tokio::spawn(async move {
             let peer = conn.peer;
             let outcome = match tokio::time::timeout_at(deadline, read_header(conn, accept)).await {
-                Ok(Ok(conn)) => Some(conn),
-                Ok(Err(reason)) => {
-                    debug!(event = "proxy_header_error", %peer, reason, "closing a connection without a valid PROXY header");
-                    None
-                }
-                Err(_) => {
-                    debug!(event = "proxy_header_error", %peer, reason = "timed out", "closing a connection without a valid PROXY header");
-                    None
-                }
+                Ok(Ok(conn)) => Ok(conn),
+                Ok(Err(reason)) => Err((peer, reason)),
+                Err(_) => Err((peer, "timed out")),
             };
-            if outcome.is_none() {
-                BalanceStats::add(&stats.proxy_header_errors, 1);
-            }
             let _ = tx.send(outcome);
         });
         None
     }
 
-    /// Counts a connection closed for `reason` (dropping it closes it).
-    fn failed(&self, peer: std::net::SocketAddr, reason: &'static str) -> Option<Conn> {
+    /// Counts a connection closed for `reason` (dropping it closes it), and says so in
+    /// the log at most once a second (a flood of bad clients must not flood the log).
+    fn failed(&mut self, peer: SocketAddr, reason: &'static str) -> Option<Conn> {
         BalanceStats::add(&self.stats.proxy_header_errors, 1);
-        debug!(event = "proxy_header_error", %peer, reason, "closing a connection without a valid PROXY header");
+        let now = Instant::now();
+        if self
+            .last_warn
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
+        {
+            self.unlogged += 1;
+            debug!(event = "proxy_header_error", %peer, reason, "closing a connection without a valid PROXY header");
+            return None;
+        }
+        self.last_warn = Some(now);
+        warn!(event = "proxy_header_error", %peer, reason, more = std::mem::take(&mut self.unlogged),
+            "closing a connection without a valid PROXY header (`more`: others since the last such line)");
         None
     }
 
     /// The next connection whose header was read (`None` inside: one that failed).
     pub async fn next(&mut self) -> Option<Conn> {
-        let outcome = self.done_rx.recv().await.flatten();
+        let outcome = self.done_rx.recv().await?;
         self.pending -= 1;
-        outcome
+        self.settle(outcome)
     }
 
     /// A further finished one, if there is one already.
     pub fn try_next(&mut self) -> Option<Option<Conn>> {
         let outcome = self.done_rx.try_recv().ok()?;
         self.pending -= 1;
-        Some(outcome)
+        Some(self.settle(outcome))
+    }
+
+    /// The connection of an outcome, or `None` once its failure is counted.
+    fn settle(&mut self, outcome: Outcome) -> Option<Conn> {
+        match outcome {
+            Ok(conn) => Some(conn),
+            Err((peer, reason)) => self.failed(peer, reason),
+        }
     }
 }
 
