@@ -403,3 +403,36 @@ fn impossible_proxy_settings_are_refused_at_start() {
         .expect("exits");
     assert_eq!(exit.code, Some(2), "--trusted-proxy alone: {stderr}");
 }
+
+/// A header that arrives in pieces, after the master has accepted the connection, is
+/// awaited off the accept path and still consumed exactly.
+#[test]
+fn a_header_in_pieces_is_awaited_and_consumed_exactly() {
+    let (m, addr, metrics) = master(2, &["--proxy-protocol", "any"]);
+    let client: SocketAddr = "[2001:db8::42]:7".parse().unwrap();
+    for header in [v1(client, addr), v2(client, addr)] {
+        let t0 = Instant::now();
+        let accepted = counter(metrics, "recluster_connections_accepted_total");
+        let mut s = connect_from(addr, None);
+        s.write_all(&header[..3]).unwrap();
+        // Accepted, and its header is waited for: send the rest then.
+        assert!(poll_until(DEADLINE, || counter(
+            metrics,
+            "recluster_connections_accepted_total"
+        ) > accepted));
+        s.write_all(&header[3..header.len() - 1]).unwrap();
+        s.write_all(&header[header.len() - 1..]).unwrap();
+        s.write_all(b"hello").unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        assert!(text.contains("peer=2001:db8::42\nhello"), "{text:?}");
+        let took = t0.elapsed();
+        assert!(
+            took < Duration::from_secs(2),
+            "served as the header completed, not at the 3 s deadline: {took:?}"
+        );
+    }
+    assert_eq!(counter(metrics, "recluster_proxy_header_errors_total"), 0);
+    drop(m);
+}
