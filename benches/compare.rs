@@ -646,6 +646,7 @@ fn load_config(o: &Options, addr: SocketAddr, load: Load) -> loadgen::Config {
         threads: o.threads,
         slow_every: 0,
         slow_ms: 0,
+        proxy_v2: false,
     }
 }
 

@@ -26,6 +26,11 @@
 //!   and fast together (the report also gives how many slow ones succeeded). With
 //!   `--load conn` and K = 20, N = 5 this is the `uneven` load of `compare`.
 //!
+//! * `--proxy-v2`: each new connection starts with a PROXY protocol v2 header (sent
+//!   with the request, in one write, as HAProxy's `send-proxy-v2` does) claiming
+//!   client `i` is 10.1.(i / 256).(i % 256), for a master run with
+//!   `--proxy-protocol v2`.
+//!
 //! It reports requests/s, latency percentiles (p50/p99/p99.9, from an HDR histogram
 //! in µs, connect included in `conn`), and errors by kind: refused, reset, timeout,
 //! short read (EOF before the whole response), bad response (not `200` or
@@ -96,6 +101,8 @@ pub struct Config {
     pub slow_every: u32,
     /// CPU milliseconds a slow request costs the worker; 0: no slow requests.
     pub slow_ms: u32,
+    /// Start each new connection with a PROXY v2 header (see the module docs).
+    pub proxy_v2: bool,
 }
 
 impl Config {
@@ -119,6 +126,7 @@ impl Default for Config {
             threads: 2,
             slow_every: 0,
             slow_ms: 0,
+            proxy_v2: false,
         }
     }
 }
@@ -505,6 +513,18 @@ async fn client(shared: Arc<Shared>, i: usize) -> ClientResult {
     let mut conn: Option<TcpStream> = None;
     let slow = cfg.slow();
     let slow_req = slow.map(|(_, ms)| slow_request(ms));
+    // `--proxy-v2`: what a new connection sends first, header and request in one write.
+    let header = cfg.proxy_v2.then(|| {
+        let claimed = SocketAddr::from(([10, 1, (i / 256) as u8, i as u8], 40000));
+        let mut h = Vec::new();
+        recluster::proxy::encode_v2(&mut h, claimed, cfg.addr, &[]);
+        h
+    });
+    let with_header = |req: &[u8]| header.as_ref().map(|h| [h.as_slice(), req].concat());
+    let (fast_proxied, slow_proxied) = (
+        with_header(REQUEST),
+        slow_req.as_deref().and_then(with_header),
+    );
     // Requests sent so far by this client, counted from a random offset.
     let mut sent = slow.map_or(0, |(every, _)| slow_offset(i, every));
     while !shared.stop.load(Ordering::Relaxed) {
@@ -532,7 +552,12 @@ async fn client(shared: Arc<Shared>, i: usize) -> ClientResult {
                     s
                 }
             };
-            request(&mut stream, req, &mut buf).await?;
+            let proxied = match (connected, is_slow && slow_req.is_some()) {
+                (false, _) => None,
+                (true, false) => fast_proxied.as_deref(),
+                (true, true) => slow_proxied.as_deref(),
+            };
+            request(&mut stream, proxied.unwrap_or(req), &mut buf).await?;
             Ok::<_, Failure>(stream)
         })
         .await;
@@ -608,6 +633,7 @@ pub fn parse_args(args: &[String]) -> Result<Config, String> {
                 cfg.slow_every = val()?.parse().map_err(|e| format!("--slow-every: {e}"))?
             }
             "--slow-ms" => cfg.slow_ms = val()?.parse().map_err(|e| format!("--slow-ms: {e}"))?,
+            "--proxy-v2" => cfg.proxy_v2 = true,
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument {other}")),
         }
@@ -632,7 +658,7 @@ fn main() {
             eprintln!(
                 "usage: cargo bench --bench loadgen -- --addr HOST:PORT [--load conn|keepalive] [--clients 64] \
                  [--duration 5] [--warmup 1] [--requests N] [--sources K] [--timeout 2] [--threads 2] \
-                 [--slow-every K --slow-ms N]"
+                 [--slow-every K --slow-ms N] [--proxy-v2]"
             );
             std::process::exit(2);
         }

@@ -38,9 +38,47 @@ pub struct ClusterBuilder {
     subreaper: bool,
     cgroups: bool,
     prefix_output: bool,
+    /// `--proxy-protocol VERSION`: none by default.
+    proxy_accept: Option<crate::proxy::ProxyProtocol>,
+    /// `--proxy-protocol ADDR=VERSION`.
+    proxy_on: Vec<(SocketAddr, crate::proxy::ProxyProtocol)>,
+    /// `--trusted-proxy`, `--proxy-timeout`.
+    proxy: crate::balance::proxy::ProxySettings,
 }
 
 impl ClusterBuilder {
+    /// Expect a PROXY protocol header of these versions first on every connection the
+    /// master accepts, and use the client it names for `sticky` and as the worker's
+    /// `peer` (default: none). Only in `rr`/`sticky` with `--via channel` or `node`.
+    pub fn proxy_protocol(mut self, accept: crate::proxy::ProxyProtocol) -> Self {
+        self.proxy_accept = Some(accept);
+        self
+    }
+
+    /// As [`ClusterBuilder::proxy_protocol`], on the listener of `addr` only (one of
+    /// the [`ClusterBuilder::listen`] addresses, as given); it wins over the setting
+    /// for every listener.
+    pub fn proxy_protocol_on(mut self, addr: SocketAddr, accept: crate::proxy::ProxyProtocol) -> Self {
+        self.proxy_on.push((addr, accept));
+        self
+    }
+
+    /// Accept PROXY headers only from peers in `network` (repeatable; default: from
+    /// every peer); connections from other peers are closed and counted. Effective
+    /// with [`ClusterBuilder::proxy_protocol`] only.
+    pub fn trusted_proxy(mut self, network: crate::proxy::Cidr) -> Self {
+        let mut trusted = self.proxy.trusted.to_vec();
+        trusted.push(network);
+        self.proxy.trusted = trusted.into();
+        self
+    }
+
+    /// How long a client has to send its whole PROXY header (default 3 s).
+    pub fn proxy_timeout(mut self, d: Duration) -> Self {
+        self.proxy.timeout = d;
+        self
+    }
+
     /// Relay each line the workers write to stdout and stderr to the master's own,
     /// prefixed `[SLOT PID] ` (default: off, workers write to the master's descriptors
     /// themselves).
@@ -213,6 +251,10 @@ impl ClusterBuilder {
             }
             _ => {}
         }
+        let proxied = self.proxy_accept.is_some() || !self.proxy_on.is_empty();
+        if proxied && (self.balance == Balance::Shared || via == Via::Socket) {
+            return Err(Error::Config(ConfigError::ProxyWorkersAccept));
+        }
         let via_chosen = via_chosen && via != Via::Channel;
         let path_var = std::env::var_os("PATH");
         let program =
@@ -240,11 +282,14 @@ impl ClusterBuilder {
             self.listen.clone()
         };
         let mut listeners = Vec::with_capacity(addrs.len().max(self.activated.len()));
+        // Each listener's address as given (`--proxy-protocol ADDR=VERSION` names them).
+        let mut listen_addrs = Vec::with_capacity(listeners.capacity());
         for l in self.activated.iter() {
             let addr = l.local_addr().map_err(|source| Error::Io {
                 context: "cannot read the address of a socket the service manager passed",
                 source,
             })?;
+            listen_addrs.push(addr);
             listeners.push(l.try_clone().map_err(|source| Error::Listen { addr, source })?);
         }
         // `--via socket`: slot k's sockets, one per address, for k >= 1 (slot 0's are
@@ -258,7 +303,11 @@ impl ClusterBuilder {
                 .unwrap_or_else(|| config::default_accept_threads().min(self.workers)),
         };
         let mut accept_sockets: Vec<Vec<std::net::TcpListener>> = (1..threads).map(|_| Vec::new()).collect();
+        if let Some(&(addr, _)) = self.proxy_on.iter().find(|(a, _)| !addrs.contains(a) && !listen_addrs.contains(a)) {
+            return Err(Error::Config(ConfigError::ProxyNotListening(addr)));
+        }
         for addr in addrs {
+            listen_addrs.push(addr);
             if via == Via::Socket && self.balance != Balance::Shared {
                 let mut group = crate::via::socket::bind_group(addr, self.workers, self.backlog)
                     .map_err(|source| Error::Listen { addr, source })?
@@ -307,6 +356,14 @@ impl ClusterBuilder {
                 via,
                 via_chosen,
                 backlog: self.backlog,
+                proxy: proxied.then(|| crate::balance::proxy::ProxySettings {
+                    accept: self.proxy_accept,
+                    by_listener: listen_addrs
+                        .iter()
+                        .map(|a| self.proxy_on.iter().rev().find(|(on, _)| on == a).map(|&(_, v)| v))
+                        .collect(),
+                    ..self.proxy
+                }),
             },
             handle,
         })
@@ -367,6 +424,14 @@ impl Cluster {
             subreaper: std::process::id() == 1,
             cgroups: true,
             prefix_output: false,
+            proxy_accept: None,
+            proxy_on: Vec::new(),
+            proxy: crate::balance::proxy::ProxySettings {
+                accept: None,
+                by_listener: Vec::new().into(),
+                trusted: Vec::new().into(),
+                timeout: crate::balance::proxy::DEFAULT_TIMEOUT,
+            },
         }
     }
 

@@ -19,6 +19,7 @@ use crate::cli::pidfile::PidFile;
 use crate::config::{self, Balance, ReadyWhen, Via};
 use crate::stdio::StderrLog;
 use crate::{Cluster, WorkerCommand};
+use crate::proxy::{Cidr, ProxyProtocol};
 
 mod client;
 mod pidfile;
@@ -118,6 +119,22 @@ pub struct Options {
     /// Run workers in this group (name or gid) [default: the --user's primary group]
     #[arg(long, env = "RECLUSTER_GROUP", value_name = "GROUP")]
     pub group: Option<String>,
+
+    /// Expect a PROXY protocol header (v1, v2 or any) first on every connection, and use
+    /// the client it names for sticky and as the worker's peer (rr, sticky; not with
+    /// --via socket); a connection without a valid one in time is closed and counted.
+    /// ADDR=VERSION: on that --listen address only (repeatable)
+    #[arg(long, env = "RECLUSTER_PROXY_PROTOCOL", value_name = "[ADDR=]VERSION", value_delimiter = ',', value_parser = parse_proxy_spec)]
+    pub proxy_protocol: Vec<(Option<SocketAddr>, ProxyProtocol)>,
+
+    /// Only peers in this network (ADDR/BITS or ADDR; repeatable) may send a PROXY
+    /// header; connections from others are closed and counted [default: every peer]
+    #[arg(long, env = "RECLUSTER_TRUSTED_PROXY", value_name = "CIDR", value_delimiter = ',', requires = "proxy_protocol", value_parser = Cidr::from_str)]
+    pub trusted_proxy: Vec<Cidr>,
+
+    /// Time a client has to send its whole PROXY header
+    #[arg(long, env = "RECLUSTER_PROXY_TIMEOUT", default_value = "3s", value_parser = config::parse_duration)]
+    pub proxy_timeout: Duration,
 
     /// Listen backlog of the sockets the master binds
     #[arg(long, env = "RECLUSTER_BACKLOG", default_value_t = config::DEFAULT_BACKLOG, value_parser = clap::value_parser!(i32).range(1..))]
@@ -306,7 +323,17 @@ pub fn main() -> i32 {
         .stop_signal(opts.stop_signal)
         .backlog(opts.backlog)
         .cgroups(opts.cgroups)
-        .prefix_output(opts.prefix);
+        .prefix_output(opts.prefix)
+        .proxy_timeout(opts.proxy_timeout);
+    for &(addr, accept) in &opts.proxy_protocol {
+        builder = match addr {
+            Some(addr) => builder.proxy_protocol_on(addr, accept),
+            None => builder.proxy_protocol(accept),
+        };
+    }
+    for network in &opts.trusted_proxy {
+        builder = builder.trusted_proxy(*network);
+    }
     if let Some(k) = opts.accept_threads {
         let workers = opts.workers.unwrap_or_else(config::default_workers);
         if opts.balance == Balance::Shared || opts.via == Some(Via::Socket) {
@@ -588,6 +615,19 @@ fn run_as(user: Option<&str>, group: Option<&str>) -> Result<Option<config::Cred
 }
 
 
+/// `--proxy-protocol`: `VERSION` (every listener) or `ADDR=VERSION` (that listener).
+fn parse_proxy_spec(s: &str) -> Result<(Option<SocketAddr>, ProxyProtocol), String> {
+    match s.rsplit_once('=') {
+        Some((addr, version)) => {
+            let addr = addr
+                .parse()
+                .map_err(|_| format!("{addr:?} is not an address (HOST:PORT or [V6]:PORT)"))?;
+            Ok((Some(addr), version.parse()?))
+        }
+        None => Ok((None, s.parse()?)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -679,3 +719,4 @@ mod tests {
         assert!(!help.contains('\\'), "{help}");
     }
 }
+
