@@ -32,12 +32,16 @@ that slot only and wins over NAME:
                     FLOOD_ONCE=<path>, only the first worker floods.
 * NEVER_LISTEN_FROM_GEN=g  a worker of generation >= g never says `listening`
                     (it waits for the stop signal): a generation that never becomes ready.
+* HOST_LABEL=name   add ` host=<name>` to every answer (tests/multihost.rs: which host
+                    of several answered).
 """
 import array, os, signal, socket, sys
 
 wid = os.environ.get("WORKER_ID", "0")
 gen = os.environ.get("RECLUSTER_GENERATION", "0")
 pid = os.getpid()
+host = os.environ.get("HOST_LABEL")
+suffix = f" host={host}" if host else ""
 signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
 
 
@@ -137,7 +141,7 @@ while True:
             os._exit(3)
         with socket.socket(fileno=fd) as conn:
             ip = parts[2].rsplit(":", 1)[0].strip("[]")
-            conn.sendall(f"id={wid} pid={pid} gen={gen} peer={ip}\n".encode())
+            conn.sendall(f"id={wid} pid={pid} gen={gen} peer={ip}{suffix}\n".encode())
     for fd in fds:
         os.close(fd)
     if stop:
