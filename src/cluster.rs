@@ -38,9 +38,37 @@ pub struct ClusterBuilder {
     subreaper: bool,
     cgroups: bool,
     prefix_output: bool,
+    /// `--proxy-protocol`: none by default.
+    proxy_accept: Option<crate::proxy::ProxyProtocol>,
+    /// `--trusted-proxy`, `--proxy-timeout`.
+    proxy: crate::balance::proxy::ProxySettings,
 }
 
 impl ClusterBuilder {
+    /// Expect a PROXY protocol header of these versions first on every connection the
+    /// master accepts, and use the client it names for `sticky` and as the worker's
+    /// `peer` (default: none). Only in `rr`/`sticky` with `--via channel` or `node`.
+    pub fn proxy_protocol(mut self, accept: crate::proxy::ProxyProtocol) -> Self {
+        self.proxy_accept = Some(accept);
+        self
+    }
+
+    /// Accept PROXY headers only from peers in `network` (repeatable; default: from
+    /// every peer); connections from other peers are closed and counted. Effective
+    /// with [`ClusterBuilder::proxy_protocol`] only.
+    pub fn trusted_proxy(mut self, network: crate::proxy::Cidr) -> Self {
+        let mut trusted = self.proxy.trusted.to_vec();
+        trusted.push(network);
+        self.proxy.trusted = trusted.into();
+        self
+    }
+
+    /// How long a client has to send its whole PROXY header (default 3 s).
+    pub fn proxy_timeout(mut self, d: Duration) -> Self {
+        self.proxy.timeout = d;
+        self
+    }
+
     /// Relay each line the workers write to stdout and stderr to the master's own,
     /// prefixed `[SLOT PID] ` (default: off, workers write to the master's descriptors
     /// themselves).
@@ -213,6 +241,9 @@ impl ClusterBuilder {
             }
             _ => {}
         }
+        if self.proxy_accept.is_some() && (self.balance == Balance::Shared || via == Via::Socket) {
+            return Err(Error::Config(ConfigError::ProxyWorkersAccept));
+        }
         let via_chosen = via_chosen && via != Via::Channel;
         let path_var = std::env::var_os("PATH");
         let program =
@@ -307,6 +338,10 @@ impl ClusterBuilder {
                 via,
                 via_chosen,
                 backlog: self.backlog,
+                proxy: self.proxy_accept.map(|accept| crate::balance::proxy::ProxySettings {
+                    accept,
+                    ..self.proxy
+                }),
             },
             handle,
         })
@@ -367,6 +402,12 @@ impl Cluster {
             subreaper: std::process::id() == 1,
             cgroups: true,
             prefix_output: false,
+            proxy_accept: None,
+            proxy: crate::balance::proxy::ProxySettings {
+                accept: crate::proxy::ProxyProtocol::Any,
+                trusted: Vec::new().into(),
+                timeout: crate::balance::proxy::DEFAULT_TIMEOUT,
+            },
         }
     }
 

@@ -62,6 +62,8 @@ pub enum ConfigError {
     ViaSocketSlots(usize),
     /// Socket activation with `--via socket`, which binds a group of sockets per slot.
     ActivatedViaSocket,
+    /// `--proxy-protocol` where workers accept themselves (`shared`, `--via socket`).
+    ProxyWorkersAccept,
     /// `--user` or `--group` while the master does not run as root.
     RunAsNeedsRoot,
     /// A `--listen` address that is none of the socket-activated ones.
@@ -93,6 +95,10 @@ impl fmt::Display for ConfigError {
             ConfigError::RunAsNeedsRoot => f.write_str(
                 "--user and --group need the master to run as root (to switch the workers \
                  to another user); run it as root, or leave them out to run workers as yourself",
+            ),
+            ConfigError::ProxyWorkersAccept => f.write_str(
+                "--proxy-protocol needs the master to accept (rr or sticky, with --via channel \
+                 or node): with --balance shared or --via socket the workers read the header",
             ),
             ConfigError::ActivatedViaSocket => f.write_str(
                 "--via socket binds a socket per slot itself and cannot serve sockets passed \

@@ -252,6 +252,8 @@ pub unsafe trait OwnsFd: std::os::fd::AsRawFd {}
 unsafe impl OwnsFd for OwnedFd {}
 // SAFETY: a std listener owns its descriptor and closes it only when dropped.
 unsafe impl OwnsFd for std::net::TcpListener {}
+// SAFETY: a std stream owns its descriptor and closes it only when dropped.
+unsafe impl OwnsFd for std::net::TcpStream {}
 // SAFETY: a std datagram socket owns its descriptor and closes it only when dropped.
 unsafe impl OwnsFd for std::os::unix::net::UnixDatagram {}
 // SAFETY: the `Arc` keeps the owner alive, and so the descriptor open, while any

@@ -21,6 +21,7 @@
 //! * `via`: how a worker receives its connections (the worker channel's master end).
 //! * `stdio`: the master's stdout and stderr, bounded queues that never block it.
 //! * [`channel`]: the worker channel's frames, shared by both ends.
+//! * [`proxy`]: the PROXY protocol header a load balancer in front may send.
 //! * [`Cluster`], [`ClusterBuilder`], [`ClusterHandle`]: the public API.
 //! * [`worker`]: the library a Rust worker uses to receive its connections.
 //! * [`cli`]: the command line.
@@ -41,6 +42,7 @@ macro_rules! master {
 
 pub mod channel;
 mod fdpass;
+pub mod proxy;
 pub mod worker;
 
 master! {

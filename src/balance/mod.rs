@@ -63,6 +63,7 @@ use crate::supervisor::{Input, WorkerId};
 use crate::via::channel::Conn;
 use crate::via::Link;
 
+pub mod proxy;
 mod router;
 pub(crate) mod running;
 mod sticky;
@@ -114,6 +115,11 @@ pub struct BalanceStats {
     pub reclaimed: AtomicU64,
     /// Accept errors (fd exhaustion and others).
     pub accept_errors: AtomicU64,
+    /// Connections closed for want of a valid PROXY header in time (or over the cap of
+    /// headers awaited; see [`proxy`]).
+    pub proxy_header_errors: AtomicU64,
+    /// Connections closed because their peer is outside `--trusted-proxy`.
+    pub proxy_untrusted: AtomicU64,
     /// How long connections waited in the master, from accept to hand-over.
     pub handoff: Latency,
 }
@@ -214,6 +220,10 @@ pub struct BalanceCounts {
     pub reclaimed: u64,
     /// Accept errors, fd exhaustion included.
     pub accept_errors: u64,
+    /// Connections closed without a valid PROXY header (`--proxy-protocol`).
+    pub proxy_header_errors: u64,
+    /// Connections closed because their peer is outside `--trusted-proxy`.
+    pub proxy_untrusted: u64,
     /// Median time from accept to hand-over, in microseconds (within 25 %).
     pub handoff_p50_us: u64,
     /// 99th percentile of the same.
@@ -231,6 +241,8 @@ impl From<&BalanceStats> for BalanceCounts {
             fallbacks: s.fallbacks.load(Relaxed),
             reclaimed: s.reclaimed.load(Relaxed),
             accept_errors: s.accept_errors.load(Relaxed),
+            proxy_header_errors: s.proxy_header_errors.load(Relaxed),
+            proxy_untrusted: s.proxy_untrusted.load(Relaxed),
             handoff_p50_us: s.handoff.quantile_us(0.5),
             handoff_p99_us: s.handoff.quantile_us(0.99),
         }
@@ -301,6 +313,8 @@ pub(crate) struct Balancer {
     reclaimed_here: u64,
     /// This accept thread's number (0 for the first).
     thread: usize,
+    /// `--proxy-protocol`: the PROXY headers being read.
+    proxy: Option<proxy::Reader>,
 }
 
 /// A listening socket the balancer accepts on.
@@ -325,6 +339,7 @@ impl Acceptor {
 
 impl Balancer {
     /// A balancer over `listeners` (set non-blocking here) for `slots` slots.
+    #[allow(clippy::too_many_arguments)]
     fn new(
         mode: Balance,
         listeners: Vec<TcpListener>,
@@ -333,6 +348,7 @@ impl Balancer {
         stats: Arc<BalanceStats>,
         stuck: StuckReports,
         thread: usize,
+        proxy: Option<proxy::ProxySettings>,
     ) -> io::Result<Balancer> {
         let listeners = listeners
             .into_iter()
@@ -359,7 +375,6 @@ impl Balancer {
             text: Vec::with_capacity(channel::MAX_MASTER_MESSAGE),
             raw: Vec::with_capacity(MAX_FDS),
             cbuf: FdBuf::new(),
-            stats,
             paused_until: None,
             last_emfile_log: None,
             closed: false,
@@ -369,6 +384,8 @@ impl Balancer {
             accepted_here: 0,
             reclaimed_here: 0,
             thread,
+            proxy: proxy.map(|p| proxy::Reader::new(p, stats.clone())),
+            stats,
         })
     }
 
@@ -404,6 +421,9 @@ impl Balancer {
                     }
                 },
                 index = poll_listeners(&self.listeners), if accepting => self.accept(index),
+                conn = async { self.proxy.as_mut().expect("checked").next().await }, if self.proxy.is_some() => {
+                    self.headers_read(conn);
+                }
                 _ = async { check.as_mut().expect("checked").tick().await }, if check.is_some() => {
                     self.look_for_stuck();
                 }
@@ -522,7 +542,10 @@ impl Balancer {
                         local,
                         since: now,
                     };
-                    self.dispatch(conn, now);
+                    match &mut self.proxy {
+                        Some(reader) => reader.start(conn),
+                        None => self.dispatch(conn, now),
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.clear_ready(index);
@@ -564,6 +587,29 @@ impl Balancer {
                 self.pause_for_fds(&e, now);
             }
         }
+    }
+
+    /// Dispatches `first` (a connection whose PROXY header was read, or `None` for one
+    /// that failed) and every other one already read, then sends them.
+    fn headers_read(&mut self, first: Option<Conn>) {
+        let now = Instant::now();
+        if self.mode == Balance::RoundRobin {
+            self.read_backlogs(now);
+        }
+        let mut next = Some(first);
+        let mut n = 0;
+        while let Some(outcome) = next {
+            if let Some(conn) = outcome {
+                self.dispatch(conn, now);
+            }
+            n += 1;
+            next = if n < ACCEPT_BATCH {
+                self.proxy.as_mut().and_then(proxy::Reader::try_next)
+            } else {
+                None
+            };
+        }
+        self.flush_all();
     }
 
     /// `rr`: how far behind each worker is as this pass begins (see `backlogs`): one
@@ -865,6 +911,7 @@ pub(crate) fn start(
     inboxes: Inboxes,
     stats: Arc<BalanceStats>,
     stuck: StuckReports,
+    proxy: Option<proxy::ProxySettings>,
 ) -> io::Result<Running> {
     assert_eq!(listeners.len(), inboxes.len(), "one inbox per accept thread");
     let mut done = Vec::with_capacity(inboxes.len());
@@ -874,12 +921,22 @@ pub(crate) fn start(
             timeout: if thread == 0 { stuck.timeout } else { Duration::ZERO },
             to: stuck.to.clone(),
         };
-        done.push(start_thread(mode, sockets, slots, inbox, stats.clone(), stuck, thread)?);
+        done.push(start_thread(
+            mode,
+            sockets,
+            slots,
+            inbox,
+            stats.clone(),
+            stuck,
+            thread,
+            proxy.clone(),
+        )?);
     }
     Ok(Running { done })
 }
 
 /// Starts accept thread number `thread` (see [`start`]).
+#[allow(clippy::too_many_arguments)]
 fn start_thread(
     mode: Balance,
     listeners: Vec<TcpListener>,
@@ -888,6 +945,7 @@ fn start_thread(
     stats: Arc<BalanceStats>,
     stuck: StuckReports,
     thread: usize,
+    proxy: Option<proxy::ProxySettings>,
 ) -> io::Result<tokio::sync::oneshot::Receiver<()>> {
     let (built_tx, built_rx) = std::sync::mpsc::sync_channel(1);
     let (done_tx, done) = tokio::sync::oneshot::channel();
@@ -908,7 +966,7 @@ fn start_thread(
             };
             // The listeners register with this thread's runtime, so it builds them.
             let balancer = runtime.block_on(async {
-                Balancer::new(mode, listeners, slots, updates, stats, stuck, thread)
+                Balancer::new(mode, listeners, slots, updates, stats, stuck, thread, proxy)
             });
             match balancer {
                 Ok(b) => {

@@ -368,6 +368,13 @@ fn table(v: &Value) -> String {
         "connections: {} accepted, {} handed, {} closed, {} fallbacks, {} reclaimed, {} full, {} accept errors",
         t["accepted"], t["handed"], t["closed"], t["fallbacks"], t["reclaimed"], t["full"], t["accept_errors"]
     );
+    if t["proxy_header_errors"].as_u64().unwrap_or(0) + t["proxy_untrusted"].as_u64().unwrap_or(0) > 0 {
+        let _ = writeln!(
+            out,
+            "PROXY protocol: {} header errors, {} untrusted peers",
+            t["proxy_header_errors"], t["proxy_untrusted"]
+        );
+    }
     out.push('\n');
     let mut rows = vec![[
         "SLOT", "PID", "GEN", "STATE", "UPTIME", "RESTARTS", "HANDED",

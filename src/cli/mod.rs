@@ -19,6 +19,7 @@ use crate::cli::pidfile::PidFile;
 use crate::config::{self, Balance, ReadyWhen, Via};
 use crate::stdio::StderrLog;
 use crate::{Cluster, WorkerCommand};
+use crate::proxy::{Cidr, ProxyProtocol};
 
 mod client;
 mod pidfile;
@@ -118,6 +119,21 @@ pub struct Options {
     /// Run workers in this group (name or gid) [default: the --user's primary group]
     #[arg(long, env = "RECLUSTER_GROUP", value_name = "GROUP")]
     pub group: Option<String>,
+
+    /// Expect a PROXY protocol header (v1, v2 or any) first on every connection, and use
+    /// the client it names for sticky and as the worker's peer (rr, sticky; not with
+    /// --via socket); a connection without a valid one in time is closed and counted
+    #[arg(long, env = "RECLUSTER_PROXY_PROTOCOL", value_name = "VERSION", value_parser = ProxyProtocol::from_str)]
+    pub proxy_protocol: Option<ProxyProtocol>,
+
+    /// Only peers in this network (ADDR/BITS or ADDR; repeatable) may send a PROXY
+    /// header; connections from others are closed and counted [default: every peer]
+    #[arg(long, env = "RECLUSTER_TRUSTED_PROXY", value_name = "CIDR", value_delimiter = ',', requires = "proxy_protocol", value_parser = Cidr::from_str)]
+    pub trusted_proxy: Vec<Cidr>,
+
+    /// Time a client has to send its whole PROXY header
+    #[arg(long, env = "RECLUSTER_PROXY_TIMEOUT", default_value = "3s", value_parser = config::parse_duration)]
+    pub proxy_timeout: Duration,
 
     /// Listen backlog of the sockets the master binds
     #[arg(long, env = "RECLUSTER_BACKLOG", default_value_t = config::DEFAULT_BACKLOG, value_parser = clap::value_parser!(i32).range(1..))]
@@ -306,7 +322,14 @@ pub fn main() -> i32 {
         .stop_signal(opts.stop_signal)
         .backlog(opts.backlog)
         .cgroups(opts.cgroups)
-        .prefix_output(opts.prefix);
+        .prefix_output(opts.prefix)
+        .proxy_timeout(opts.proxy_timeout);
+    if let Some(accept) = opts.proxy_protocol {
+        builder = builder.proxy_protocol(accept);
+    }
+    for network in &opts.trusted_proxy {
+        builder = builder.trusted_proxy(*network);
+    }
     if let Some(k) = opts.accept_threads {
         let workers = opts.workers.unwrap_or_else(config::default_workers);
         if opts.balance == Balance::Shared || opts.via == Some(Via::Socket) {

@@ -154,6 +154,8 @@ pub fn render(status: &Status) -> String {
         ("recluster_sticky_fallbacks_total", "sticky connections that went to their next choice because their worker was full or down.", t.fallbacks),
         ("recluster_queue_full_total", "Hand-overs that found a worker's queue full (the worker was skipped or waited for).", t.full),
         ("recluster_accept_errors_total", "Accept errors, file-descriptor exhaustion included.", t.accept_errors),
+        ("recluster_proxy_header_errors_total", "Connections closed without a valid PROXY header in time (--proxy-protocol), or over the cap of headers awaited.", t.proxy_header_errors),
+        ("recluster_proxy_untrusted_total", "Connections closed because their peer is outside --trusted-proxy.", t.proxy_untrusted),
         ("recluster_reloads_started_total", "Reloads started.", status.reloads.started),
         ("recluster_reloads_completed_total", "Reloads after which the new generation served every slot.", status.reloads.finished),
         ("recluster_reloads_aborted_total", "Reloads given up because the new generation kept failing to start.", status.reloads.aborted),

@@ -83,6 +83,8 @@ pub(crate) struct Setup {
     pub via_chosen: bool,
     /// The backlog of sockets bound later (a Node worker asked for a port).
     pub backlog: i32,
+    /// `--proxy-protocol`: read a PROXY header first on each connection.
+    pub proxy: Option<crate::balance::proxy::ProxySettings>,
 }
 
 impl Setup {
@@ -227,6 +229,8 @@ pub(crate) async fn run(setup: Setup) -> Result<(), Error> {
                     full = c.full,
                     fallbacks = c.fallbacks,
                     accept_errors = c.accept_errors,
+                    proxy_header_errors = c.proxy_header_errors,
+                    proxy_untrusted = c.proxy_untrusted,
                     handoff_p50_us = c.handoff_p50_us,
                     handoff_p99_us = c.handoff_p99_us,
                     "balancer totals"
@@ -299,6 +303,7 @@ impl Driver {
                     timeout: setup.timing.stuck_timeout,
                     to: messages.clone(),
                 },
+                setup.proxy.clone(),
             )
             .map_err(|source| Error::Io {
                 context: "cannot set up the balancer",

@@ -188,6 +188,8 @@ impl Status {
                 "reclaimed": t.reclaimed,
                 "full": t.full,
                 "accept_errors": t.accept_errors,
+                "proxy_header_errors": t.proxy_header_errors,
+                "proxy_untrusted": t.proxy_untrusted,
             },
             "reloads": {
                 "started": self.reloads.started,
