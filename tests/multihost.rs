@@ -324,8 +324,11 @@ fn start_host(net: &Net, short: &str, proxy: bool, worker: &[String]) -> Master 
 struct Seen {
     rounds: u64,
     ok: u64,
-    /// `(client address, error)` of every failed request.
+    /// `(client address, error)` of every failed request; the error says in which
+    /// round it happened.
     failed: Vec<(String, String)>,
+    /// What the test did, and the round then in progress (to place failures).
+    phases: Vec<(u64, String)>,
     /// The (host, WORKER_ID) pairs that answered each client address.
     served: BTreeMap<String, BTreeSet<(String, usize)>>,
     /// The peer addresses the workers reported for each client address.
@@ -365,7 +368,10 @@ impl Seen {
                     .failed
                     .push((src.to_string(), format!("unexpected answer {rest:?}"))),
             },
-            "fail" => self.failed.push((src.to_string(), rest.to_string())),
+            "fail" => self.failed.push((
+                src.to_string(),
+                format!("{rest} (in round {})", self.rounds + 1),
+            )),
             "round" => self.rounds = src.parse().unwrap_or(self.rounds),
             "ready" => self.ready = Some(Ok(())),
             "timeout" => self.ready = Some(Err(line.to_string())),
@@ -379,6 +385,20 @@ impl Seen {
     /// Client addresses answered by exactly one host and one worker.
     fn kept(&self) -> usize {
         self.served.values().filter(|s| s.len() == 1).count()
+    }
+
+    /// Client addresses answered by exactly one host (whatever its workers).
+    fn kept_host(&self) -> usize {
+        self.served
+            .values()
+            .filter(|s| {
+                s.iter()
+                    .map(|(host, _)| host)
+                    .collect::<BTreeSet<_>>()
+                    .len()
+                    == 1
+            })
+            .count()
     }
 
     /// How many client addresses each (host, worker) served.
@@ -395,7 +415,8 @@ impl Seen {
     fn summary(&self) -> String {
         format!(
             "rounds {}, ok {}, failed {} (first: {:?}), addresses that kept host and \
-             worker {}/{}, clients per (host, worker) {:?}, (host, generation) {:?}",
+             worker {}/{}, clients per (host, worker) {:?}, (host, generation) {:?}, \
+             (round, what the test did) {:?}",
             self.rounds,
             self.ok,
             self.failed.len(),
@@ -403,7 +424,8 @@ impl Seen {
             self.kept(),
             self.served.len(),
             self.spread(),
-            self.generations
+            self.generations,
+            self.phases
         )
     }
 }
@@ -459,6 +481,13 @@ impl Clients {
 
     fn state(&self) -> MutexGuard<'_, Seen> {
         self.seen.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Notes that the test does `what` now (in the round in progress).
+    fn note(&self, what: &str) {
+        let mut state = self.state();
+        let round = state.rounds + 1;
+        state.phases.push((round, what.to_string()));
     }
 
     /// Waits until `done(seen)`, at most `timeout`; panics with what was seen then.
@@ -556,31 +585,38 @@ fn with_proxy_v2_every_client_keeps_its_host_and_worker_through_reloads_and_a_ha
     clients.wait_rounds(2);
     // (a) Each host's master reloads, one after the other, under the load.
     for (host, (name, _)) in hosts.iter().zip(HOSTS) {
+        clients.note(&format!("reload {name}"));
         host.reload_to(2);
-        println!("{name} reloaded to generation 2");
+        clients.note(&format!("{name} reloaded"));
         clients.wait_rounds(2);
     }
     // (b) HAProxy restarts: a new process with the same configuration takes the
     // listening socket over, and the old one finishes its connections and exits.
+    clients.note("restart haproxy");
     let successor = Haproxy::start(&net, true, Some(&lb));
     let mut old = std::mem::replace(&mut lb, successor);
     old.wait_exit(DEADLINE);
     drop(old);
-    println!("haproxy restarted");
+    clients.note("old haproxy exited");
     clients.wait_rounds(2);
     let seen = clients.stop();
     let measured = measured.elapsed();
 
     println!(
-        "PROXY v2: {} of {CLIENTS} client addresses kept their host and worker; {} failed \
-         requests of {}; {} rounds in {measured:.1?} (whole test {:.1?})",
+        "PROXY v2: {} of {CLIENTS} client addresses kept their host and worker ({} their \
+         host); {} failed requests of {}; {} rounds in {measured:.1?} (whole test {:.1?})",
         seen.kept(),
+        seen.kept_host(),
         seen.failed.len(),
         seen.ok + seen.failed.len() as u64,
         seen.rounds,
         started.elapsed()
     );
-    println!("clients per (host, worker): {:?}", seen.spread());
+    println!(
+        "clients per (host, worker): {:?}; (round, what the test did): {:?}",
+        seen.spread(),
+        seen.phases
+    );
     assert!(
         seen.failed.is_empty(),
         "failed requests: {}",
