@@ -301,6 +301,9 @@ fn start_host(net: &Net, short: &str, proxy: bool, worker: &[String]) -> Master 
         // sockets, which live in one directory: the namespace's name tells them apart.
         .args(["--name", &net.ns(short)])
         .env("HOST_LABEL", short)
+        // A retiring worker serves every connection it has received before it exits
+        // (its stop signal does not cut them off).
+        .env("DRAIN", "1")
         .command(worker);
     if proxy {
         cluster = cluster.args([

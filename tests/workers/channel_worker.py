@@ -34,6 +34,11 @@ that slot only and wins over NAME:
                     (it waits for the stop signal): a generation that never becomes ready.
 * HOST_LABEL=name   add ` host=<name>` to every answer (tests/multihost.rs: which host
                     of several answered).
+* DRAIN=1           once listening, the stop signal (SIGTERM) no longer ends the worker
+                    at once: it is blocked, and the worker exits at `stop` or EOF on its
+                    channel after serving every connection it has received, as
+                    docs/PROTOCOL.md asks. (Without it, a SIGTERM that lands between
+                    receiving connections and answering them closes them unanswered.)
 """
 import array, os, signal, socket, sys
 
@@ -117,6 +122,9 @@ if flood and first_to_create(knob("FLOOD_ONCE", "")) and os.fork() == 0:
 if stall:
     while True:
         signal.pause()
+
+if knob("DRAIN") == "1":
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
 
 crash_every = int(knob("CRASH_EVERY"))
 received = 0
