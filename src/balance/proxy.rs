@@ -139,6 +139,10 @@ async fn read_header(mut conn: Conn, accept: ProxyProtocol) -> Result<Conn, &'st
             Ok(n) => match proxy::parse(&buf[..n], accept) {
                 Parsed::Header(h) => break h,
                 Parsed::Invalid(reason) => return Err(reason),
+                // The peer has finished sending: no more will come.
+                Parsed::NeedMore if guard.ready().is_read_closed() => {
+                    return Err("closed before the header")
+                }
                 // Wait for more bytes: what has arrived stays where it is.
                 Parsed::NeedMore => guard.clear_ready(),
             },
