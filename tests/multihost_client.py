@@ -10,7 +10,7 @@ No request is ever retried. Commands, one a line on stdin:
   or `timeout <last error>` after SECONDS. (Before the measured part: its failures
   count for nothing.)
 * `start`: rounds, one after another, until `stop`: each round makes one request from
-  every source in turn and prints `ok <src> <reply>` or `fail <src> <error>` for each,
+  every source (8 at a time) and prints `ok <src> <reply>` or `fail <src> <error>` for each,
   then `round <n>` (n from 1).
 * `stop`: ends the rounds after the current one; prints `stopped`.
 
@@ -64,14 +64,26 @@ def request(src):
 
 
 stop = threading.Event()
+PARALLEL = 8
+
+
+def some(part):
+    for src in part:
+        ok, what = request(src)
+        say(f"{'ok' if ok else 'fail'} {src} {what}")
 
 
 def rounds():
+    # PARALLEL clients at a time, each going through its share of the sources: several
+    # connections are in flight whenever a master reloads or HAProxy restarts.
+    parts = [sources[i::PARALLEL] for i in range(PARALLEL)]
     n = 0
     while not stop.is_set():
-        for src in sources:
-            ok, what = request(src)
-            say(f"{'ok' if ok else 'fail'} {src} {what}")
+        threads = [threading.Thread(target=some, args=(part,)) for part in parts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
         n += 1
         say(f"round {n}")
     say("stopped")
