@@ -14,10 +14,15 @@
 //! nothing is made in the machine's own namespace: the bridge and the veths' far ends
 //! live in the switch namespace, so deleting the namespaces (a guard does, also when
 //! a test fails) removes every interface. The clients run in the client namespace as
-//! a helper process (`tests/multihost_client.py` under `ip netns exec`); each request
-//! is one connection from one client address, never retried. The workers
-//! (`tests/workers/channel_worker.py` with `HOST_LABEL`) answer with their host, their
-//! WORKER_ID and the peer address the master handed them.
+//! a helper process (`tests/multihost_client.py` under `ip netns exec`) that goes
+//! through every address once per round, 8 connections at a time; each request is one
+//! connection from one client address, never retried. The workers
+//! (`tests/workers/channel_worker.py` with `HOST_LABEL`, and `DRAIN` so that a retiring
+//! worker answers every connection it was handed) answer with their host, their
+//! WORKER_ID and the peer address the master handed them. HAProxy runs in the
+//! foreground (`haproxy -db`); its restart is a new process that takes the listening
+//! socket over from the old one (`-x` stats socket, `-sf` old pid), as a seamless
+//! HAProxy reload does.
 //!
 //! * With the PROXY protocol (HAProxy `send-proxy-v2`, masters `--proxy-protocol v2
 //!   --trusted-proxy 10.77.0.2/32`), `sticky` hashes the client's own address: every
