@@ -32,12 +32,21 @@ that slot only and wins over NAME:
                     FLOOD_ONCE=<path>, only the first worker floods.
 * NEVER_LISTEN_FROM_GEN=g  a worker of generation >= g never says `listening`
                     (it waits for the stop signal): a generation that never becomes ready.
+* HOST_LABEL=name   add ` host=<name>` to every answer (tests/multihost.rs: which host
+                    of several answered).
+* DRAIN=1           once listening, the stop signal (SIGTERM) no longer ends the worker
+                    at once: it is blocked, and the worker exits at `stop` or EOF on its
+                    channel after serving every connection it has received, as
+                    docs/PROTOCOL.md asks. (Without it, a SIGTERM that lands between
+                    receiving connections and answering them closes them unanswered.)
 """
 import array, os, signal, socket, sys
 
 wid = os.environ.get("WORKER_ID", "0")
 gen = os.environ.get("RECLUSTER_GENERATION", "0")
 pid = os.getpid()
+host = os.environ.get("HOST_LABEL")
+suffix = f" host={host}" if host else ""
 signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
 
 
@@ -114,6 +123,9 @@ if stall:
     while True:
         signal.pause()
 
+if knob("DRAIN") == "1":
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
 crash_every = int(knob("CRASH_EVERY"))
 received = 0
 while True:
@@ -137,7 +149,7 @@ while True:
             os._exit(3)
         with socket.socket(fileno=fd) as conn:
             ip = parts[2].rsplit(":", 1)[0].strip("[]")
-            conn.sendall(f"id={wid} pid={pid} gen={gen} peer={ip}\n".encode())
+            conn.sendall(f"id={wid} pid={pid} gen={gen} peer={ip}{suffix}\n".encode())
     for fd in fds:
         os.close(fd)
     if stop:
