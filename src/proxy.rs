@@ -369,12 +369,22 @@ impl FromStr for Cidr {
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let bits = match bits {
             None => max,
-            Some(b) => b
-                .parse::<u8>()
-                .ok()
+            Some(b) => Some(b)
+                .filter(|b| !b.is_empty() && b.bytes().all(|c| c.is_ascii_digit()))
+                .and_then(|b| b.parse::<u8>().ok())
                 .filter(|&b| b <= max)
                 .ok_or_else(|| format!("{s:?}: the prefix length must be 0..={max}"))?,
         };
+        // An IPv4-mapped network (`::ffff:10.0.0.0/104`, as a log of an IPv6 listener
+        // shows peers) is the IPv4 network it maps: `contains` sees peers as IPv4.
+        if let IpAddr::V6(v6) = addr {
+            if let (Some(v4), true) = (v6.to_ipv4_mapped(), bits >= 96) {
+                return Ok(Cidr {
+                    addr: IpAddr::V4(v4),
+                    bits: bits - 96,
+                });
+            }
+        }
         Ok(Cidr { addr, bits })
     }
 }
@@ -382,6 +392,19 @@ impl FromStr for Cidr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mapped_networks_are_ipv4_and_prefixes_are_plain_digits() {
+        let c: Cidr = "::ffff:127.0.0.1".parse().unwrap();
+        assert!(c.contains("127.0.0.1".parse().unwrap()));
+        assert!(c.contains("::ffff:127.0.0.1".parse().unwrap()));
+        let n: Cidr = "::ffff:10.0.0.0/104".parse().unwrap();
+        assert!(n.contains("10.9.8.7".parse().unwrap()));
+        assert!(!n.contains("11.0.0.1".parse().unwrap()));
+        for bad in ["10.0.0.0/+8", "10.0.0.0/", "10.0.0.0/33", "::/129"] {
+            assert!(bad.parse::<Cidr>().is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn the_specification_examples_parse() {

@@ -324,45 +324,70 @@ fn a_header_is_read_only_on_the_listener_named() {
     drop(m);
 }
 
-/// Past 1024 headers awaited (per accept thread), a new connection is closed and
-/// counted at once, long before the deadline, and accepting goes on.
+/// At the cap of headers awaited (a quarter of the master's descriptor limit per
+/// accept thread: 100 at 400), the oldest awaited header is given up for the newest:
+/// silent senders only push each other out, and a client with a header is served.
 #[test]
-fn past_the_cap_of_headers_awaited_new_connections_are_closed_at_once() {
-    let (m, addr, metrics) = master(
-        2,
-        &[
-            "--proxy-protocol",
-            "v2",
-            "--proxy-timeout",
-            "20s",
-            "--accept-threads",
-            "1",
-        ],
-    );
-    let cap = 1024;
-    let silent: Vec<TcpStream> = (0..cap)
+fn at_the_cap_the_oldest_header_awaited_makes_room_and_clients_are_still_served() {
+    let m = Cluster::new()
+        .workers(1)
+        .args([
+            "--balance",
+            "sticky",
+            "--via",
+            "channel",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--metrics", "127.0.0.1:0", "--proxy-protocol", "v2"])
+        .args(["--proxy-timeout", "20s", "--accept-threads", "1"])
+        .nofile(400)
+        .command([echo()])
+        .spawn();
+    m.wait_cluster_ready(1);
+    let metrics: SocketAddr = m
+        .wait_event("metrics_listening", DEADLINE)
+        .field("addr")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let addr = m.addr();
+    let errors = || counter(metrics, "recluster_proxy_header_errors_total");
+    let cap = 100;
+    let mut silent: Vec<TcpStream> = (0..cap)
         .map(|i| connect_from(addr, Some(source_ip(i))))
         .collect();
-    let errors = || counter(metrics, "recluster_proxy_header_errors_total");
-    // Accepted in order, the next one is the 1025th: refused at once.
+    assert_eq!(errors(), 0, "the cap is not reached yet");
+    // One more: the oldest (the first, accepted first) makes room, long before the
+    // 20 s deadline.
     let started = Instant::now();
-    let mut s = connect_from(addr, None);
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let r = s.read(&mut [0u8; 1]);
+    silent.push(connect_from(addr, Some(source_ip(cap))));
+    assert!(
+        poll_until(DEADLINE, || errors() == 1),
+        "one given up: {}",
+        errors()
+    );
+    silent[0]
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let r = silent[0].read(&mut [0u8; 1]);
     assert!(
         matches!(r, Ok(0)) || matches!(&r, Err(e) if e.kind() == ErrorKind::ConnectionReset),
-        "a connection past the cap is closed: {r:?}"
+        "the oldest is closed: {r:?}"
     );
     assert!(
         started.elapsed() < Duration::from_secs(10),
-        "long before the 20 s deadline"
+        "long before the deadline"
     );
+    // A client with a header is served while the silent ones hold the cap.
+    let claimed: SocketAddr = "10.9.9.9:4000".parse().unwrap();
+    let text = exchange(addr, None, &v2(claimed, addr));
     assert!(
-        poll_until(DEADLINE, || errors() == 1),
-        "and counted once: {}",
-        errors()
+        text.contains("10.9.9.9"),
+        "served with the claimed peer: {text:?}"
     );
-    assert_eq!(silent.len(), cap);
+    assert!(errors() <= 2, "{}", errors());
+    drop(silent);
     drop(m);
 }
 

@@ -351,7 +351,7 @@ impl Balancer {
         stats: Arc<BalanceStats>,
         stuck: StuckReports,
         thread: usize,
-        proxy: Option<proxy::ProxySettings>,
+        proxy: Option<(proxy::ProxySettings, usize)>,
     ) -> io::Result<Balancer> {
         let listeners = listeners
             .into_iter()
@@ -387,7 +387,7 @@ impl Balancer {
             accepted_here: 0,
             reclaimed_here: 0,
             thread,
-            proxy: proxy.map(|p| proxy::Reader::new(p, stats.clone())),
+            proxy: proxy.map(|(p, cap)| proxy::Reader::new(p, stats.clone(), cap)),
             stats,
         })
     }
@@ -921,6 +921,7 @@ pub(crate) fn start(
     proxy: Option<proxy::ProxySettings>,
 ) -> io::Result<Running> {
     assert_eq!(listeners.len(), inboxes.len(), "one inbox per accept thread");
+    let cap = proxy::pending_cap(inboxes.len());
     let mut done = Vec::with_capacity(inboxes.len());
     for (thread, (sockets, inbox)) in listeners.into_iter().zip(inboxes).enumerate() {
         let stuck = StuckReports {
@@ -936,7 +937,7 @@ pub(crate) fn start(
             stats.clone(),
             stuck,
             thread,
-            proxy.clone(),
+            proxy.clone().map(|p| (p, cap)),
         )?);
     }
     Ok(Running { done })
@@ -952,7 +953,7 @@ fn start_thread(
     stats: Arc<BalanceStats>,
     stuck: StuckReports,
     thread: usize,
-    proxy: Option<proxy::ProxySettings>,
+    proxy: Option<(proxy::ProxySettings, usize)>,
 ) -> io::Result<tokio::sync::oneshot::Receiver<()>> {
     let (built_tx, built_rx) = std::sync::mpsc::sync_channel(1);
     let (done_tx, done) = tokio::sync::oneshot::channel();

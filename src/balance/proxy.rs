@@ -15,10 +15,12 @@
 //!
 //! Bounds: a header must be complete within the deadline (`--proxy-timeout`, 3 s by
 //! default) and within [`crate::proxy::V1_MAX`] / [`crate::proxy::V2_MAX`] bytes; at
-//! most [`PENDING_MAX`] headers are awaited per accept thread. A connection past the
-//! cap is closed and counted at once rather than accepting pausing: a pause would let
-//! that many silent senders hold every client in the kernel backlog until their
-//! deadline, while closing keeps the listener moving and shows in the counters. Every
+//! most [`PENDING_MAX`] headers are awaited per accept thread. At the cap the oldest
+//! awaited header is given up (closed and counted) to make room, rather than the new
+//! connection refused or accepting paused: silent senders that fill the cap then only
+//! push each other out, while a client whose header is a segment late still gets its
+//! turn (refusing new ones let 1024 silent senders shut the port for the whole
+//! deadline; pausing would hold every client in the kernel backlog as long). Every
 //! failure (invalid, too long, too slow, closed early, over the cap) closes the
 //! connection and counts one `proxy_header_errors`; a peer outside `--trusted-proxy`
 //! is closed and counted in `proxy_untrusted` without a byte being read.
@@ -39,8 +41,27 @@ use super::BalanceStats;
 use crate::proxy::{self, Cidr, Parsed, ProxyProtocol};
 use crate::via::channel::Conn;
 
-/// Most headers awaited at once per accept thread; past it new connections are closed.
+/// Most headers awaited at once per accept thread (fewer when the descriptor limit is
+/// low, see [`pending_cap`]); at it the oldest is given up for the new one.
 pub const PENDING_MAX: usize = 1024;
+
+/// Headers awaited at once per accept thread, for `threads` threads: [`PENDING_MAX`],
+/// or a quarter of the soft descriptor limit shared by the threads if that is less
+/// (at least 16), so that awaited headers never take the descriptors that accepting,
+/// the workers' channels and the control socket need (at 1024 descriptors, the usual
+/// soft default, 1024 awaited headers exhausted the master).
+pub fn pending_cap(threads: usize) -> usize {
+    // SAFETY: getrlimit writes one struct we own.
+    let soft = unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return PENDING_MAX;
+        }
+        lim.rlim_cur
+    };
+    let share = usize::try_from(soft / 4).unwrap_or(usize::MAX) / threads.max(1);
+    share.clamp(16, PENDING_MAX)
+}
 
 /// How long a client has to send its whole header, unless `--proxy-timeout` says.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -70,7 +91,13 @@ impl ProxySettings {
 pub(crate) struct Reader {
     settings: ProxySettings,
     stats: Arc<BalanceStats>,
-    pending: usize,
+    /// The tasks awaiting a header, oldest first (by number), so that the oldest can
+    /// make room for a new one at the cap.
+    pending: std::collections::BTreeMap<u64, tokio::task::AbortHandle>,
+    /// The number of the next task.
+    next_id: u64,
+    /// Most tasks at once ([`pending_cap`]).
+    cap: usize,
     /// Where headers are peeked at on the accept path (allocated once).
     buf: Box<[u8]>,
     done_tx: mpsc::UnboundedSender<Outcome>,
@@ -80,17 +107,19 @@ pub(crate) struct Reader {
     unlogged: u64,
 }
 
-/// What became of a header awaited in a task: the connection, or why it was closed.
-type Outcome = Result<Conn, (SocketAddr, &'static str)>;
+/// What became of a header awaited in task `.0`: the connection, or why it was closed.
+type Outcome = (u64, Result<Conn, (SocketAddr, &'static str)>);
 
 impl Reader {
     /// A reader counting its failures in `stats`.
-    pub fn new(settings: ProxySettings, stats: Arc<BalanceStats>) -> Reader {
+    pub fn new(settings: ProxySettings, stats: Arc<BalanceStats>, cap: usize) -> Reader {
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         Reader {
             settings,
             stats,
-            pending: 0,
+            pending: std::collections::BTreeMap::new(),
+            next_id: 0,
+            cap,
             buf: vec![0; proxy::V2_MAX].into_boxed_slice(),
             done_tx,
             done_rx,
@@ -117,21 +146,29 @@ impl Reader {
             Ok(false) => {}
             Err(reason) => return self.failed(conn.peer, reason),
         }
-        if self.pending >= PENDING_MAX {
-            return self.failed(conn.peer, "too many headers pending");
+        if self.pending.len() >= self.cap {
+            // Full: the oldest goes, not the newest. Silent senders that fill the cap
+            // then only ever push each other out, and a client whose header is merely
+            // a segment late still gets its turn.
+            if let Some((_, oldest)) = self.pending.pop_first() {
+                oldest.abort();
+                self.failed(conn.peer, "pushed out by newer headers at the cap");
+            }
         }
-        self.pending += 1;
+        let id = self.next_id;
+        self.next_id += 1;
         let tx = self.done_tx.clone();
         let deadline = conn.since + self.settings.timeout;
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             let peer = conn.peer;
             let outcome = match tokio::time::timeout_at(deadline, read_header(conn, accept)).await {
                 Ok(Ok(conn)) => Ok(conn),
                 Ok(Err(reason)) => Err((peer, reason)),
                 Err(_) => Err((peer, "timed out")),
             };
-            let _ = tx.send(outcome);
+            let _ = tx.send((id, outcome));
         });
+        self.pending.insert(id, task.abort_handle());
         None
     }
 
@@ -157,19 +194,19 @@ impl Reader {
     /// The next connection whose header was read (`None` inside: one that failed).
     pub async fn next(&mut self) -> Option<Conn> {
         let outcome = self.done_rx.recv().await?;
-        self.pending -= 1;
         self.settle(outcome)
     }
 
     /// A further finished one, if there is one already.
     pub fn try_next(&mut self) -> Option<Option<Conn>> {
         let outcome = self.done_rx.try_recv().ok()?;
-        self.pending -= 1;
         Some(self.settle(outcome))
     }
 
-    /// The connection of an outcome, or `None` once its failure is counted.
-    fn settle(&mut self, outcome: Outcome) -> Option<Conn> {
+    /// The connection of an outcome, or `None` once its failure is counted (or when it
+    /// was pushed out at the cap after it finished: closed, and counted then).
+    fn settle(&mut self, (id, outcome): Outcome) -> Option<Conn> {
+        self.pending.remove(&id)?;
         match outcome {
             Ok(conn) => Some(conn),
             Err((peer, reason)) => self.failed(peer, reason),
@@ -241,7 +278,14 @@ fn consume(conn: &mut Conn, header: proxy::Header, buf: &mut [u8]) -> Result<(),
         }
     }
     if let Some((client, _)) = header.addrs {
-        conn.peer = client;
+        // An IPv4-mapped client is the IPv4 client it maps (as sticky hashes it).
+        conn.peer = match client {
+            SocketAddr::V6(v6) => v6
+                .ip()
+                .to_ipv4_mapped()
+                .map_or(client, |v4| SocketAddr::new(v4.into(), v6.port())),
+            v4 => v4,
+        };
     }
     // Its wait for a worker starts now (the handoff latency is the master's own).
     conn.since = Instant::now();

@@ -132,8 +132,8 @@ pub struct Options {
     #[arg(long, env = "RECLUSTER_TRUSTED_PROXY", value_name = "CIDR", value_delimiter = ',', requires = "proxy_protocol", value_parser = Cidr::from_str)]
     pub trusted_proxy: Vec<Cidr>,
 
-    /// Time a client has to send its whole PROXY header
-    #[arg(long, env = "RECLUSTER_PROXY_TIMEOUT", default_value = "3s", value_parser = config::parse_duration)]
+    /// Time a client has to send its whole PROXY header (more than 0)
+    #[arg(long, env = "RECLUSTER_PROXY_TIMEOUT", default_value = "3s", value_parser = parse_proxy_timeout)]
     pub proxy_timeout: Duration,
 
     /// Listen backlog of the sockets the master binds
@@ -217,6 +217,15 @@ fn parse_addr(s: &str) -> Result<SocketAddr, String> {
         .ok()
         .and_then(|mut a| a.next())
         .ok_or_else(|| format!("expected host:port or [v6]:port, got `{s}`"))
+}
+
+/// `--proxy-timeout`: a duration above zero (a zero deadline would refuse every
+/// header not already there at accept, at random).
+fn parse_proxy_timeout(s: &str) -> Result<Duration, String> {
+    match config::parse_duration(s)? {
+        d if d.is_zero() => Err("expected a time above 0, such as 3s".into()),
+        d => Ok(d),
+    }
 }
 
 fn parse_signal(s: &str) -> Result<Signal, String> {
@@ -333,6 +342,10 @@ pub fn main() -> i32 {
     }
     for network in &opts.trusted_proxy {
         builder = builder.trusted_proxy(*network);
+    }
+    if !opts.proxy_protocol.is_empty() && opts.trusted_proxy.is_empty() {
+        tracing::warn!(event = "proxy_untrusted_open",
+            "--proxy-protocol without --trusted-proxy: any client may claim any address, and silent clients may fill the headers awaited; name your balancer's addresses with --trusted-proxy");
     }
     if let Some(k) = opts.accept_threads {
         let workers = opts.workers.unwrap_or_else(config::default_workers);
