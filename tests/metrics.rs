@@ -104,12 +104,7 @@ fn metrics_parse_grow_during_load_and_reloads_and_match_status() {
         .command([echo()])
         .spawn();
     m.wait_cluster_ready(2);
-    let at: SocketAddr = m
-        .wait_event("metrics_listening", DEADLINE)
-        .field("addr")
-        .unwrap()
-        .parse()
-        .unwrap();
+    let at: SocketAddr = m.metrics_addr();
     let addr = m.addr();
     assert_ne!(at, addr, "never on a balanced listener");
 

@@ -30,12 +30,7 @@ fn master(workers: usize, extra: &[&str]) -> (Master, SocketAddr, SocketAddr) {
         .command([echo()])
         .spawn();
     m.wait_cluster_ready(workers);
-    let metrics: SocketAddr = m
-        .wait_event("metrics_listening", DEADLINE)
-        .field("addr")
-        .unwrap()
-        .parse()
-        .unwrap();
+    let metrics: SocketAddr = m.metrics_addr();
     let addr = m.addr();
     (m, addr, metrics)
 }
@@ -345,12 +340,7 @@ fn at_the_cap_the_oldest_header_awaited_makes_room_and_clients_are_still_served(
         .command([echo()])
         .spawn();
     m.wait_cluster_ready(1);
-    let metrics: SocketAddr = m
-        .wait_event("metrics_listening", DEADLINE)
-        .field("addr")
-        .unwrap()
-        .parse()
-        .unwrap();
+    let metrics: SocketAddr = m.metrics_addr();
     let addr = m.addr();
     let errors = || counter(metrics, "recluster_proxy_header_errors_total");
     let cap = 100;

@@ -917,6 +917,15 @@ impl Master {
         self.listen_addrs(1)[0]
     }
 
+    /// The address of the `--metrics` endpoint, from its `metrics_listening` line.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.wait_event("metrics_listening", DEADLINE)
+            .field("addr")
+            .expect("metrics_listening has addr=")
+            .parse()
+            .expect("a socket address")
+    }
+
     /// Waits for `cluster_ready generation=1` and returns the ready worker of each
     /// slot, `slot → pid`.
     pub fn wait_cluster_ready(&self, workers: usize) -> BTreeMap<usize, u32> {
