@@ -214,10 +214,11 @@ async fn command(line: &str, handle: &ClusterHandle, waits: &Semaphore) -> Strin
         }
         ("scale", Some(n), None) => match n.parse::<usize>() {
             Ok(n) if (1..=crate::supervisor::MAX_SLOTS).contains(&n) => {
-                if handle.status().terminating {
+                let status = handle.status();
+                if status.terminating {
                     return "error the cluster is terminating\n".into();
                 }
-                if handle.status().via == Some(crate::Via::Socket) {
+                if status.via == Some(crate::Via::Socket) {
                     return "error cannot scale under --via socket: each slot's sockets are bound at start\n".into();
                 }
                 handle.scale(n);

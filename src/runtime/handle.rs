@@ -53,7 +53,7 @@ pub(crate) struct Snapshot {
     pub reloads: ReloadCounts,
     /// Per slot: connections handed to its workers that have exited.
     pub handed_gone: Vec<u64>,
-    /// Per slot: its restarts so far.
+    /// Per slot index: its restarts so far (indexes of slots scaled away included).
     pub restarts: Vec<u64>,
 }
 
@@ -70,7 +70,6 @@ pub(crate) struct Facts {
 #[derive(Debug, Clone)]
 pub(crate) struct Row {
     pub started: Instant,
-    pub restarts: u64,
     /// Where its handed-over count is kept (`rr`/`sticky`).
     pub link: Option<Link>,
 }
@@ -212,7 +211,8 @@ impl ClusterHandle {
             .zip(&snapshot.rows)
             .map(|(info, row)| {
                 let handed = row.link.as_ref().map_or(0, Link::handed);
-                WorkerStatus::new(*info, now.saturating_duration_since(row.started), row.restarts, handed)
+                let restarts = snapshot.restarts.get(info.slot).copied().unwrap_or(0);
+                WorkerStatus::new(*info, now.saturating_duration_since(row.started), restarts, handed)
             })
             .collect();
         let slots = (0..snapshot.active.len())

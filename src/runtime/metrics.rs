@@ -138,13 +138,6 @@ async fn write_head(stream: &mut TcpStream, status: &str, kind: &str, length: us
 pub fn render(status: &Status) -> String {
     let mut out = String::with_capacity(4096);
     let t = &status.totals;
-    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, u64)]| {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} {kind}");
-        for (labels, value) in samples {
-            let _ = writeln!(out, "{name}{labels} {value}");
-        }
-    };
     let one = |v: u64| [(String::new(), v)];
     let counters = [
         ("recluster_connections_accepted_total", "Connections the master accepted.", t.accepted),
@@ -161,26 +154,19 @@ pub fn render(status: &Status) -> String {
         ("recluster_reloads_aborted_total", "Reloads given up because the new generation kept failing to start.", status.reloads.aborted),
     ];
     for (name, help, value) in counters {
-        metric(name, "counter", help, &one(value));
+        family(&mut out, name, "counter", help, one(value));
     }
-    metric("recluster_generation", "gauge", "The current generation: 1 at start, +1 per reload.", &one(status.generation));
-    metric("recluster_ready_generation", "gauge", "The newest generation that served every slot.", &one(status.ready_generation));
-    metric("recluster_reloading", "gauge", "1 while a reload is under way.", &one(u64::from(status.reloading)));
-    metric("recluster_slots", "gauge", "Worker slots (--workers).", &one(status.slots.len() as u64));
-    metric("recluster_master_pid", "gauge", "The master's process id.", &one(u64::from(status.pid)));
-    let _ = writeln!(out, "# HELP recluster_uptime_seconds Time since the cluster started.");
-    let _ = writeln!(out, "# TYPE recluster_uptime_seconds gauge");
-    let _ = writeln!(out, "recluster_uptime_seconds {:.3}", status.uptime.as_secs_f64());
+    family(&mut out, "recluster_generation", "gauge", "The current generation: 1 at start, +1 per reload.", one(status.generation));
+    family(&mut out, "recluster_ready_generation", "gauge", "The newest generation that served every slot.", one(status.ready_generation));
+    family(&mut out, "recluster_reloading", "gauge", "1 while a reload is under way.", one(u64::from(status.reloading)));
+    family(&mut out, "recluster_slots", "gauge", "Worker slots (--workers).", one(status.slots.len() as u64));
+    family(&mut out, "recluster_master_pid", "gauge", "The master's process id.", one(u64::from(status.pid)));
+    let uptime = format!("{:.3}", status.uptime.as_secs_f64());
+    family(&mut out, "recluster_uptime_seconds", "gauge", "Time since the cluster started.", [(String::new(), uptime)]);
     let slot = |s: usize| format!("{{slot=\"{s}\"}}");
-    let mut metric = |name: &str, kind: &str, help: &str, samples: Vec<(String, u64)>| {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} {kind}");
-        for (labels, value) in samples {
-            let _ = writeln!(out, "{name}{labels} {value}");
-        }
-    };
     let slots = &status.slots;
-    metric(
+    family(
+        &mut out,
         "recluster_slot_state",
         "gauge",
         "1 for the slot's state (ready: a worker serves it; starting: one is starting; down: none), 0 for the others.",
@@ -190,32 +176,50 @@ pub fn render(status: &Status) -> String {
                 SlotState::ALL.iter().map(move |st| {
                     (format!("{{slot=\"{}\",state=\"{}\"}}", s.slot, st.as_str()), u64::from(s.state == *st))
                 })
-            })
-            .collect(),
+            }),
     );
-    metric(
+    family(
+        &mut out,
         "recluster_slot_worker_pid",
         "gauge",
         "Process id of the worker serving the slot (or starting for it).",
-        slots.iter().filter_map(|s| Some((slot(s.slot), u64::from(s.pid?)))).collect(),
+        slots.iter().filter_map(|s| Some((slot(s.slot), u64::from(s.pid?)))),
     );
-    metric(
+    family(
+        &mut out,
         "recluster_slot_generation",
         "gauge",
         "Generation of the worker serving the slot (or starting for it).",
-        slots.iter().filter_map(|s| Some((slot(s.slot), s.generation?))).collect(),
+        slots.iter().filter_map(|s| Some((slot(s.slot), s.generation?))),
     );
-    metric(
+    family(
+        &mut out,
         "recluster_slot_restarts_total",
         "counter",
         "Workers started in the slot to replace one that died, failed to start, was stuck or asked to be replaced.",
-        slots.iter().map(|s| (slot(s.slot), s.restarts)).collect(),
+        slots.iter().map(|s| (slot(s.slot), s.restarts)),
     );
-    metric(
+    family(
+        &mut out,
         "recluster_slot_connections_handed_total",
         "counter",
         "Connections handed to the slot's workers, past and present.",
-        slots.iter().map(|s| (slot(s.slot), s.handed)).collect(),
+        slots.iter().map(|s| (slot(s.slot), s.handed)),
     );
     out
+}
+
+/// Writes one metric family: its help and type lines, then a sample per label set.
+fn family<V: std::fmt::Display>(
+    out: &mut String,
+    name: &str,
+    kind: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (String, V)>,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+    for (labels, value) in samples {
+        let _ = writeln!(out, "{name}{labels} {value}");
+    }
 }

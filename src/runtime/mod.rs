@@ -852,7 +852,6 @@ impl Driver {
             .iter()
             .map(|w| handle::Row {
                 started: self.sup.started_at(w.id).unwrap_or(self.facts.started),
-                restarts: self.sup.restarts(w.slot),
                 link: self.procs.get(&w.id).and_then(|p| p.link.clone()),
             })
             .collect();
@@ -868,7 +867,7 @@ impl Driver {
             terminating: self.sup.is_terminating(),
             reloads: self.tally.reloads,
             handed_gone: self.handed_gone.clone(),
-            restarts: (0..self.sup.active_workers().len()).map(|slot| self.sup.restarts(slot)).collect(),
+            restarts: self.sup.restart_counts().to_vec(),
         };
         self.setup.ends.state.send_replace(Arc::new(snapshot));
     }

@@ -695,6 +695,11 @@ impl Supervisor {
         self.restarts.get(slot).copied().unwrap_or(0)
     }
 
+    /// [`Supervisor::restarts`] of every slot index so far (scaled away ones included).
+    pub fn restart_counts(&self) -> &[u64] {
+        &self.restarts
+    }
+
     /// When a live worker was started (asked to spawn).
     pub fn started_at(&self, id: WorkerId) -> Option<Instant> {
         self.workers.get(&id).map(|w| w.started_at)
