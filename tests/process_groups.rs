@@ -120,10 +120,12 @@ fn a_subreaper_master_adopts_and_reaps_a_grandchild_that_escaped_the_group() {
     m.addr();
     let worker_pid = m.wait_cluster_ready(1)[&0];
     let escaped = read_pid(&helper);
-    assert_ne!(
-        process_group(escaped),
-        Some(worker_pid),
-        "it left the worker's group"
+    // `$!` is written as soon as sh forks; the child calls setsid(2) a moment later.
+    assert!(
+        poll_until(DEADLINE, || process_group(escaped)
+            .is_some_and(|group| group != worker_pid)),
+        "it never left the worker's group (group {:?})",
+        process_group(escaped)
     );
     // Kill the worker: its orphan is re-parented to the master, not to init.
     kill(Pid::from_raw(worker_pid as i32), Signal::SIGKILL).unwrap();
