@@ -145,15 +145,16 @@ pub fn parse_v1(buf: &[u8]) -> Parsed {
         return Parsed::Invalid("v1 header too short");
     }
     let len = cr + 2;
-    let Ok(line) = std::str::from_utf8(&window[PREFIX.len()..cr]) else {
+    let rest = &window[PREFIX.len()..cr];
+    if rest == b"UNKNOWN" || rest.starts_with(b"UNKNOWN ") {
+        // "the receiver must ignore anything presented before the CRLF", text or not.
+        return Parsed::Header(Header { len, addrs: None });
+    }
+    let Ok(line) = std::str::from_utf8(rest) else {
         return Parsed::Invalid("v1 header is not text");
     };
     let mut words = line.split(' ');
     let family = words.next().unwrap_or("");
-    if family == "UNKNOWN" {
-        // "the receiver must ignore anything presented before the CRLF"
-        return Parsed::Header(Header { len, addrs: None });
-    }
     let (Some(src), Some(dst), Some(sport), Some(dport), None) = (
         words.next(),
         words.next(),
@@ -203,15 +204,17 @@ pub fn parse_v2(buf: &[u8]) -> Parsed {
             return Parsed::Invalid("v2 header: bad version or command");
         }
     }
+    // A LOCAL header (a proxy's health check) is valid whatever its family byte says:
+    // "the receiver must ... discard the protocol block including the family".
+    let local = buf.get(12).is_some_and(|&ver_cmd| ver_cmd & 0x0f == 0);
     if let Some(&fam) = buf.get(13) {
-        if fam >> 4 > 3 || fam & 0x0f > 2 {
+        if !local && (fam >> 4 > 3 || fam & 0x0f > 2) {
             return Parsed::Invalid("v2 header: bad address family or protocol");
         }
     }
     if buf.len() < 16 {
         return Parsed::NeedMore;
     }
-    let local = buf[12] & 0x0f == 0;
     let family = buf[13] >> 4;
     let body = u16::from_be_bytes([buf[14], buf[15]]) as usize;
     let len = 16 + body;
@@ -219,6 +222,7 @@ pub fn parse_v2(buf: &[u8]) -> Parsed {
         return Parsed::Invalid("v2 header longer than the limit");
     }
     let need = match family {
+        _ if local => 0,
         1 => 12,
         2 => 36,
         3 => 216,
@@ -451,6 +455,48 @@ mod tests {
         );
         assert!(matches!(
             parse(b"PROXY TCP4 1.2.3.4 1.2.3.4 01 2\r\n", ProxyProtocol::Any),
+            Parsed::Invalid(_)
+        ));
+    }
+
+    #[test]
+    fn what_the_specification_says_to_ignore_is_ignored() {
+        // v1 UNKNOWN: whatever precedes the CRLF, text or not.
+        let unknown = b"PROXY UNKNOWN \xff\xfe 1.2.3.4\r\nGET /";
+        assert_eq!(
+            parse(unknown, ProxyProtocol::V1),
+            Parsed::Header(Header {
+                len: unknown.len() - 5,
+                addrs: None
+            })
+        );
+        assert!(matches!(
+            parse(b"PROXY UNKNOWNX\r\n", ProxyProtocol::V1),
+            Parsed::Invalid(_)
+        ));
+        // v2 LOCAL: the family byte and the address block are discarded, even when
+        // they would be invalid or too short for a PROXY command.
+        let mut local = Vec::new();
+        encode_v2_local(&mut local);
+        for family in [0x11, 0x21, 0xff] {
+            local[13] = family;
+            local[14..16].copy_from_slice(&4u16.to_be_bytes());
+            local.truncate(16);
+            local.extend_from_slice(&[9, 9, 9, 9]);
+            assert_eq!(
+                parse(&local, ProxyProtocol::V2),
+                Parsed::Header(Header {
+                    len: 20,
+                    addrs: None
+                }),
+                "family {family:#x}"
+            );
+            assert_eq!(parse(&local[..17], ProxyProtocol::V2), Parsed::NeedMore);
+        }
+        // The same bytes as a PROXY command are refused.
+        local[12] = 0x21;
+        assert!(matches!(
+            parse(&local, ProxyProtocol::V2),
             Parsed::Invalid(_)
         ));
     }
