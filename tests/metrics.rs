@@ -153,6 +153,7 @@ fn metrics_parse_grow_during_load_and_reloads_and_match_status() {
             "recluster_reloads_started_total",
             "recluster_reloads_completed_total",
             "recluster_reloads_aborted_total",
+            "recluster_reloads_superseded_total",
             "recluster_generation",
             "recluster_ready_generation",
         ] {
@@ -212,6 +213,7 @@ fn metrics_parse_grow_during_load_and_reloads_and_match_status() {
     assert!(total("handed") >= served.load(Ordering::Relaxed) as f64);
     assert_eq!(metric("recluster_reloads_started_total{}"), 1.0);
     assert_eq!(metric("recluster_reloads_completed_total{}"), 1.0);
+    assert_eq!(metric("recluster_reloads_superseded_total{}"), 0.0);
     assert_eq!(metric("recluster_ready_generation{}"), 2.0);
     let mut per_slot = 0.0;
     for s in status["slots"].as_array().unwrap() {

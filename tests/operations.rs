@@ -347,6 +347,63 @@ fn reload_wait_reports_an_aborted_reload_and_exits_1() {
 }
 
 #[test]
+fn a_reload_overtaken_by_a_newer_one_counts_as_superseded() {
+    let dir = control_dir("superseded");
+    let hold = dir.with_extension("hold");
+    let held = dir.with_extension("held");
+    let _ = std::fs::remove_file(&held);
+    let _ = std::fs::remove_file(&hold);
+    // While `hold` exists a new worker never gets ready (it says so in `held` first).
+    let script = format!(
+        "test -e {hold} && {{ touch {held}; exec sleep 300; }}; exec {}",
+        echo(),
+        hold = hold.display(),
+        held = held.display()
+    );
+    let m = Cluster::new()
+        .workers(1)
+        .args(["--listen", "127.0.0.1:0"])
+        .env("RECLUSTER_CONTROL_DIR", &dir)
+        .command(["sh", "-c", &script])
+        .spawn();
+    m.wait_cluster_ready(1);
+    std::fs::write(&hold, b"").unwrap();
+    m.signal(nix::sys::signal::Signal::SIGUSR2);
+    assert!(
+        poll_until(DEADLINE, || held.exists()),
+        "generation 2 never started"
+    );
+    std::fs::remove_file(&hold).unwrap();
+    let out = recluster(&dir, &["reload", "--wait"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("generation 3"),
+        "{}",
+        text(&out.stdout)
+    );
+    let v = status_json(&dir);
+    let r = &v["reloads"];
+    assert_eq!(
+        (
+            &r["started"],
+            &r["finished"],
+            &r["aborted"],
+            &r["superseded"]
+        ),
+        (&2.into(), &1.into(), &0.into(), &1.into()),
+        "{v}"
+    );
+    let table = text(&recluster(&dir, &["status"]).stdout);
+    assert!(
+        table.contains("2 started, 1 finished, 0 aborted, 1 superseded"),
+        "{table}"
+    );
+    m.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(m.expect_exit(DEADLINE).success());
+    let _ = std::fs::remove_file(&held);
+}
+
+#[test]
 fn the_client_believes_only_its_own_user_in_a_private_directory() {
     if require("setpriv").is_none() {
         return;

@@ -360,8 +360,8 @@ fn table(v: &Value) -> String {
     };
     let _ = writeln!(
         out,
-        "generation {} ({state}; ready generation {}), {} slots; reloads: {} started, {} finished, {} aborted",
-        m["generation"], m["ready_generation"], m["slots"], r["started"], r["finished"], r["aborted"]
+        "generation {} ({state}; ready generation {}), {} slots; reloads: {} started, {} finished, {} aborted, {} superseded",
+        m["generation"], m["ready_generation"], m["slots"], r["started"], r["finished"], r["aborted"], r["superseded"]
     );
     let _ = writeln!(
         out,

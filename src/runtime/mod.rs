@@ -154,6 +154,8 @@ struct Tally {
     ready_generation: u64,
     aborted_generation: u64,
     reloads: status::ReloadCounts,
+    /// A reload has started and has neither finished nor been aborted.
+    reload_in_flight: bool,
 }
 
 /// Runs a cluster until it has terminated.
@@ -728,6 +730,7 @@ impl Driver {
             Event::ClusterReady { generation } | Event::ReloadFinished { generation } => {
                 if matches!(event, Event::ReloadFinished { .. }) {
                     self.tally.reloads.finished += 1;
+                    self.tally.reload_in_flight = false;
                 }
                 self.tally.ready_generation = self.tally.ready_generation.max(*generation);
                 let workers = self.setup.workers;
@@ -737,6 +740,7 @@ impl Driver {
             }
             Event::ReloadAborted { generation, .. } => {
                 self.tally.reloads.aborted += 1;
+                self.tally.reload_in_flight = false;
                 self.tally.aborted_generation = self.tally.aborted_generation.max(*generation);
                 let workers = self.setup.workers;
                 self.tell_service_manager(&format!(
@@ -748,6 +752,10 @@ impl Driver {
             }
             Event::ReloadStarted { generation } => {
                 self.tally.reloads.started += 1;
+                // The one in flight will never finish: the new one overtakes it.
+                if std::mem::replace(&mut self.tally.reload_in_flight, true) {
+                    self.tally.reloads.superseded += 1;
+                }
                 // systemd's Type=notify-reload wants the time the reload began.
                 let usec = crate::notify::monotonic_usec();
                 self.tell_service_manager(&format!(

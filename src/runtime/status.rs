@@ -49,7 +49,8 @@ pub struct Status {
     pub workers: Vec<WorkerStatus>,
 }
 
-/// How many reloads started, finished and were given up.
+/// How many reloads started, finished, were given up or were overtaken: `started` is
+/// the sum of the other three, plus one while a reload is in flight.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ReloadCounts {
     /// Reloads started (signals, the control socket, the API).
@@ -58,6 +59,8 @@ pub struct ReloadCounts {
     pub finished: u64,
     /// Reloads given up because the new generation kept failing to start.
     pub aborted: u64,
+    /// Reloads overtaken by a newer one before they finished.
+    pub superseded: u64,
 }
 
 /// One slot: the worker serving it (or starting for it) and its totals.
@@ -195,6 +198,7 @@ impl Status {
                 "started": self.reloads.started,
                 "finished": self.reloads.finished,
                 "aborted": self.reloads.aborted,
+                "superseded": self.reloads.superseded,
             },
             "workers": workers,
             "slots": self.slots.iter().map(|s| json!({
