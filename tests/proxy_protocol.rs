@@ -10,6 +10,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::*;
+use nix::sys::signal::Signal;
 use recluster::balance::slot_for;
 use recluster::proxy;
 
@@ -185,7 +186,19 @@ fn bad_headers_are_closed_and_counted_and_untrusted_peers_refused() {
     // A trusted one still gets its client's worker.
     let text = exchange(addr, Some(Ipv4Addr::new(127, 0, 0, 2)), &v2(client, addr));
     assert!(text.contains("peer=10.1.2.3"), "{text:?}");
-    drop(m);
+    // By the end the log has said every failure: a line each, or in a later line's
+    // `more` (the last ones when the accept thread ends).
+    m.signal(Signal::SIGTERM);
+    assert!(m.expect_exit(DEADLINE).success());
+    let lines = m.events("proxy_header_error");
+    let said: u64 = lines
+        .iter()
+        .map(|l| {
+            let more = l.field("more").and_then(|n| n.parse::<u64>().ok());
+            u64::from(l.field("reason").is_some()) + more.unwrap_or(0)
+        })
+        .sum();
+    assert_eq!(said, 4, "{lines:#?}");
 }
 
 #[test]

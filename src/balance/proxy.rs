@@ -107,6 +107,17 @@ pub(crate) struct Reader {
     unlogged: u64,
 }
 
+impl Drop for Reader {
+    /// The failures not logged since the last line are said when the accept thread
+    /// ends, so the log's `more` counts add up to the counter.
+    fn drop(&mut self) {
+        if self.unlogged > 0 {
+            warn!(event = "proxy_header_error", more = self.unlogged,
+                "closed connections without a valid PROXY header since the last such line");
+        }
+    }
+}
+
 /// What became of a header awaited in task `.0`: the connection, or why it was closed.
 type Outcome = (u64, Result<Conn, (SocketAddr, &'static str)>);
 
