@@ -449,6 +449,9 @@ fn stops_gracefully_on(signal: Signal) {
         "{signal:?} to the master as PID 1: {exit:?}\n--- master log ---\n{}",
         p.m.stderr_text()
     );
+    // The exit is seen before the harness has read the master's last lines: wait for
+    // its last one, `terminated`, before counting the ones that precede it.
+    p.m.wait_event_after(mark, "terminated", DEADLINE);
     for (slot, pid) in &ready {
         let exited = p.m.events(&format!("worker_exited slot={slot} pid={pid}"));
         assert!(
@@ -456,7 +459,6 @@ fn stops_gracefully_on(signal: Signal) {
             "worker {pid} of slot {slot} did not stop by itself: {exited:?}"
         );
     }
-    p.m.wait_event_after(mark, "terminated", DEADLINE);
     assert!(
         hosts.iter().all(|&h| state(h).is_none()),
         "workers left: {hosts:?}"
