@@ -345,6 +345,14 @@ fn as_pid_1_the_master_adopts_and_reaps_orphans_a_worker_leaves() {
         parent_pid(parent)
     );
     assert_eq!(parent_pid(child), Some(parent), "the orphan's child");
+    // `$!` is written before the subshell execs `sleep 300`: until it has, a shell would
+    // reap its killed child, which would then never be the orphan's zombie.
+    let comm = |pid: u32| std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    assert!(
+        poll_until(DEADLINE, || comm(parent).trim() == "sleep"),
+        "the orphan {parent} never exec'd sleep (comm {:?})",
+        comm(parent)
+    );
     kill(Pid::from_raw(child as i32), Signal::SIGKILL).unwrap();
     assert!(
         poll_until(DEADLINE, || state(child) == Some('Z')),
