@@ -221,7 +221,9 @@ fn a_worker_sending_garbage_on_its_channel_is_logged_then_killed_at_64_and_respa
             .map(|l| l.num("count"))
             .collect()
     };
-    let slot0 = m.ready_workers(1)[&0];
+    // Slot 0's ten lines come before its `listening`: all are logged once it is ready,
+    // which nothing above waited for (slot 1's respawn can be ready first).
+    let slot0 = m.wait_event("worker_ready slot=0", DEADLINE).pid();
     let (logged0, logged1) = (counts(0, slot0), counts(1, bad));
     // The master serves both slots, slot 0's worker (below the limit) the same as before.
     let ids = collect_ids(addr, 2, DEADLINE);

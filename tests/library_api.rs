@@ -82,7 +82,13 @@ async fn two_clusters_in_one_process_reload_and_terminate_through_their_handles(
     assert_eq!(hb.generation(), 1);
     assert!(ask(addr_a).await.contains("gen=2"));
     assert!(ask(addr_b).await.contains("gen=1"));
-    let counts = ha.balance_counts();
+    // Counted as handed just after it is sent, which a reply can outrun: polled (the
+    // accept threads count, not this runtime).
+    let mut counts = ha.balance_counts();
+    common::poll_until(DEADLINE, || {
+        counts = ha.balance_counts();
+        counts.handed >= 2 && counts.accepted == counts.handed
+    });
     assert!(
         counts.handed >= 2 && counts.accepted == counts.handed,
         "{counts:?}"

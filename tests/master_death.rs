@@ -72,9 +72,10 @@ fn kill_master_and_look(m: &Master, tag: &str, addr: SocketAddr) -> Aftermath {
     let gone_after = gone.then(|| killed.elapsed());
     let described: Vec<String> = left.iter().map(|&p| describe(p)).collect();
     // The last close of a listening socket can finish a moment after its holders are
-    // gone (CI saw EADDRINUSE once with every process reaped): allow it a second.
+    // gone (CI saw EADDRINUSE once with every process reaped; an exiting process's
+    // environment is unreadable before its descriptors are closed): allow it the deadline.
     let mut port_free = Err(String::new());
-    poll_until(Duration::from_secs(1), || {
+    poll_until(DEADLINE, || {
         port_free = TcpListener::bind(addr).map(drop).map_err(|e| e.to_string());
         port_free.is_ok()
     });

@@ -77,8 +77,13 @@ fn status_reload_wait_and_stop_find_the_only_master_without_a_flag() {
         assert_eq!(&cells[2..4], ["1", "ready"], "{row}");
     }
 
-    // The JSON: versioned, the master's facts, and counters that add up.
-    let v = status_json(&dir);
+    // The JSON: versioned, the master's facts, and counters that add up. A connection
+    // is counted as handed just after it is sent, which its reply can outrun: polled.
+    let mut v = status_json(&dir);
+    poll_until(DEADLINE, || {
+        v = status_json(&dir);
+        v["totals"]["handed"] == 20
+    });
     eprintln!("recluster status --json:\n{v}");
     assert_eq!(v["version"], 1);
     assert_eq!(v["master"]["pid"], m.pid);

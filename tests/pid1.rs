@@ -345,6 +345,14 @@ fn as_pid_1_the_master_adopts_and_reaps_orphans_a_worker_leaves() {
         parent_pid(parent)
     );
     assert_eq!(parent_pid(child), Some(parent), "the orphan's child");
+    // `$!` is written before the subshell execs `sleep 300`: until it has, a shell would
+    // reap its killed child, which would then never be the orphan's zombie.
+    let comm = |pid: u32| std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    assert!(
+        poll_until(DEADLINE, || comm(parent).trim() == "sleep"),
+        "the orphan {parent} never exec'd sleep (comm {:?})",
+        comm(parent)
+    );
     kill(Pid::from_raw(child as i32), Signal::SIGKILL).unwrap();
     assert!(
         poll_until(DEADLINE, || state(child) == Some('Z')),
@@ -449,6 +457,9 @@ fn stops_gracefully_on(signal: Signal) {
         "{signal:?} to the master as PID 1: {exit:?}\n--- master log ---\n{}",
         p.m.stderr_text()
     );
+    // The exit is seen before the harness has read the master's last lines: wait for
+    // its last one, `terminated`, before counting the ones that precede it.
+    p.m.wait_event_after(mark, "terminated", DEADLINE);
     for (slot, pid) in &ready {
         let exited = p.m.events(&format!("worker_exited slot={slot} pid={pid}"));
         assert!(
@@ -456,7 +467,6 @@ fn stops_gracefully_on(signal: Signal) {
             "worker {pid} of slot {slot} did not stop by itself: {exited:?}"
         );
     }
-    p.m.wait_event_after(mark, "terminated", DEADLINE);
     assert!(
         hosts.iter().all(|&h| state(h).is_none()),
         "workers left: {hosts:?}"
