@@ -215,6 +215,10 @@ struct State {
     control: VecDeque<Line>,
     /// The next `seq` of a message of ours.
     seq: u64,
+    /// The start of a line the task has read and not yet seen the end of: when the
+    /// worker exits, [`NodeChannel::reclaim_after_exit`] reads on from it (the task is
+    /// aborted then, and an answer cut in two by it would be lost).
+    partial: Vec<u8>,
 }
 
 impl State {
@@ -328,7 +332,7 @@ impl NodeChannel {
     /// After the worker exited: reads what it wrote before it died (its last answers),
     /// then takes back every connection it did not accept.
     pub fn reclaim_after_exit(&self) -> Vec<Conn> {
-        let mut inbuf = Vec::new();
+        let mut inbuf = std::mem::take(&mut self.state().partial);
         let mut buf = [0u8; 16 * 1024];
         loop {
             let mut fds = Vec::new();
@@ -501,7 +505,15 @@ pub(crate) async fn run(ch: Arc<NodeChannel>, task: Task) {
             match fdpass::recv(ch.fd.as_fd(), &mut buf, &mut Vec::new(), &mut cbuf) {
                 Ok(got) if got.len == 0 => break, // EOF: the worker closed its channel
                 Ok(got) => {
-                    for heard in reader.take(&buf[..got.len], got.fds_truncated) {
+                    let heard = reader.take(&buf[..got.len], got.fds_truncated);
+                    if !reader.inbuf.is_empty() || !ch.state().partial.is_empty() {
+                        ch.state().partial.clone_from(&reader.inbuf);
+                    }
+                    // Every line is acted on before the first await: the task is
+                    // aborted when the worker exits, and an answer read but not acted
+                    // on would be lost (its connection handed to another worker).
+                    let mut inputs = Vec::new();
+                    for heard in heard {
                         let input = match heard {
                             // An answer to no handle is an offence (a flood of them is
                             // garbage, not work), and so is a handle refused to the end.
@@ -539,10 +551,11 @@ pub(crate) async fn run(ch: Arc<NodeChannel>, task: Task) {
                             Heard::Line(v) => handle_line(&ch, &task, &mut reader, v),
                             Heard::Offence => reader.offence(task.id),
                         };
-                        if let Some(input) = input {
-                            if task.inputs.send(input).await.is_err() {
-                                return;
-                            }
+                        inputs.extend(input);
+                    }
+                    for input in inputs {
+                        if task.inputs.send(input).await.is_err() {
+                            return;
                         }
                     }
                 }
@@ -1304,5 +1317,93 @@ mod tests {
         }
         // And no more than the limit: the core has killed the worker by then.
         assert!(inputs_rx.try_recv().is_err());
+    }
+
+    /// Waits (polling, 10 s at most) for `done`.
+    async fn until(mut done: impl FnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !done() {
+            assert!(tokio::time::Instant::now() < deadline, "timed out");
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn an_answer_cut_in_two_by_the_workers_exit_is_still_heard() {
+        let (ch, worker, running, _inputs, seq, _client) = one_connection_written(16).await;
+        let answer = format!("{{\"cmd\":\"NODE_CLUSTER\",\"ack\":{seq},\"accepted\":true,\"seq\":2}}\n");
+        let (head, tail) = answer.split_at(20);
+        worker.send(head);
+        until(|| !ch.state().partial.is_empty()).await;
+        // The worker exits: its task is aborted with half the answer read.
+        running.abort();
+        assert!(running.await.unwrap_err().is_cancelled());
+        worker.send(tail);
+        let back = ch.reclaim_after_exit();
+        assert!(back.is_empty(), "the accepted connection was handed back: {} of them", back.len());
+    }
+
+    #[tokio::test]
+    async fn an_answer_read_while_the_core_is_busy_is_acted_on_before_the_task_waits() {
+        // Room for one input: the second offence blocks the task's send.
+        let (ch, worker, running, inputs, seq, _client) = one_connection_written(1).await;
+        worker.send(&format!(
+            "x\ny\n{{\"cmd\":\"NODE_CLUSTER\",\"ack\":{seq},\"accepted\":true,\"seq\":2}}\n"
+        ));
+        until(|| inputs.capacity() == 0).await;
+        running.abort();
+        assert!(running.await.unwrap_err().is_cancelled());
+        let back = ch.reclaim_after_exit();
+        assert!(back.is_empty(), "the accepted connection was handed back: {} of them", back.len());
+    }
+
+    /// A worker with one server that has received one connection (handle
+    /// acknowledged, not yet accepted), its channel's task, and the inputs' sender.
+    async fn one_connection_written(
+        inputs_room: usize,
+    ) -> (Arc<NodeChannel>, FakeWorker, tokio::task::JoinHandle<()>, mpsc::Sender<Input>, u64, std::net::TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let ports = Arc::new(Ports::new(&[addr], Arc::new(|_| {}), 16));
+        let (ch, worker_end) = NodeChannel::new(ports, 0).unwrap();
+        let ch = Arc::new(ch);
+        let (inputs, inputs_rx) = mpsc::channel(inputs_room);
+        // Never read: a send blocks the task once `inputs_room` inputs wait.
+        std::mem::forget(inputs_rx);
+        let task = Task {
+            id: WorkerId(4),
+            pid: u32::MAX,
+            stop_signal: Signal::SIGTERM,
+            inputs: inputs.clone(),
+        };
+        let running = tokio::spawn(run(ch.clone(), task));
+        let mut worker = FakeWorker {
+            fd: worker_end,
+            inbuf: Vec::new(),
+            fds: VecDeque::new(),
+        };
+        let (mut worker, conn, client) = tokio::task::spawn_blocking(move || {
+            worker.send(&format!(
+                "{{\"cmd\":\"NODE_CLUSTER\",\"act\":\"queryServer\",\"index\":0,\"data\":null,\"address\":null,\"port\":{},\"addressType\":4,\"backlog\":0,\"seq\":1}}\n",
+                addr.port()
+            ));
+            worker.line().expect("the queryServer answer");
+            let client = std::net::TcpStream::connect(addr).unwrap();
+            let (stream, peer) = listener.accept().unwrap();
+            let conn = Conn { stream, listener: 0, peer, local: addr, since: Instant::now() };
+            (worker, conn, client)
+        })
+        .await
+        .unwrap();
+        assert!(ch.offer(conn).is_ok());
+        let (worker, seq) = tokio::task::spawn_blocking(move || {
+            let (v, fd) = worker.line().expect("the newconn");
+            assert!(fd.is_some());
+            worker.send("{\"cmd\":\"NODE_HANDLE_ACK\"}\n");
+            (worker, v["msg"]["seq"].as_u64().unwrap())
+        })
+        .await
+        .unwrap();
+        (ch, worker, running, inputs, seq, client)
     }
 }
