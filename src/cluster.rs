@@ -38,6 +38,7 @@ pub struct ClusterBuilder {
     subreaper: bool,
     cgroups: bool,
     prefix_output: bool,
+    json_output: bool,
     /// `--proxy-protocol VERSION`: none by default.
     proxy_accept: Option<crate::proxy::ProxyProtocol>,
     /// `--proxy-protocol ADDR=VERSION`.
@@ -93,6 +94,15 @@ impl ClusterBuilder {
     /// is a pipe, not a terminal (set `PYTHONUNBUFFERED=1`, say).
     pub fn prefix_output(mut self, on: bool) -> Self {
         self.prefix_output = on;
+        self
+    }
+
+    /// With [`ClusterBuilder::prefix_output`], relay each worker line as a JSON object in the
+    /// shape of tracing-subscriber's JSON lines (`--log-format json`): `fields` holds
+    /// `event` (`worker_output`), `slot`, `pid`, `stream` (`stdout` or `stderr`) and the
+    /// line as `message` (invalid UTF-8 replaced, control characters escaped).
+    pub fn json_output(mut self, on: bool) -> Self {
+        self.json_output = on;
         self
     }
 
@@ -349,6 +359,7 @@ impl ClusterBuilder {
                 subreaper: self.subreaper,
                 cgroups: self.cgroups,
                 prefix_output: self.prefix_output,
+                json_output: self.json_output,
                 listeners,
                 slot_sockets,
                 accept_sockets,
@@ -424,6 +435,7 @@ impl Cluster {
             subreaper: std::process::id() == 1,
             cgroups: true,
             prefix_output: false,
+            json_output: false,
             proxy_accept: None,
             proxy_on: Vec::new(),
             proxy: crate::balance::proxy::ProxySettings {

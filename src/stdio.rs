@@ -382,20 +382,26 @@ impl Dropped {
 /// A line the master writes itself, outside tracing, in the shape of
 /// tracing-subscriber's JSON lines (`--log-format json`), newline included.
 fn json_line(level: &str, event: &str, message: &str, lines: Option<u64>) -> String {
+    let mut fields = serde_json::json!({ "message": message, "event": event });
+    if let Some(n) = lines {
+        fields["lines"] = n.into();
+    }
+    json_object(level, "recluster", fields)
+}
+
+/// One line in the shape of tracing-subscriber's JSON lines, with `fields` and the
+/// time now, newline included.
+pub(crate) fn json_object(level: &str, target: &str, fields: serde_json::Value) -> String {
     use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
     let mut timestamp = String::new();
     let _ = SystemTime.format_time(&mut tracing_subscriber::fmt::format::Writer::new(
         &mut timestamp,
     ));
-    let mut fields = serde_json::json!({ "message": message, "event": event });
-    if let Some(n) = lines {
-        fields["lines"] = n.into();
-    }
     let object = serde_json::json!({
         "timestamp": timestamp,
         "level": level,
         "fields": fields,
-        "target": "recluster",
+        "target": target,
     });
     format!("{object}\n")
 }

@@ -458,3 +458,71 @@ fn log_format_json_writes_one_object_per_line() {
         m.stderr_text()
     );
 }
+
+#[test]
+fn with_prefix_and_log_format_json_worker_lines_are_json_objects_too() {
+    // A colour escape on stdout, a byte that is not UTF-8 on stderr, a last line
+    // without a newline.
+    let script = r#"printf 'out one \033[31mred\n'; printf 'err \377 two\n' >&2; printf tail; exec sleep 1000"#;
+    let mut m = Cluster::new()
+        .workers(1)
+        .args(["--prefix", "--log-format", "json"])
+        .args(["--balance", "shared", "--listen", "127.0.0.1:0"])
+        .args(["--ready-when", "started"])
+        .command(["sh", "-c", script])
+        .spawn_with_stdout(Stdio::piped());
+    let (stdout, reader) = collect(m.take_stdout().expect("piped stdout"));
+    let json = |raw: &str| -> serde_json::Value {
+        serde_json::from_str(raw).unwrap_or_else(|e| panic!("not JSON ({e}): {raw}"))
+    };
+    let fields = |l: &LogLine| json(&l.raw)["fields"].clone();
+    let ready = m.wait_for("worker_ready (JSON)", DEADLINE, |l| {
+        fields(l)["event"] == "worker_ready"
+    });
+    let pid = fields(&ready)["pid"].as_u64().expect("pid");
+    m.wait_for("the worker's stderr line", DEADLINE, |l| {
+        fields(l)["event"] == "worker_output"
+    });
+    assert!(
+        poll_until(DEADLINE, || !stdout.lock().unwrap().is_empty()),
+        "nothing on the master's stdout"
+    );
+    m.signal(Signal::SIGTERM);
+    assert!(m.expect_exit(DEADLINE).success(), "{}", m.stderr_text());
+    reader.join().unwrap();
+
+    let out: Vec<serde_json::Value> = stdout.lock().unwrap().iter().map(|l| json(l)).collect();
+    let err: Vec<serde_json::Value> = m
+        .lines()
+        .iter()
+        .map(|l| json(&l.raw))
+        .filter(|v| v["fields"]["event"] == "worker_output")
+        .collect();
+    for (stream, lines) in [("stdout", &out), ("stderr", &err)] {
+        for v in lines.iter() {
+            let f = &v["fields"];
+            assert_eq!(
+                (&f["event"], &f["slot"], &f["pid"], &f["stream"]),
+                (
+                    &"worker_output".into(),
+                    &0.into(),
+                    &pid.into(),
+                    &stream.into()
+                ),
+                "{v}"
+            );
+            assert!(v["timestamp"].is_string() && v["level"].is_string(), "{v}");
+        }
+    }
+    let messages = |lines: &[serde_json::Value]| -> Vec<String> {
+        lines
+            .iter()
+            .map(|v| v["fields"]["message"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(messages(&out), ["out one \u{1b}[31mred", "tail"]);
+    assert_eq!(messages(&err), ["err \u{fffd} two"]);
+    // The escape reaches the terminal escaped, as JSON text.
+    let raw = stdout.lock().unwrap()[0].clone();
+    assert!(raw.contains(r"\u001b[31mred"), "{raw}");
+}

@@ -170,12 +170,14 @@ pub struct Options {
     #[arg(long, env = "RECLUSTER_LOG_LEVEL", default_value = "info")]
     pub log_level: tracing::Level,
 
-    /// Format of the master's log on stderr: text, or json (one object per line)
+    /// Format of the master's log on stderr: text, or json (one object per line; with
+    /// --prefix, the workers' lines too)
     #[arg(long, env = "RECLUSTER_LOG_FORMAT", default_value = "text", value_enum)]
     pub log_format: LogFormat,
 
     /// Write each line of the workers' stdout and stderr to the master's own, prefixed
-    /// `[SLOT PID] ` (lines over 16 KiB are cut, each piece prefixed; when the master's
+    /// `[SLOT PID] `, or as JSON objects with --log-format json (lines over 16 KiB are
+    /// cut, each piece prefixed; when the master's
     /// output is stuck, lines are dropped and counted: event output_dropped)
     #[arg(long, env = "RECLUSTER_PREFIX", num_args = 0..=1, default_value = "false", default_missing_value = "true", require_equals = true)]
     pub prefix: bool,
@@ -333,6 +335,7 @@ pub fn main() -> i32 {
         .backlog(opts.backlog)
         .cgroups(opts.cgroups)
         .prefix_output(opts.prefix)
+        .json_output(opts.log_format == LogFormat::Json)
         .proxy_timeout(opts.proxy_timeout);
     for &(addr, accept) in &opts.proxy_protocol {
         builder = match addr {

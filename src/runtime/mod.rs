@@ -70,6 +70,8 @@ pub(crate) struct Setup {
     pub cgroups: bool,
     /// `--prefix`: workers' stdout and stderr are relayed line by line, prefixed.
     pub prefix_output: bool,
+    /// With `prefix_output`, each line is relayed as a JSON object (`--log-format json`).
+    pub json_output: bool,
     pub listeners: Vec<TcpListener>,
     /// `--via socket`: the sockets of slots 1.. (slot 0's are `listeners`), per address.
     pub slot_sockets: Vec<Vec<TcpListener>>,
@@ -322,6 +324,7 @@ impl Driver {
             started: Instant::now(),
         });
         let setup_prefix = setup.prefix_output;
+        let setup_json = setup.json_output;
         Ok(Driver {
             facts,
             tally: Tally::default(),
@@ -344,7 +347,7 @@ impl Driver {
             exit: false,
             guard,
             steering,
-            output: setup_prefix.then(output::Output::new),
+            output: setup_prefix.then(|| output::Output::new(setup_json)),
         })
     }
 

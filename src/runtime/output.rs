@@ -1,5 +1,8 @@
 //! Workers' output with `--prefix`: each line a worker writes to stdout or stderr is
-//! written to the master's own, with `[SLOT PID] ` in front (as foreman and PM2 do).
+//! written to the master's own, with `[SLOT PID] ` in front (as foreman and PM2 do),
+//! or, with `--log-format json`, as a JSON object like the master's own lines
+//! (`event` `worker_output`, `slot`, `pid`, `stream`, the line as `message`), so that
+//! a log shipper parsing JSON is not broken by a worker's text.
 //!
 //! Without it, workers write to the master's descriptors themselves: N servers'
 //! lines arrive unlabelled, and two lines longer than `PIPE_BUF` written at once may
@@ -123,17 +126,21 @@ impl Drops {
 
 /// The relays of every worker's output, and the reporter of their drops.
 pub(crate) struct Output {
+    /// Lines become JSON objects.
+    json: bool,
     drops: Arc<Drops>,
     reporter: JoinHandle<()>,
     relays: Vec<JoinHandle<()>>,
 }
 
 impl Output {
-    /// Starts the reporter (a task that sleeps until something is dropped).
-    pub fn new() -> Output {
+    /// Starts the reporter (a task that sleeps until something is dropped); `json`:
+    /// each line is written as a JSON object.
+    pub fn new(json: bool) -> Output {
         let drops = Arc::new(Drops::default());
         let reporter = tokio::spawn(report(drops.clone()));
         Output {
+            json,
             drops,
             reporter,
             relays: Vec::new(),
@@ -147,9 +154,13 @@ impl Output {
         let Pipes { worker, master } = pipes;
         drop(worker);
         self.relays.retain(|r| !r.is_finished());
-        let prefix: Arc<[u8]> = format!("[{slot} {pid}] ").into_bytes().into();
+        let label = if self.json {
+            Label::Json { slot, pid }
+        } else {
+            Label::Prefix(format!("[{slot} {pid}] ").into_bytes().into())
+        };
         for (stream, fd) in master.into_iter().enumerate() {
-            let task = relay(fd, stream, prefix.clone(), self.drops.clone());
+            let task = relay(fd, stream, label.clone(), self.drops.clone());
             self.relays.push(tokio::spawn(task));
         }
     }
@@ -191,8 +202,17 @@ async fn report(drops: Arc<Drops>) {
     }
 }
 
-/// Reads one pipe to its end, queueing each line with `prefix` on stream `stream`.
-async fn relay(fd: OwnedFd, stream: usize, prefix: Arc<[u8]>, drops: Arc<Drops>) {
+/// How a worker's lines are marked as its own.
+#[derive(Clone)]
+enum Label {
+    /// `[SLOT PID] ` in front.
+    Prefix(Arc<[u8]>),
+    /// A JSON object each.
+    Json { slot: usize, pid: u32 },
+}
+
+/// Reads one pipe to its end, queueing each line with `label` on stream `stream`.
+async fn relay(fd: OwnedFd, stream: usize, label: Label, drops: Arc<Drops>) {
     let mut rx = match pipe::Receiver::from_owned_fd(fd) {
         Ok(rx) => rx,
         Err(e) => {
@@ -202,7 +222,7 @@ async fn relay(fd: OwnedFd, stream: usize, prefix: Arc<[u8]>, drops: Arc<Drops>)
     };
     let mut sink = Sink {
         stream,
-        prefix,
+        label,
         drops,
         stuck: false,
     };
@@ -231,21 +251,41 @@ async fn relay(fd: OwnedFd, stream: usize, prefix: Arc<[u8]>, drops: Arc<Drops>)
 /// Where one pipe's lines go: the queue of the master's descriptor.
 struct Sink {
     stream: usize,
-    prefix: Arc<[u8]>,
+    label: Label,
     drops: Arc<Drops>,
     /// The queue stayed full for [`GRACE`]: lines are dropped at once until one fits.
     stuck: bool,
 }
 
 impl Sink {
-    /// Queues `prefix piece \n`. When the queue is full, waits up to [`GRACE`] for
-    /// room (not reading the pipe meanwhile, so a worker writing faster than the
-    /// master's output takes is slowed, not cut); past that, or while stuck, drops and
-    /// counts the line.
+    /// Queues `prefix piece \n` (or the JSON object). When the queue is full, waits up
+    /// to [`GRACE`] for room (not reading the pipe meanwhile, so a worker writing faster
+    /// than the master's output takes is slowed, not cut); past that, or while stuck,
+    /// drops and counts the line.
     async fn put(&mut self, piece: &[u8]) {
         let queue = queue(self.stream);
-        let parts = [&self.prefix[..], piece, b"\n"];
-        let queued = queue.offer(&parts) || (!self.stuck && self.wait(queue, &parts).await);
+        let object: String;
+        let json: [&[u8]; 1];
+        let prefixed;
+        let parts: &[&[u8]] = match &self.label {
+            Label::Prefix(prefix) => {
+                prefixed = [&prefix[..], piece, b"\n"];
+                &prefixed
+            }
+            Label::Json { slot, pid } => {
+                let fields = serde_json::json!({
+                    "message": String::from_utf8_lossy(piece),
+                    "event": "worker_output",
+                    "slot": slot,
+                    "pid": pid,
+                    "stream": STREAMS[self.stream],
+                });
+                object = stdio::json_object("INFO", "worker", fields);
+                json = [object.as_bytes()];
+                &json
+            }
+        };
+        let queued = queue.offer(parts) || (!self.stuck && self.wait(queue, parts).await);
         self.stuck = !queued;
         if !queued {
             self.drops.counts[self.stream].fetch_add(1, Ordering::AcqRel);
