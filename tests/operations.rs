@@ -25,6 +25,14 @@ fn text(out: &[u8]) -> String {
     String::from_utf8_lossy(out).into_owned()
 }
 
+/// `recluster reload --wait`, which must succeed with `generation` ready.
+fn reload_wait_to(dir: &Path, generation: u64) {
+    let out = recluster(dir, &["reload", "--wait"]);
+    assert!(out.status.success(), "reload --wait: {}", text(&out.stderr));
+    let said = text(&out.stdout);
+    assert!(said.contains(&format!("generation {generation}")), "{said}");
+}
+
 fn status_json(dir: &Path) -> Value {
     let out = recluster(dir, &["status", "--json"]);
     assert!(
@@ -106,13 +114,7 @@ fn status_reload_wait_and_stop_find_the_only_master_without_a_flag() {
         .all(|w| w["restarts"] == 0 && w["state"] == "ready"));
 
     // reload --wait returns once generation 2 serves every slot.
-    let out = recluster(&dir, &["reload", "--wait"]);
-    assert!(out.status.success(), "reload --wait: {}", text(&out.stderr));
-    assert!(
-        text(&out.stdout).contains("generation 2"),
-        "{}",
-        text(&out.stdout)
-    );
+    reload_wait_to(&dir, 2);
     let v = status_json(&dir);
     assert_eq!(v["master"]["ready_generation"], 2, "{v}");
     assert_eq!(v["reloads"]["started"], 1);
@@ -340,13 +342,7 @@ fn reload_wait_reports_an_aborted_reload_and_exits_1() {
 
     // Fixed: the next reload goes through.
     std::fs::remove_file(&flag).unwrap();
-    let out = recluster(&dir, &["reload", "--wait"]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(
-        text(&out.stdout).contains("generation 3"),
-        "{}",
-        text(&out.stdout)
-    );
+    reload_wait_to(&dir, 3);
     m.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(m.expect_exit(DEADLINE).success());
 }
@@ -379,13 +375,7 @@ fn a_reload_overtaken_by_a_newer_one_counts_as_superseded() {
         "generation 2 never started"
     );
     std::fs::remove_file(&hold).unwrap();
-    let out = recluster(&dir, &["reload", "--wait"]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(
-        text(&out.stdout).contains("generation 3"),
-        "{}",
-        text(&out.stdout)
-    );
+    reload_wait_to(&dir, 3);
     let v = status_json(&dir);
     let r = &v["reloads"];
     assert_eq!(
