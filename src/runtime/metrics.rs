@@ -152,7 +152,7 @@ pub fn render(status: &Status) -> String {
         ("recluster_reloads_started_total", "Reloads started.", status.reloads.started),
         ("recluster_reloads_completed_total", "Reloads after which the new generation served every slot.", status.reloads.finished),
         ("recluster_reloads_aborted_total", "Reloads given up because the new generation kept failing to start.", status.reloads.aborted),
-        ("recluster_reloads_superseded_total", "Reloads overtaken by a newer one before they finished.", status.reloads.superseded),
+        ("recluster_reloads_superseded_total", "Reloads overtaken by a newer one, or by the stop, before they finished.", status.reloads.superseded),
     ];
     for (name, help, value) in counters {
         family(&mut out, name, "counter", help, one(value));

@@ -192,7 +192,7 @@ pub(crate) async fn run(setup: Setup) -> Result<(), Error> {
         let probing = driver.procs.values().any(|p| p.probing);
         let flush = driver.journal.next_flush();
         tokio::select! {
-            _ = sigchld.recv() => driver.reap(),
+            _ = sigchld.recv() => driver.reap().await,
             cmd = driver.setup.ends.commands.recv() => driver.command(cmd),
             msg = driver.notify.recv() => match msg {
                 Ok(msg) => driver.notified(msg),
@@ -522,7 +522,7 @@ impl Driver {
         }
     }
 
-    fn reap(&mut self) {
+    async fn reap(&mut self) {
         let mut exited: Vec<(u32, ExitStatus)> = Vec::new();
         if self.setup.subreaper {
             // A subreaper inherits orphans: reap every child, ours or not.
@@ -548,7 +548,11 @@ impl Driver {
                 continue;
             };
             if let Some(r) = p.reader {
+                // Its channel's task ends (on a multi-thread runtime it may be running
+                // right now: it stops at its next await, having acted on every line it
+                // read), and only then is the rest of the channel read, below.
                 r.abort();
+                let _ = r.await;
             }
             // Whatever the worker left in its process group (a server under `sh -c`
             // that did not exec, a forked helper) goes with it, as systemd's
@@ -766,6 +770,10 @@ impl Driver {
                 ));
             }
             Event::Terminating => {
+                // A stop overtakes a reload in flight as a newer reload would.
+                if std::mem::take(&mut self.tally.reload_in_flight) {
+                    self.tally.reloads.superseded += 1;
+                }
                 self.tell_service_manager("STOPPING=1\nSTATUS=stopping: workers are draining");
                 self.close_listeners();
             }

@@ -59,7 +59,7 @@ pub struct ReloadCounts {
     pub finished: u64,
     /// Reloads given up because the new generation kept failing to start.
     pub aborted: u64,
-    /// Reloads overtaken by a newer one before they finished.
+    /// Reloads overtaken by a newer one, or by the stop, before they finished.
     pub superseded: u64,
 }
 
