@@ -193,6 +193,15 @@ impl Queue {
         })
     }
 
+    /// Whether a worker's line of `len` bytes would fit now (a hint: the queue may
+    /// change before it is offered).
+    pub(crate) fn may_fit(&self, len: usize) -> bool {
+        let shared = &self.shared;
+        self.tx.is_some()
+            && shared.queued_bytes.load(Ordering::Acquire) + len <= WORKER_BYTES
+            && shared.queued_lines.load(Ordering::Acquire) < WORKER_LINES
+    }
+
     /// Woken (`notify_waiters`) each time a line has left the queue, for a sender that
     /// waits for room.
     pub(crate) fn room(&self) -> &tokio::sync::Notify {

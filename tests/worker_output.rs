@@ -526,3 +526,50 @@ fn with_prefix_and_log_format_json_worker_lines_are_json_objects_too() {
     let raw = stdout.lock().unwrap()[0].clone();
     assert!(raw.contains(r"\u001b[31mred"), "{raw}");
 }
+
+#[test]
+fn empty_lines_flooding_a_stuck_json_output_leave_the_master_responsive() {
+    // Each empty line is a whole JSON object to make: with the master's stdout stuck,
+    // dropping them must stay cheap, and the event loop must keep its turns.
+    let control =
+        std::env::temp_dir().join(format!("recluster-json-flood-{}.sock", std::process::id()));
+    let mut m = Cluster::new()
+        .workers(1)
+        .args(["--prefix", "--log-format", "json"])
+        .args(["--balance", "shared", "--listen", "127.0.0.1:0"])
+        .args(["--ready-when", "started", "--timeout", "2s"])
+        .arg("--control")
+        .arg(&control)
+        .command(["sh", "-c", "exec yes ''"])
+        .spawn_with_stdout(Stdio::piped());
+    let _unread = m.take_stdout().expect("piped stdout");
+    let event = |l: &LogLine| -> Option<String> {
+        let v: serde_json::Value = serde_json::from_str(&l.raw).ok()?;
+        Some(v["fields"]["event"].as_str()?.to_string())
+    };
+    m.wait_for("output_dropped (JSON)", DEADLINE, |l| {
+        event(l).as_deref() == Some("output_dropped")
+    });
+    let mut slowest = Duration::ZERO;
+    for _ in 0..5 {
+        let asked = Instant::now();
+        let status = operator_ok(
+            None,
+            &["--control".as_ref(), control.as_os_str(), "status".as_ref()],
+        );
+        slowest = slowest.max(asked.elapsed());
+        assert!(status.contains("1 slots"), "{status}");
+    }
+    let started = Instant::now();
+    m.signal(Signal::SIGTERM);
+    let exit = m.expect_exit(DEADLINE);
+    let terminate = started.elapsed();
+    println!("json flood of empty lines: slowest status {slowest:?}, terminate {terminate:?}");
+    assert!(exit.success(), "{exit:?}");
+    // Answered in milliseconds when the loop is free; seconds meant it was not.
+    assert!(slowest < Duration::from_secs(2), "status took {slowest:?}");
+    assert!(
+        terminate < Duration::from_secs(5),
+        "terminate took {terminate:?}"
+    );
+}

@@ -54,6 +54,10 @@ pub(crate) const REPORT_EVERY: Duration = Duration::from_secs(1);
 /// than a slow reader's hiccup, shorter than [`crate::stdio::FLUSH_DEADLINE`].
 const GRACE: Duration = Duration::from_millis(500);
 
+/// More than a worker line's JSON object holds besides the line itself (escaped, at
+/// most 6 bytes a byte: `\u001f`).
+const JSON_OVERHEAD: usize = 256;
+
 /// Stream names, by index: 0 for stdout, 1 for stderr.
 const STREAMS: [&str; 2] = ["stdout", "stderr"];
 
@@ -234,6 +238,9 @@ async fn relay(fd: OwnedFd, stream: usize, label: Label, drops: Arc<Drops>) {
                 lines.filled(n);
                 while let Some(piece) = lines.next_piece() {
                     sink.put(piece).await;
+                    // A worker writing empty lines into a stuck output makes thousands
+                    // of drops per read, none of which waits: let the event loop run.
+                    tokio::task::coop::consume_budget().await;
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -264,6 +271,15 @@ impl Sink {
     /// drops and counts the line.
     async fn put(&mut self, piece: &[u8]) {
         let queue = queue(self.stream);
+        // Stuck, a line that cannot fit is dropped before it costs anything.
+        let most = match &self.label {
+            Label::Prefix(prefix) => prefix.len() + piece.len() + 1,
+            Label::Json { .. } => JSON_OVERHEAD + piece.len() * 6,
+        };
+        if self.stuck && !queue.may_fit(most) {
+            self.dropped();
+            return;
+        }
         let object: String;
         let json: [&[u8]; 1];
         let prefixed;
@@ -288,11 +304,16 @@ impl Sink {
         let queued = queue.offer(parts) || (!self.stuck && self.wait(queue, parts).await);
         self.stuck = !queued;
         if !queued {
-            self.drops.counts[self.stream].fetch_add(1, Ordering::AcqRel);
-            self.drops.wake.notify_one();
+            self.dropped();
         } else if queue.worker_failed() {
             self.drops.wake.notify_one();
         }
+    }
+
+    /// Counts a dropped line and wakes the reporter.
+    fn dropped(&self) {
+        self.drops.counts[self.stream].fetch_add(1, Ordering::AcqRel);
+        self.drops.wake.notify_one();
     }
 
     /// Offers `parts` each time a line leaves the queue, until [`GRACE`] has passed;
@@ -375,10 +396,13 @@ impl Lines {
                 Some(&self.buf[line])
             }
             None if self.start == 0 && self.len == self.buf.len() => {
-                self.start = self.len;
-                self.scanned = self.len;
+                // Cut before a character the buffer holds only the start of: it goes
+                // whole into the next piece.
+                let end = self.len - incomplete_tail(&self.buf[..self.len]);
+                self.start = end;
+                self.scanned = end;
                 self.cut = true;
-                Some(&self.buf[..])
+                Some(&self.buf[..end])
             }
             None => {
                 self.scanned = self.len;
@@ -391,6 +415,25 @@ impl Lines {
     fn rest(&self) -> Option<&[u8]> {
         (self.start < self.len).then(|| &self.buf[self.start..self.len])
     }
+}
+
+/// How many bytes at the end of `buf` begin a UTF-8 character that is not complete
+/// (0 to 3; 0 for bytes that are not UTF-8 at all).
+fn incomplete_tail(buf: &[u8]) -> usize {
+    for back in 1..=buf.len().min(3) {
+        let b = buf[buf.len() - back];
+        if b & 0xc0 == 0x80 {
+            continue; // a continuation byte: its lead is further back
+        }
+        let needs = match b {
+            0xc0..=0xdf => 2,
+            0xe0..=0xef => 3,
+            0xf0..=0xf7 => 4,
+            _ => 1,
+        };
+        return if needs > back { back } else { 0 };
+    }
+    0
 }
 
 #[cfg(test)]
@@ -441,5 +484,27 @@ mod tests {
         exact.extend_from_slice(b"\n\nz\n");
         let out = cut(&[&exact]);
         assert_eq!(out.iter().map(Vec::len).collect::<Vec<_>>(), vec![MAX_LINE, 0, 1]);
+    }
+
+    #[test]
+    fn a_long_line_is_cut_between_characters_not_inside_one() {
+        // 3-byte and 4-byte characters: MAX_LINE is a multiple of neither.
+        for ch in ["€", "😀"] {
+            let line = ch.repeat(MAX_LINE * 2 / ch.len() + 5);
+            let mut input = line.clone().into_bytes();
+            input.push(b'\n');
+            let out = cut(&[&input]);
+            assert!(out.len() >= 3, "{ch}: {} pieces", out.len());
+            for piece in &out {
+                assert!(piece.len() <= MAX_LINE);
+                assert!(std::str::from_utf8(piece).is_ok(), "{ch}: a piece cut a character");
+            }
+            assert_eq!(out.concat(), line.into_bytes());
+        }
+        assert_eq!(incomplete_tail(b"ab\xe2\x82"), 2);
+        assert_eq!(incomplete_tail(b"ab\xe2\x82\xac"), 0);
+        assert_eq!(incomplete_tail(b"ab\xf0"), 1);
+        assert_eq!(incomplete_tail(b"\x80\x80\x80"), 0, "not UTF-8: cut anywhere");
+        assert_eq!(incomplete_tail(b""), 0);
     }
 }
