@@ -487,6 +487,13 @@ fn with_prefix_and_log_format_json_worker_lines_are_json_objects_too() {
         poll_until(DEADLINE, || !stdout.lock().unwrap().is_empty()),
         "nothing on the master's stdout"
     );
+    // `tail` is written once sh has exec'd sleep: stopped earlier, it never was.
+    let comm = format!("/proc/{pid}/comm");
+    assert!(
+        poll_until(DEADLINE, || std::fs::read_to_string(&comm)
+            .is_ok_and(|c| c.trim() == "sleep")),
+        "the worker never reached its sleep"
+    );
     m.signal(Signal::SIGTERM);
     assert!(m.expect_exit(DEADLINE).success(), "{}", m.stderr_text());
     reader.join().unwrap();
