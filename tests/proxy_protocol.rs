@@ -14,9 +14,9 @@ use nix::sys::signal::Signal;
 use recluster::balance::slot_for;
 use recluster::proxy;
 
-/// A master in `sticky` with `workers` echo workers, PROXY headers and metrics on.
-fn master(workers: usize, extra: &[&str]) -> (Master, SocketAddr, SocketAddr) {
-    let m = Cluster::new()
+/// A master in `sticky` with `workers` echo workers and metrics on, and `extra`.
+fn cluster(workers: usize, extra: &[&str]) -> Cluster {
+    Cluster::new()
         .workers(workers)
         .args([
             "--balance",
@@ -29,11 +29,20 @@ fn master(workers: usize, extra: &[&str]) -> (Master, SocketAddr, SocketAddr) {
         .args(["--metrics", "127.0.0.1:0"])
         .args(extra)
         .command([echo()])
-        .spawn();
+}
+
+/// `cluster` started and ready: the master, its balanced address and its metrics'.
+fn started(cluster: Cluster, workers: usize) -> (Master, SocketAddr, SocketAddr) {
+    let m = cluster.spawn();
     m.wait_cluster_ready(workers);
     let metrics: SocketAddr = m.metrics_addr();
     let addr = m.addr();
     (m, addr, metrics)
+}
+
+/// A master in `sticky` with `workers` echo workers, PROXY headers and metrics on.
+fn master(workers: usize, extra: &[&str]) -> (Master, SocketAddr, SocketAddr) {
+    started(cluster(workers, extra), workers)
 }
 
 /// The value of counter `name` at the metrics endpoint.
@@ -337,24 +346,15 @@ fn a_header_is_read_only_on_the_listener_named() {
 /// silent senders only push each other out, and a client with a header is served.
 #[test]
 fn at_the_cap_the_oldest_header_awaited_makes_room_and_clients_are_still_served() {
-    let m = Cluster::new()
-        .workers(1)
-        .args([
-            "--balance",
-            "sticky",
-            "--via",
-            "channel",
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .args(["--metrics", "127.0.0.1:0", "--proxy-protocol", "v2"])
-        .args(["--proxy-timeout", "20s", "--accept-threads", "1"])
-        .nofile(400)
-        .command([echo()])
-        .spawn();
-    m.wait_cluster_ready(1);
-    let metrics: SocketAddr = m.metrics_addr();
-    let addr = m.addr();
+    let extra = [
+        "--proxy-protocol",
+        "v2",
+        "--proxy-timeout",
+        "20s",
+        "--accept-threads",
+        "1",
+    ];
+    let (m, addr, metrics) = started(cluster(1, &extra).nofile(400), 1);
     let errors = || counter(metrics, "recluster_proxy_header_errors_total");
     let cap = 100;
     let mut silent: Vec<TcpStream> = (0..cap)
